@@ -1,0 +1,1 @@
+"""Scoring: lm-eval quality on an offline task suite, plus measured throughput, latency and memory."""

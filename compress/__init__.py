@@ -1,0 +1,1 @@
+"""Minitron-style compression: teacher loading, calibration text, importance, pruning, distillation."""

@@ -1,0 +1,252 @@
+"""Minitron activation-based importance of heads, MLP neurons, embedding channels and layers.
+
+One pass of forward hooks over calibration sequences:
+- head i of a layer: the norm of its slice of the attention output (the input of o_proj),
+- MLP neuron j: |act(gate) * up| (the input of down_proj),
+- embedding channel c: |output| of every RMSNorm, summed over the norms,
+each reduced over sequence positions then over samples (default: mean then L2).
+Depth: the residual stream is kept at every layer boundary, giving block importance
+1 - cos(h_i, h_j) for every span of layers (so contiguous blocks can be scored too); optionally the
+perplexity when each layer is skipped. Results are cached on disk, keyed by everything they depend on.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from compress.errors import SlimnasError
+from compress.fingerprint import hash_json
+from compress.layers import decoder_layers, final_norm
+from compress.precision import autocast
+
+REDUCTIONS = ("mean", "l2", "max")
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    n_samples: int = 1024
+    batch_size: int = 8
+    seq_agg: str = "mean"  # reduction over sequence positions of |activation|
+    batch_agg: str = "l2"  # reduction over samples of the per-sample scores
+    layer_perplexity: bool = False  # also score each layer by the perplexity when it is skipped
+    perplexity_samples: int = 8
+    precision: str = "auto"
+
+    def __post_init__(self):
+        for name in ("seq_agg", "batch_agg"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise SlimnasError(f"{name} must be one of {', '.join(REDUCTIONS)}, not {getattr(self, name)!r}")
+        if self.n_samples < 1 or self.batch_size < 1:
+            raise SlimnasError("n_samples and batch_size must be at least 1")
+
+
+@dataclass
+class Importance:
+    heads: torch.Tensor  # [layers, query heads]
+    neurons: torch.Tensor  # [layers, intermediate]
+    channels: torch.Tensor  # [hidden]
+    boundary_cosine: torch.Tensor  # [layers + 1, layers + 1]: mean cos of the residual stream at two boundaries
+    layer_perplexity: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [layers] or empty
+    base_perplexity: float = float("nan")
+
+    def layer_scores(self, metric: str = "block") -> torch.Tensor:
+        """Per-layer importance, higher = keep: block importance or perplexity when skipped."""
+        if metric == "block":
+            return 1 - torch.diagonal(self.boundary_cosine, offset=1)
+        if metric == "perplexity":
+            if self.layer_perplexity.numel() == 0:
+                raise SlimnasError("layer perplexity was not computed: rerun importance with layer_perplexity=true")
+            return self.layer_perplexity
+        raise SlimnasError(f"unknown layer metric {metric!r}: use block or perplexity")
+
+    def block_importance(self, start: int, length: int) -> float:
+        """1 - cos between the stream entering layer `start` and leaving layer `start + length - 1`."""
+        return float(1 - self.boundary_cosine[start, start + length])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in asdict(self).items() if isinstance(v, torch.Tensor)}
+        save_file(tensors, str(path), metadata={"base_perplexity": json.dumps(self.base_perplexity)})
+
+    @classmethod
+    def load(cls, path: Path) -> "Importance":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            base = json.loads(f.metadata()["base_perplexity"])
+        return cls(**load_file(str(path)), base_perplexity=base)
+
+
+class _Reducer:
+    """Reduces |activations| [batch, seq, units] over positions, then accumulates across samples."""
+
+    def __init__(self, settings: ImportanceSettings):
+        self.settings = settings
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, activation: torch.Tensor) -> None:
+        values = activation.detach().float().abs()
+        per_sample = {"mean": values.mean(1), "l2": values.norm(dim=1), "max": values.amax(1)}[self.settings.seq_agg]
+        if self.settings.batch_agg == "max":
+            batch = per_sample.amax(0)
+            self.total = batch if self.total is None else torch.maximum(self.total, batch)
+        else:
+            batch = per_sample.pow(2).sum(0) if self.settings.batch_agg == "l2" else per_sample.sum(0)
+            self.total = batch if self.total is None else self.total + batch
+        self.count += per_sample.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.settings.batch_agg == "l2":
+            return self.total.sqrt()
+        if self.settings.batch_agg == "mean":
+            return self.total / self.count
+        return self.total
+
+
+def _hidden_states_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def compute_importance(
+    model: PreTrainedModel, sequences: torch.Tensor, settings: ImportanceSettings, heldout: torch.Tensor | None = None
+) -> Importance:
+    """Run the hooks over `sequences` [n, seq_len] (the first n_samples rows) and reduce."""
+    device = next(model.parameters()).device
+    layers = decoder_layers(model)
+    config = model.config
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = [_Reducer(settings) for _ in layers]
+    neurons = [_Reducer(settings) for _ in layers]
+    norms = [_Reducer(settings) for _ in range(2 * len(layers) + 1)]
+    boundaries: list[torch.Tensor] = []
+    handles = []
+
+    def on_attention_output(index):
+        def hook(module, args):
+            x = args[0]
+            heads[index].add(x.view(*x.shape[:-1], -1, dim).float().norm(dim=-1))
+
+        return hook
+
+    def on_mlp_hidden(index):
+        return lambda module, args: neurons[index].add(args[0])
+
+    def on_norm(index):
+        return lambda module, args, output: norms[index].add(output)
+
+    def on_layer(index):
+        def hook(module, args, kwargs, output):
+            if index == 0:
+                boundaries.append(_hidden_states_argument(args, kwargs).float())
+            boundaries.append(_layer_output(output).float())
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_attention_output(i)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_mlp_hidden(i)))
+        handles.append(layer.input_layernorm.register_forward_hook(on_norm(2 * i)))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(on_norm(2 * i + 1)))
+        handles.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
+    handles.append(final_norm(model).register_forward_hook(on_norm(2 * len(layers))))
+
+    n_layers = len(layers)
+    cosine_sum = torch.zeros(n_layers + 1, n_layers + 1)
+    n_tokens = 0
+    rows = sequences[: settings.n_samples]
+    try:
+        for start in tqdm(range(0, len(rows), settings.batch_size), desc="importance", unit="batch"):
+            batch = rows[start : start + settings.batch_size].to(device)
+            boundaries.clear()
+            with autocast(device, settings.precision):
+                model(input_ids=batch, use_cache=False)
+            stream = torch.nn.functional.normalize(torch.stack(boundaries).flatten(1, 2), dim=-1).cpu()
+            cosine_sum += torch.einsum("ind,jnd->ij", stream, stream)
+            n_tokens += stream.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    importance = Importance(
+        heads=torch.stack([r.result() for r in heads]).cpu(),
+        neurons=torch.stack([r.result() for r in neurons]).cpu(),
+        channels=torch.stack([r.result() for r in norms]).sum(0).cpu(),
+        boundary_cosine=cosine_sum / n_tokens,
+    )
+    if settings.layer_perplexity:
+        probe = (heldout if heldout is not None and len(heldout) else rows)[: settings.perplexity_samples]
+        importance.base_perplexity, importance.layer_perplexity = _skip_layer_perplexity(model, probe, settings)
+    return importance
+
+
+def perplexity(model: PreTrainedModel, sequences: torch.Tensor, batch_size: int = 8, precision: str = "auto") -> float:
+    """Token-level perplexity of packed sequences (every position predicts the next)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start : start + batch_size].to(device)
+            with autocast(device, precision):
+                logits = model(input_ids=batch, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+            )
+            total, count = total + loss.item(), count + batch[:, 1:].numel()
+    return float(torch.tensor(total / count).exp())
+
+
+def _skip_layer_perplexity(
+    model: PreTrainedModel, probe: torch.Tensor, settings: ImportanceSettings
+) -> tuple[float, torch.Tensor]:
+    base = perplexity(model, probe, settings.batch_size, settings.precision)
+    scores = []
+    for layer in tqdm(decoder_layers(model), desc="layer perplexity", unit="layer"):
+
+        def skip(module, args, kwargs, output):
+            hidden = _hidden_states_argument(args, kwargs)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = layer.register_forward_hook(skip, with_kwargs=True)
+        try:
+            scores.append(perplexity(model, probe, settings.batch_size, settings.precision))
+        finally:
+            handle.remove()
+    return base, torch.tensor(scores)
+
+
+def importance_cache_path(cache_dir: Path, teacher_fingerprint: str, data_fingerprint: str, settings) -> Path:
+    key = hash_json([teacher_fingerprint, data_fingerprint, asdict(settings)])[:24]
+    return cache_dir / "importance" / f"{key}.safetensors"
+
+
+def cached_importance(
+    model: PreTrainedModel,
+    teacher_fingerprint: str,
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    data_fingerprint: str,
+    settings: ImportanceSettings,
+    cache_dir: Path,
+) -> tuple[Importance, Path]:
+    """Importance for this teacher, data and settings: loaded if computed before, else computed and saved."""
+    path = importance_cache_path(cache_dir, teacher_fingerprint, data_fingerprint, settings)
+    if path.is_file():
+        return Importance.load(path), path
+    if len(train) < settings.n_samples:
+        print(f"note: corpus has {len(train)} training sequences; scoring on all of them", flush=True)
+    importance = compute_importance(model, train, settings, heldout)
+    staging = path.with_suffix(".partial")
+    importance.save(staging)
+    staging.replace(path)
+    return importance, path

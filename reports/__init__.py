@@ -1,0 +1,1 @@
+"""Reports: tables of records, leaderboards and Pareto plots."""

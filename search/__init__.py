@@ -1,0 +1,1 @@
+"""Architecture search: search space, Optuna study, objectives, constraints, storage, and the CLI."""

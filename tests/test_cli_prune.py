@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from search.cli import main
+
+FAST = ["data.seq_len=32", "importance.n_samples=16", "precision=fp32", "eval_perplexity=false"]
+
+
+def test_prune_command_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    args = [
+        "prune",
+        f"teacher={tiny_checkpoint}",
+        f"out={out}",
+        "target.num_hidden_layers=3",
+        "target.intermediate_size=48",
+    ]
+    assert main(args + FAST) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 48
+    assert (out / "slimnas.json").is_file() and (out / "tokenizer.json").is_file()
+    assert "saved checkpoint" in capsys.readouterr().out
+
+
+def test_prune_with_nothing_removed_reproduces_the_teacher(tiny_checkpoint, tmp_path):
+    out = tmp_path / "same"
+    assert main(["prune", f"teacher={tiny_checkpoint}", f"out={out}"] + FAST) == 0
+    tokens = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)(tokens).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(tokens).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("target.num_hidden_layers=9", "larger than the teacher"),
+        ("target.num_attention_heads=3", "not divisible"),
+        ("target.num_hidden_layers=0", "at least 1"),
+        ("no_such_key=1", "no_such_key"),
+        ("target=[", "no viable alternative"),
+        ("layer_metric=perplexity", "layer perplexity was not computed"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_exit_2(tiny_checkpoint, tmp_path, capsys, override, message):
+    assert main(["prune", f"teacher={tiny_checkpoint}", f"out={tmp_path / 'x'}", override] + FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slimnas: error:") and message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_wrong_model_path_and_corrupt_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    assert main(["prune", f"teacher={tmp_path / 'nowhere'}"]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    (tiny_checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["prune", f"teacher={tiny_checkpoint}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slimnas: error: cannot load model")
+
+
+def test_console_script_exit_codes():
+    unknown = subprocess.run([sys.executable, "-m", "search.cli", "frobnicate"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown command" in unknown.stderr
+    usage = subprocess.run([sys.executable, "-m", "search.cli", "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "prune" in usage.stdout

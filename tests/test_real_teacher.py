@@ -1,0 +1,37 @@
+"""Integration on the real SmolLM2-135M teacher with tiny budgets."""
+
+import math
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compress.importance import perplexity
+from compress.models import DEFAULT_TEACHER, load_model
+from search.cli import main
+
+pytestmark = pytest.mark.real
+
+
+def wikitext_tokens(tokenizer, n_tokens: int = 1024, seq_len: int = 256) -> torch.Tensor:
+    text = (SHARED_DATA / "wikitext2" / "wiki.test.tokens").read_text()[:20_000]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return torch.tensor(ids).view(-1, seq_len)
+
+
+def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
+    out = tmp_path / "smollm2-60"
+    overrides = ["importance.n_samples=16", "target.num_hidden_layers=20", "target.intermediate_size=1024"]
+    assert main(["prune", f"out={out}", "eval_perplexity=false", *overrides]) == 0
+
+    student = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no project code
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    teacher = load_model(DEFAULT_TEACHER)
+    fraction = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.model.parameters())
+    assert 0.55 < fraction < 0.65
+
+    tokens = wikitext_tokens(tokenizer)
+    teacher_ppl, student_ppl = perplexity(teacher.model, tokens), perplexity(student, tokens)
+    assert math.isfinite(student_ppl) and math.isfinite(teacher_ppl)
+    assert 5 < teacher_ppl < 100 and student_ppl > teacher_ppl
