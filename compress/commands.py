@@ -9,6 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from compress.arch import Architecture, param_count, validate_target, weight_bytes
 from compress.corpus import TokenSplit, token_split
+from compress.distill import Distiller, DistillSettings, teacher_source
+from compress.errors import SlimnasError
 from compress.importance import Importance, ImportanceSettings, cached_importance, perplexity
 from compress.models import LoadedModel, cache_root, load_model
 from compress.precision import pick_device
@@ -94,3 +96,42 @@ def run_prune(cfg: DictConfig) -> None:
     fraction = params / record["teacher_params"]
     print(f"pruned to {target.label()}: {params:,} params ({fraction:.1%} of the teacher) in {prune_seconds:.1f} s")
     print(f"saved checkpoint: {out}")
+
+
+def distill_settings(cfg: DictConfig) -> DistillSettings:
+    values = OmegaConf.to_container(cfg.distill)
+    values["hidden_layers"] = tuple(tuple(pair) for pair in values["hidden_layers"])
+    return DistillSettings(**values, precision=cfg.precision, seed=cfg.data.seed)
+
+
+def run_distill(cfg: DictConfig) -> None:
+    settings = distill_settings(cfg)
+    device = pick_device(cfg.device)
+    teacher = load_model(cfg.teacher)
+    student = load_model(cfg.student)
+    if student.model.config.vocab_size != teacher.model.config.vocab_size:
+        raise SlimnasError("student and teacher vocabularies differ: distillation needs the teacher's tokenizer")
+    teacher.model.to(device)
+    student.model.to(device)
+    data = token_split(cfg.data.corpus, teacher.tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
+    source = teacher_source(
+        teacher.model,
+        teacher.fingerprint,
+        data.train,
+        data.heldout,
+        settings,
+        resolve_cache_dir(cfg),
+        teacher.model.config.vocab_size,
+    )
+    out = Path(cfg.out)
+    distiller = Distiller(
+        student.model, source, data.train, data.heldout, settings, out, teacher.model.config.hidden_size
+    )
+    print(f"distilling {cfg.student}: {distiller.total_steps} steps of {distiller.tokens_per_step} tokens")
+    result = distiller.run()
+    record = {"student_source": cfg.student, "teacher": cfg.teacher, "distill": result.__dict__}
+    save_checkpoint(student.model, student.tokenizer, out / "model", record)
+    if result.initial:
+        print(f"held-out before: kl {result.initial['heldout_kl']:.4f}, ppl {result.initial['heldout_perplexity']:.2f}")
+    print(f"held-out after:  kl {result.final['heldout_kl']:.4f}, ppl {result.final['heldout_perplexity']:.2f}")
+    print(f"{result.tokens:,} KD tokens, {result.tokens_per_second:.0f} tokens/s; saved checkpoint: {out / 'model'}")

@@ -13,6 +13,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMMANDS = {
     "importance": ("compress.commands", "run_importance", "score heads, neurons, channels and layers of the teacher"),
     "prune": ("compress.commands", "run_prune", "cut the teacher to a target architecture, save a HF checkpoint"),
+    "distill": ("compress.commands", "run_distill", "retrain a student from the teacher by knowledge distillation"),
+    "bench": ("bench.commands", "run_bench", "score quality (lm-eval) and speed / memory of a model"),
 }
 USAGE = "usage: slimnas COMMAND [key=value ...]\n\ncommands:\n" + "\n".join(
     f"  {name:<11} {help_text}" for name, (_, _, help_text) in COMMANDS.items()

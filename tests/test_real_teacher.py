@@ -35,3 +35,15 @@ def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
     teacher_ppl, student_ppl = perplexity(teacher.model, tokens), perplexity(student, tokens)
     assert math.isfinite(student_ppl) and math.isfinite(teacher_ppl)
     assert 5 < teacher_ppl < 100 and student_ppl > teacher_ppl
+
+
+def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
+    from bench.quality import score_model
+    from bench.task_data import default_data_dir
+
+    teacher = load_model(DEFAULT_TEACHER)
+    records = score_model(
+        teacher.model, teacher.tokenizer, ["piqa", "arc_easy"], tmp_path, default_data_dir(), limit=40, batch_size=8
+    )
+    accuracy = {r.task: r.value for r in records if r.metric == "acc"}
+    assert accuracy["piqa"] > 0.5 + 0.1 and accuracy["arc_easy"] > 0.25 + 0.1

@@ -1,0 +1,95 @@
+"""Vocabulary-sized distillation losses, computed in chunks of positions.
+
+The full-vocabulary KL dominates a KD step on CPU, and a [tokens, vocab] tensor per model is the
+largest thing a step holds. So the student's lm_head runs inside a checkpointed chunk: each chunk's
+logits exist only while that chunk's loss (and, in backward, its gradient) is computed.
+
+Teacher targets come in two forms:
+- LiveTarget: the teacher's final hidden states; its lm_head runs per chunk (exact KL).
+- TopKTarget: cached top-k teacher logits plus the full log-sum-exp; the mass outside the top k is one
+  "tail" bucket on both sides, so with k = vocab the loss is the exact KL.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+@dataclass
+class LiveTarget:
+    hidden: torch.Tensor  # [n, teacher hidden]
+    lm_head: nn.Module
+
+    def chunk(self, start: int, end: int) -> "LiveTarget":
+        return LiveTarget(self.hidden[start:end], self.lm_head)
+
+
+@dataclass
+class TopKTarget:
+    values: torch.Tensor  # [n, k] teacher logits at the top-k indices
+    indices: torch.Tensor  # [n, k] int64
+    logsumexp: torch.Tensor  # [n] log-sum-exp of all teacher logits / temperature
+
+    def chunk(self, start: int, end: int) -> "TopKTarget":
+        return TopKTarget(self.values[start:end], self.indices[start:end], self.logsumexp[start:end])
+
+
+def _kl_live(student_logp: torch.Tensor, target: LiveTarget, temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(target.lm_head(target.hidden).float() / temperature, dim=-1)
+    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+
+
+def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float) -> torch.Tensor:
+    teacher_logp = target.values.float() / temperature - target.logsumexp.float()[:, None]
+    teacher_p = teacher_logp.exp()
+    teacher_tail = (1 - teacher_p.sum(-1)).clamp(min=0)
+    student_top = student_logp.gather(-1, target.indices)
+    student_tail = torch.log1p(-torch.logsumexp(student_top, -1).exp().clamp(max=1 - 1e-6))
+    head = (teacher_p * (teacher_logp - student_top)).sum()
+    tail = (torch.xlogy(teacher_tail, teacher_tail) - teacher_tail * student_tail).sum()
+    return head + tail
+
+
+def _chunk_losses(hidden, lm_head_weight, labels, target, temperature: float):
+    logits = F.linear(hidden, lm_head_weight).float()
+    student_logp = F.log_softmax(logits / temperature, dim=-1)
+    kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
+    kl = kl_fn(student_logp, target, temperature) * temperature**2
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return kl, ce
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Label of each position = the next token; the last position has none."""
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+def distillation_losses(
+    student_hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    target: LiveTarget | TopKTarget,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean KL per position, mean CE per labelled position) over flattened [n, hidden] positions."""
+    n = student_hidden.shape[0]
+    kl_total = student_hidden.new_zeros((), dtype=torch.float32)
+    ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_tokens):
+        end = min(start + chunk_tokens, n)
+        args = (student_hidden[start:end], lm_head.weight, labels[start:end], target.chunk(start, end), temperature)
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            kl, ce = checkpoint(_chunk_losses, *args, use_reentrant=False)
+        else:
+            kl, ce = _chunk_losses(*args)
+        kl_total, ce_total = kl_total + kl, ce_total + ce
+    return kl_total / n, ce_total / max(1, int((labels != IGNORE).sum()))
