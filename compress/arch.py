@@ -103,11 +103,15 @@ def pruned_config(teacher: PretrainedConfig, target: Architecture, kept_layers: 
     return config
 
 
-def param_count(config: PretrainedConfig) -> int:
-    """Exact number of parameters of a Llama-family model with this config (tied weights counted once)."""
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    dim = head_dim(config)
+def param_count(config: PretrainedConfig, arch: Architecture | None = None) -> int:
+    """Exact number of parameters of a Llama-family model (tied weights counted once).
+
+    With `arch`, the count is for that architecture cut from `config` (no config object is built,
+    so the search can size thousands of candidates cheaply).
+    """
+    arch = arch or Architecture.of(config)
+    hidden, inter, vocab = arch.hidden_size, arch.intermediate_size, config.vocab_size
+    heads, kv, dim = arch.num_attention_heads, arch.num_key_value_heads, head_dim(config)
     qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
     o_bias = getattr(config, "attention_bias", False)
     mlp_bias = getattr(config, "mlp_bias", False)
@@ -119,11 +123,11 @@ def param_count(config: PretrainedConfig) -> int:
     mlp = 3 * hidden * inter + ((2 * inter + hidden) if mlp_bias else 0)
     layer = attention + mlp + 2 * hidden  # two RMSNorms
     embeddings = vocab * hidden * (1 if config.tie_word_embeddings else 2)
-    return embeddings + config.num_hidden_layers * layer + hidden  # + final norm
+    return embeddings + arch.num_hidden_layers * layer + hidden  # + final norm
 
 
-def weight_bytes(config: PretrainedConfig, dtype: str = "bfloat16") -> int:
-    return param_count(config) * DTYPE_BYTES[dtype]
+def weight_bytes(config: PretrainedConfig, dtype: str = "bfloat16", arch: Architecture | None = None) -> int:
+    return param_count(config, arch) * DTYPE_BYTES[dtype]
 
 
 def flops_per_token(config: PretrainedConfig, context: int) -> int:

@@ -32,11 +32,13 @@ def resolve_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
 
 
-def load_teacher_context(cfg: DictConfig, target_cfg: DictConfig | None = None) -> TeacherContext:
+def load_teacher_context(
+    cfg: DictConfig, target_cfg: DictConfig | None = None, teacher: LoadedModel | None = None
+) -> TeacherContext:
     """Teacher, data and importance; a target given here is validated before any compute."""
     device = pick_device(cfg.device)
     started = time.perf_counter()
-    teacher = load_model(cfg.teacher)
+    teacher = teacher or load_model(cfg.teacher)
     teacher.model.to(device)
     seconds = time.perf_counter() - started
     print(f"teacher {cfg.teacher}: {param_count(teacher.model.config):,} params, loaded in {seconds:.1f} s")

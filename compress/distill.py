@@ -234,7 +234,7 @@ class Distiller:
         torch.set_rng_state(state["rng"])
         return state["step"]
 
-    def run(self, on_step: Callable[[int], None] | None = None) -> DistillResult:
+    def run(self, on_step: Callable[[int], None] | None = None, progress_bar: bool = True) -> DistillResult:
         """Train to the token budget, resuming from out_dir if a checkpoint is there."""
         settings, out = self.settings, self.out_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ class Distiller:
             self._log(metrics_path, {"step": 0, **initial})
         self.student.train()
         started, last_eval = time.perf_counter(), initial
-        progress = tqdm(total=self.total_steps, initial=start, desc="distill", unit="step")
+        progress = tqdm(total=self.total_steps, initial=start, desc="distill", unit="step", disable=not progress_bar)
         step = start
         try:
             for step in range(start, self.total_steps):

@@ -15,6 +15,11 @@ COMMANDS = {
     "prune": ("compress.commands", "run_prune", "cut the teacher to a target architecture, save a HF checkpoint"),
     "distill": ("compress.commands", "run_distill", "retrain a student from the teacher by knowledge distillation"),
     "bench": ("bench.commands", "run_bench", "score quality (lm-eval) and speed / memory of a model"),
+    "search": (
+        "search.study",
+        "run_search",
+        "Optuna search over pruned architectures, Pareto front of quality vs size",
+    ),
 }
 USAGE = "usage: slimnas COMMAND [key=value ...]\n\ncommands:\n" + "\n".join(
     f"  {name:<11} {help_text}" for name, (_, _, help_text) in COMMANDS.items()

@@ -1,0 +1,50 @@
+"""Budget constraints on candidates: analytic (parameters, weight memory) and measured (latency)."""
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+from compress.arch import Architecture, param_count, weight_bytes
+from compress.errors import SlimnasError
+
+
+@dataclass(frozen=True)
+class Budget:
+    params: float | None = None  # target: a fraction of the teacher's parameters (<= 1) or a count
+    window: float = 0.1  # accepted relative distance from the target (0.1 = +-10%)
+    weight_memory_mb: float | None = None  # bf16 weight bytes at most
+    latency_ms: float | None = None  # measured p50 decode latency at most (checked after measuring)
+
+    def __post_init__(self):
+        if self.params is not None and self.params <= 0:
+            raise SlimnasError(f"invalid budget: params must be positive, not {self.params}")
+        if self.window < 0:
+            raise SlimnasError(f"invalid budget: window must be >= 0, not {self.window}")
+
+    def target_params(self, teacher: PretrainedConfig) -> int | None:
+        if self.params is None:
+            return None
+        return int(self.params * param_count(teacher)) if self.params <= 1 else int(self.params)
+
+    def target_gap(self, teacher: PretrainedConfig, arch: Architecture) -> float:
+        """Relative distance of the candidate's parameter count from the target (0 without a target)."""
+        target = self.target_params(teacher)
+        return 0.0 if target is None else (param_count(teacher, arch) - target) / target
+
+    def allows(self, teacher: PretrainedConfig, arch: Architecture) -> bool:
+        if abs(self.target_gap(teacher, arch)) > self.window:
+            return False
+        if self.weight_memory_mb is not None and weight_bytes(teacher, arch=arch) > self.weight_memory_mb * 2**20:
+            return False
+        return True
+
+    def describe(self, teacher: PretrainedConfig) -> str:
+        parts = []
+        target = self.target_params(teacher)
+        if target is not None:
+            parts.append(f"params {target:,} +-{self.window:.0%}")
+        if self.weight_memory_mb is not None:
+            parts.append(f"bf16 weights <= {self.weight_memory_mb} MB")
+        if self.latency_ms is not None:
+            parts.append(f"p50 decode latency <= {self.latency_ms} ms (measured)")
+        return ", ".join(parts) or "none"

@@ -1,0 +1,122 @@
+"""The search space: allowed values per dimension, and the feasible architectures under a budget.
+
+Every dimension's values come from the config (explicit choices, or a range below the teacher's
+value with a step, a divisor and a maximum pruning fraction). Feasibility is analytic: the target
+must be cuttable from the teacher (compress.arch.validate_target) and meet the budget, so no compute
+is spent on a candidate that could never count.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass, fields
+
+from transformers import PretrainedConfig
+
+from compress.arch import Architecture, validate_target
+from compress.errors import SlimnasError
+from search.constraints import Budget
+
+DIMENSIONS = [f.name for f in fields(Architecture)]
+
+
+@dataclass(frozen=True)
+class DimensionSpec:
+    choices: tuple[int, ...] | None = None  # explicit values; the rest is ignored when given
+    min: int | None = None
+    max: int | None = None  # default: the teacher's value
+    step: int = 1  # values are max, max - step, ...
+    multiple_of: int = 1
+    max_prune: float = 0.5  # lowest value = ceil(teacher x (1 - max_prune)) unless min is given
+
+    def values(self, name: str, teacher_value: int) -> list[int]:
+        if self.choices is not None:
+            values = sorted(set(self.choices))
+        else:
+            if not 0 <= self.max_prune < 1:
+                raise SlimnasError(f"invalid search space: {name}.max_prune must be in [0, 1), not {self.max_prune}")
+            if self.step < 1 or self.multiple_of < 1:
+                raise SlimnasError(f"invalid search space: {name}.step and multiple_of must be at least 1")
+            high = self.max if self.max is not None else teacher_value
+            low = self.min if self.min is not None else math.ceil(teacher_value * (1 - self.max_prune))
+            values = sorted(v for v in range(high, low - 1, -self.step) if v % self.multiple_of == 0)
+        if not values:
+            raise SlimnasError(f"invalid search space: dimension {name} has no values")
+        if values[0] < 1 or values[-1] > teacher_value:
+            raise SlimnasError(f"invalid search space: {name} values must lie in [1, {teacher_value}] (the teacher's)")
+        return values
+
+
+@dataclass
+class SearchSpace:
+    values: dict[str, list[int]]
+
+    @classmethod
+    def from_config(cls, specs: dict[str, dict], teacher: PretrainedConfig) -> "SearchSpace":
+        unknown = set(specs) - set(DIMENSIONS)
+        if unknown:
+            raise SlimnasError(f"invalid search space: unknown dimension(s) {', '.join(sorted(unknown))}")
+        source = Architecture.of(teacher).as_dict()
+        values = {}
+        for name in DIMENSIONS:
+            spec = dict(specs.get(name) or {})
+            if spec.get("choices") is not None:
+                spec["choices"] = tuple(spec["choices"])
+            try:
+                values[name] = DimensionSpec(**spec).values(name, source[name])
+            except TypeError as error:
+                raise SlimnasError(f"invalid search space: {name}: {error}") from error
+        return cls(values)
+
+    def size(self) -> int:
+        return math.prod(len(v) for v in self.values.values())
+
+    def feasible(self, teacher: PretrainedConfig, budget: Budget) -> list[Architecture]:
+        """All architectures of the space that can be cut from the teacher and meet the budget."""
+        valid_attention = {}
+        for hidden, heads, kv in itertools.product(
+            self.values["hidden_size"], self.values["num_attention_heads"], self.values["num_key_value_heads"]
+        ):
+            probe = Architecture(hidden, teacher.intermediate_size, heads, kv, teacher.num_hidden_layers)
+            try:
+                validate_target(probe, teacher)
+                valid_attention[(hidden, heads, kv)] = True
+            except SlimnasError:
+                continue
+        candidates = []
+        for (hidden, heads, kv), ffn, layers in itertools.product(
+            valid_attention, self.values["intermediate_size"], self.values["num_hidden_layers"]
+        ):
+            arch = Architecture(hidden, ffn, heads, kv, layers)
+            if budget.allows(teacher, arch):
+                candidates.append(arch)
+        return candidates
+
+    def nearest(self, name: str, value: float) -> int:
+        return min(self.values[name], key=lambda v: (abs(v - value), -v))
+
+
+def uniform_candidate(space: SearchSpace, feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+    """The same shrink ratio on every dimension, snapped to the space: the one nearest the parameter target."""
+    source = Architecture.of(teacher).as_dict()
+    allowed = set(feasible)
+    best = None
+    for percent in range(100, 9, -1):
+        ratio = percent / 100
+        arch = Architecture(**{name: space.nearest(name, source[name] * ratio) for name in DIMENSIONS})
+        if arch in allowed:
+            gap = abs(budget.target_gap(teacher, arch))
+            if best is None or gap < best[0]:
+                best = (gap, arch)
+    return best[1] if best else None
+
+
+def depth_only_candidate(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+    """The teacher's width with fewer layers, nearest the parameter target (pruned as one contiguous block)."""
+    width = Architecture.of(teacher)
+    same_width = [
+        a
+        for a in feasible
+        if (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads)
+        == (width.hidden_size, width.intermediate_size, width.num_attention_heads, width.num_key_value_heads)
+    ]
+    return min(same_width, key=lambda a: abs(budget.target_gap(teacher, a)), default=None)
