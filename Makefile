@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/slimnas prune importance.n_samples=128 target.num_hidden_layers=20 target.intermediate_size=1024 out=runs/demo-pruned
+	$(BIN)/slimnas search preset=cpu search.run_dir=runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	tests/with_postgres.sh $(BIN)/python -m pytest -q

@@ -68,15 +68,7 @@ def main() -> None:
                 budget_tokens=tokens_per_step * (args.steps + 1), batch_size=args.batch, teacher_mode=mode,
                 top_k=args.top_k, precision=args.precision, eval_rows=1, save_every=10**9, eval_every=10**9,
             )  # fmt: skip
-            source = teacher_source(
-                teacher.model,
-                teacher.fingerprint,
-                data.train,
-                data.heldout,
-                settings,
-                Path(scratch),
-                teacher.model.config.vocab_size,
-            )
+            source = teacher_source(teacher, data, settings, Path(scratch))
             source.prepare(args.batch * (args.steps + 1), 1)  # the cache fill is not part of a KD step
             run = Distiller(copy.deepcopy(student).train(), source, data.train, data.heldout, settings, Path(scratch))
             seconds[mode] = time_steps(run._train_step, args.steps, device)

@@ -116,15 +116,7 @@ def run_distill(cfg: DictConfig) -> None:
     teacher.model.to(device)
     student.model.to(device)
     data = token_split(cfg.data.corpus, teacher.tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
-    source = teacher_source(
-        teacher.model,
-        teacher.fingerprint,
-        data.train,
-        data.heldout,
-        settings,
-        resolve_cache_dir(cfg),
-        teacher.model.config.vocab_size,
-    )
+    source = teacher_source(teacher, data, settings, resolve_cache_dir(cfg))
     out = Path(cfg.out)
     distiller = Distiller(
         student.model, source, data.train, data.heldout, settings, out, teacher.model.config.hidden_size

@@ -19,9 +19,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from compress.corpus import TokenSplit
 from compress.errors import SlimnasError
 from compress.fingerprint import hash_json
 from compress.kd_loss import LiveTarget, TopKTarget, distillation_losses, next_token_labels
+from compress.models import LoadedModel
 from compress.precision import autocast
 from compress.teacher_cache import TeacherLogitCache
 
@@ -310,23 +312,14 @@ class Distiller:
 
 
 def teacher_source(
-    teacher: PreTrainedModel | None,
-    teacher_fingerprint: str,
-    train_rows: torch.Tensor,
-    heldout_rows: torch.Tensor,
-    settings: DistillSettings,
-    cache_dir: Path,
-    vocab_size: int,
+    teacher: LoadedModel, data: TokenSplit, settings: DistillSettings, cache_dir: Path
 ) -> LiveTeacher | CachedTeacher:
-    """The teacher side of KD: live forward passes, or the shared top-k cache (teacher only to fill it)."""
+    """The teacher side of KD: live forward passes, or the shared top-k cache (the teacher only fills it)."""
     if settings.teacher_mode == "live":
-        if teacher is None:
-            raise SlimnasError("teacher_mode=live needs the teacher model")
-        return LiveTeacher(teacher, settings.precision, settings.hidden_weight > 0)
+        return LiveTeacher(teacher.model, settings.precision, settings.hidden_weight > 0)
+    vocab = teacher.model.config.vocab_size
     caches = {
-        split: TeacherLogitCache.open(
-            cache_dir, teacher_fingerprint, rows, settings.top_k, settings.temperature, vocab_size
-        )
-        for split, rows in (("train", train_rows), ("heldout", heldout_rows[: settings.eval_rows]))
+        split: TeacherLogitCache.open(cache_dir, teacher.fingerprint, rows, settings.top_k, settings.temperature, vocab)
+        for split, rows in (("train", data.train), ("heldout", data.heldout[: settings.eval_rows]))
     }
-    return CachedTeacher(caches, teacher, settings.precision)
+    return CachedTeacher(caches, teacher.model, settings.precision)

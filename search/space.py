@@ -91,23 +91,21 @@ class SearchSpace:
                 candidates.append(arch)
         return candidates
 
-    def nearest(self, name: str, value: float) -> int:
-        return min(self.values[name], key=lambda v: (abs(v - value), -v))
 
+def uniform_candidate(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+    """The feasible candidate closest to one shrink ratio on hidden, FFN, heads and layers alike.
 
-def uniform_candidate(space: SearchSpace, feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
-    """The same shrink ratio on every dimension, snapped to the space: the one nearest the parameter target."""
+    Snapping to the space rarely lands every dimension on exactly the same ratio, so this takes the
+    smallest spread between the largest and smallest ratio, then the one nearest the parameter target.
+    """
     source = Architecture.of(teacher).as_dict()
-    allowed = set(feasible)
-    best = None
-    for percent in range(100, 9, -1):
-        ratio = percent / 100
-        arch = Architecture(**{name: space.nearest(name, source[name] * ratio) for name in DIMENSIONS})
-        if arch in allowed:
-            gap = abs(budget.target_gap(teacher, arch))
-            if best is None or gap < best[0]:
-                best = (gap, arch)
-    return best[1] if best else None
+    uniform_dims = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+
+    def spread(arch: Architecture) -> tuple[float, float]:
+        ratios = [getattr(arch, name) / source[name] for name in uniform_dims]
+        return round(max(ratios) - min(ratios), 6), abs(budget.target_gap(teacher, arch))
+
+    return min(feasible, key=spread, default=None)
 
 
 def depth_only_candidate(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):

@@ -8,11 +8,15 @@ duplicate proposals are rejected before any compute, so every completed trial me
 
 import json
 import math
+import random
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
@@ -48,10 +52,6 @@ def make_sampler(name: str, seed: int, constraints_func) -> optuna.samplers.Base
     if name in ("random", "enumerate"):
         return optuna.samplers.RandomSampler(seed=seed)
     raise SlimnasError(f"unknown sampler {name!r}: use tpe, nsga2, gp, random, enumerate or auto")
-
-
-def _params(arch: Architecture) -> dict[str, int]:
-    return arch.as_dict()
 
 
 def _suggest(trial: optuna.Trial, space: SearchSpace) -> Architecture:
@@ -131,15 +131,7 @@ class Search:
         context = load_teacher_context(cfg, teacher=teacher)
         self.context = context
         self.settings = self._trial_settings()
-        self.source = teacher_source(
-            context.teacher.model,
-            context.teacher.fingerprint,
-            context.data.train,
-            context.data.heldout,
-            self.settings.distill,
-            resolve_cache_dir(cfg),
-            teacher_config.vocab_size,
-        )
+        self.source = teacher_source(context.teacher, context.data, self.settings.distill, resolve_cache_dir(cfg))
         max_tokens = max(self.settings.rung_tokens, default=1)
         self.source.prepare(math.ceil(max_tokens / cfg.data.seq_len), self.settings.distill.eval_rows)
 
@@ -194,7 +186,7 @@ class Search:
         study.set_user_attr("references_enqueued", True)
         references = []
         if self.cfg.search.references:
-            uniform = uniform_candidate(self.space, feasible, teacher_config, self.budget)
+            uniform = uniform_candidate(feasible, teacher_config, self.budget)
             depth = depth_only_candidate(feasible, teacher_config, self.budget)
             zero_shot = self._zero_shot_pick(feasible)
             references = [
@@ -207,15 +199,13 @@ class Search:
                 print(f"reference {name}: no candidate of the space meets the budget; skipped")
                 continue
             attrs = {"reference": name} | ({"depth_strategy": depth_strategy} if depth_strategy else {})
-            study.enqueue_trial(_params(arch), user_attrs=attrs, skip_if_exists=False)
+            study.enqueue_trial(arch.as_dict(), user_attrs=attrs, skip_if_exists=False)
         if sampler_name == "enumerate":
             for arch in feasible:
-                study.enqueue_trial(_params(arch), skip_if_exists=True)
+                study.enqueue_trial(arch.as_dict(), skip_if_exists=True)
 
     def _zero_shot_pick(self, feasible: list[Architecture]) -> Architecture:
         """ModelOpt-style pick: the candidate with the lowest held-out KL right after pruning (no KD)."""
-        import random
-
         limit = self.cfg.search.zero_shot_candidates
         pool = feasible if len(feasible) <= limit else random.Random(self.cfg.search.seed).sample(feasible, limit)
         scores = {}
@@ -232,8 +222,6 @@ class Search:
         return min(scores, key=scores.get)
 
     def _screen_only(self) -> TrialSettings:
-        from dataclasses import replace
-
         return replace(self.settings, rung_tokens=[], score_tasks=[], speed=None, keep_checkpoint=False)
 
     def _constraints(self, trial: FrozenTrial) -> list[float]:
@@ -290,6 +278,9 @@ class Search:
         except StoppedEarly as stopped:
             self._save_record(trial, trial_dir, stopped.record | {"stopped_at_rung": stopped.rung})
             raise optuna.TrialPruned(f"stopped after rung {stopped.rung}") from None
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
         except Exception as error:
             reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
             trial.set_user_attr("fail_reason", reason)
@@ -379,15 +370,11 @@ class Search:
         print(f"\nrun directory: {self.run_dir} (trials.csv, pareto.csv, study.db)")
 
     def _write_csv(self, rows: list[dict]) -> None:
-        import pandas as pd
-
         frame = pd.DataFrame(rows)
         frame.to_csv(self.run_dir / "trials.csv", index=False)
         frame[frame.pareto].to_csv(self.run_dir / "pareto.csv", index=False)
 
     def _drop_checkpoints_off_front(self, front: list[int]) -> None:
-        import shutil
-
         for trial_dir in (self.run_dir / "trials").glob("*"):
             if int(trial_dir.name) not in front and (trial_dir / "model").exists():
                 shutil.rmtree(trial_dir / "model")

@@ -11,6 +11,7 @@ from compress.distill import STATE_FILE, Distiller, DistillSettings, teacher_sou
 from compress.errors import SlimnasError
 from compress.importance import ImportanceSettings, compute_importance
 from compress.kd_loss import LiveTarget, distillation_losses, next_token_labels
+from compress.models import LoadedModel
 from compress.prune import plan_pruning, prune_model
 from compress.teacher_cache import TeacherLogitCache
 
@@ -45,7 +46,7 @@ def settings(**overrides):
 
 
 def distiller(teacher, student, data, run_settings, out, cache_dir):
-    source = teacher_source(teacher, "teacher", data.train, data.heldout, run_settings, cache_dir, VOCAB)
+    source = teacher_source(LoadedModel(teacher, None, "teacher", "test"), data, run_settings, cache_dir)
     return Distiller(student, source, data.train, data.heldout, run_settings, out, teacher.config.hidden_size)
 
 

@@ -49,6 +49,7 @@ def test_exported_checkpoint_reloads_in_plain_transformers_with_identical_logits
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert Architecture.of(reloaded.config) == target
     assert param_count(reloaded.config) == sum(p.numel() for p in reloaded.parameters())
+    assert param_count(teacher.config, target) == param_count(reloaded.config)
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, student(tokens).logits)
 

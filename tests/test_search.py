@@ -172,13 +172,25 @@ def test_kill_9_then_the_same_command_resumes_to_n(teacher, tmp_path):
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
 
-def test_two_processes_share_one_study_without_duplicates(teacher, tmp_path):
+POSTGRES = os.environ.get("SLIMNAS_TEST_POSTGRES_URL")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server"))],
+)
+def test_two_processes_share_one_study_without_duplicates(teacher, tmp_path, backend):
     run_dir = tmp_path / "run"
-    args = search_args(teacher, run_dir, "search.n_trials=6", "search.sampler=random")
+    url = POSTGRES if backend == "postgresql" else f"sqlite:///{run_dir / 'study.db'}"
+    study_name = f"two-workers-{tmp_path.name}"
+    args = search_args(
+        teacher, run_dir, "search.n_trials=6", "search.sampler=random",
+        f"search.storage.url={url}", f"search.study_name={study_name}",
+    )  # fmt: skip
     first, second = cli(*args), cli(*args)
     for process in (first, second):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
-    done = completed(load(run_dir))
+    done = optuna.load_study(study_name=study_name, storage=url).get_trials(states=(TrialState.COMPLETE,))
     assert len(done) >= 6
     assert len({tuple(sorted(t.params.items())) for t in done}) == len(done)
