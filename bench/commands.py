@@ -51,6 +51,7 @@ def run_bench(cfg: DictConfig) -> None:
             cfg.data.seed,
             name,
             cfg.precision,
+            cfg.quality.max_length,
         )
         print(format_table(records, ["task", "metric", "value", "stderr", "n", "seconds"]))
         if any(r.metric in ("acc", "acc_norm") for r in records):

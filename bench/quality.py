@@ -66,6 +66,7 @@ def score_model(
     seed: int = 0,
     model_name: str = "model",
     precision: str = "auto",
+    max_length: int | None = 2048,
 ) -> list[ScoreRecord]:
     local = [t for t in tasks if t in SUITE]
     if local:
@@ -80,7 +81,7 @@ def score_model(
     if unknown:
         raise SlimnasError(f"unknown task(s): {', '.join(unknown)} (offline suite: {', '.join(SUITE)})")
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
     records = []
     for task in tasks:
         lm_eval_name = LOCAL_PREFIX + task if task in SUITE else task

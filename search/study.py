@@ -183,7 +183,6 @@ class Search:
         """Reference candidates, and every candidate when enumerating: once per study."""
         if study.user_attrs.get("references_enqueued"):
             return
-        study.set_user_attr("references_enqueued", True)
         references = []
         if self.cfg.search.references:
             uniform = uniform_candidate(feasible, teacher_config, self.budget)
@@ -203,6 +202,7 @@ class Search:
         if sampler_name == "enumerate":
             for arch in feasible:
                 study.enqueue_trial(arch.as_dict(), skip_if_exists=True)
+        study.set_user_attr("references_enqueued", True)  # last: a worker killed before this redoes it
 
     def _zero_shot_pick(self, feasible: list[Architecture]) -> Architecture:
         """ModelOpt-style pick: the candidate with the lowest held-out KL right after pruning (no KD)."""
