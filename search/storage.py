@@ -4,6 +4,7 @@ Heartbeats mark a killed worker's trial as failed once its grace period passes, 
 callback puts that candidate back in the queue, so a crashed worker loses no candidate.
 """
 
+import time
 import warnings
 from pathlib import Path
 
@@ -19,20 +20,28 @@ def storage_url(url: str | None, run_dir: Path) -> str:
     return url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int) -> RDBStorage:
+def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int, attempts: int = 5) -> RDBStorage:
+    """Connect, creating the tables if needed; retried because workers starting together race to create them."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-            )
-        except Exception as error:  # sqlalchemy raises many types for bad URLs and unreachable servers
-            raise SlimnasError(f"cannot open study storage {url}: {str(error).splitlines()[0]}") from error
+    attempt = 0
+    while True:
+        attempt += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                )
+            except ImportError as error:  # no driver for this URL: retrying cannot help
+                raise SlimnasError(f"cannot open study storage {url}: {error}") from error
+            except Exception as error:  # sqlalchemy raises many types for bad URLs, races and dead servers
+                if attempt == attempts:
+                    raise SlimnasError(f"cannot open study storage {url}: {str(error).splitlines()[0]}") from error
+                time.sleep(0.5 * attempt)
 
 
 def open_study(
