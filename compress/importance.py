@@ -11,6 +11,7 @@ perplexity when each layer is skipped. Results are cached on disk, keyed by ever
 """
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def cached_importance(
     if len(train) < settings.n_samples:
         print(f"note: corpus has {len(train)} training sequences; scoring on all of them", flush=True)
     importance = compute_importance(model, train, settings, heldout)
-    staging = path.with_suffix(".partial")
+    staging = path.with_suffix(f".{os.getpid()}.partial")  # per process: workers may compute it together
     importance.save(staging)
     staging.replace(path)
     return importance, path

@@ -108,6 +108,10 @@ def _convert_gguf(gguf_path: Path, destination: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, destination)
+        try:
+            os.replace(staging, destination)
+        except OSError:  # another process converted it first
+            if not (destination / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,10 +1,14 @@
 """Teacher top-k logits on disk, memory-mapped, so every trial of a search distils without a teacher.
 
 One cache belongs to one (teacher, token rows, k, temperature). It is filled row by row in order and
-records how many rows are complete, so a killed build resumes and a longer KD run extends it.
+records how many rows are complete, so a killed build resumes and a longer KD run extends it. A file
+lock makes workers that share the cache directory take turns creating and filling it.
 """
 
+import fcntl
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,16 @@ class TeacherLogitCache:
         directory.mkdir(parents=True, exist_ok=True)
         shape = (*rows.shape, top_k)
         index_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-        self.values = self._array("values.npy", np.float16, shape)
-        self.indices = self._array("indices.npy", index_dtype, shape)
-        self.logsumexp = self._array("logsumexp.npy", np.float32, tuple(rows.shape))
+        with self._locked():
+            self.values = self._array("values.npy", np.float16, shape)
+            self.indices = self._array("indices.npy", index_dtype, shape)
+            self.logsumexp = self._array("logsumexp.npy", np.float32, tuple(rows.shape))
+
+    @contextmanager
+    def _locked(self):
+        with open(self.directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     @classmethod
     def open(
@@ -49,14 +60,17 @@ class TeacherLogitCache:
     def _mark_filled(self, n_rows: int) -> None:
         for array in (self.values, self.indices, self.logsumexp):
             array.flush()
-        staging = self.directory / "meta.json.partial"
+        staging = self.directory / f"meta.json.{os.getpid()}"
         staging.write_text(json.dumps({"filled": n_rows, "top_k": self.top_k, "temperature": self.temperature}))
         staging.replace(self.directory / "meta.json")
 
     @torch.no_grad()
     def ensure(self, n_rows: int, teacher: PreTrainedModel, batch_size: int = 8, precision: str = "auto") -> None:
         """Run the teacher over rows [filled, n_rows) and store their top-k logits."""
-        n_rows = min(n_rows, len(self.rows))
+        with self._locked():
+            self._fill(min(n_rows, len(self.rows)), teacher, batch_size, precision)
+
+    def _fill(self, n_rows: int, teacher: PreTrainedModel, batch_size: int, precision: str) -> None:
         start = self.filled
         if start >= n_rows:
             return

@@ -329,8 +329,16 @@ class Search:
                 print(f"\nstopping: {MAX_PROPOSALS} proposals in a row were infeasible or duplicates")
                 study.stop()
 
-        if completed() < target and not exhausted():
-            study.optimize(self.objective, callbacks=[stop_when_done], catch=(Exception,), gc_after_trial=True)
+        while completed() < target and not exhausted():
+            try:
+                study.optimize(self.objective, callbacks=[stop_when_done], catch=(Exception,), gc_after_trial=True)
+            except optuna.exceptions.UpdateFinishedTrialError as error:
+                # SQLite has no row locks: two workers can take the same queued trial; the other one
+                # recorded it, so this worker only lost its copy of the work and carries on.
+                print(f"\nnote: {error} (another worker finished it); continuing")
+                continue
+            if rejected_in_a_row >= MAX_PROPOSALS:
+                break
         progress.close()
 
     # Results ----------------------------------------------------------------------------------------
