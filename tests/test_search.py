@@ -194,3 +194,20 @@ def test_two_processes_share_one_study_without_duplicates(teacher, tmp_path, bac
     done = optuna.load_study(study_name=study_name, storage=url).get_trials(states=(TrialState.COMPLETE,))
     assert len(done) >= 6
     assert len({tuple(sorted(t.params.items())) for t in done}) == len(done)
+
+
+def test_ctrl_c_leaves_the_study_consistent(teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    args = search_args(
+        teacher, run_dir, "search.n_trials=6", "search.sampler=random", "search.fidelity.rung_tokens=[512,2048]"
+    )
+    process = cli(*args)
+    wait_for_completed(run_dir, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "slimnas: interrupted; completed work is kept" in stderr
+    study = load(run_dir)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in study.get_trials(states=(TrialState.FAIL,)))
+    assert len(completed(study)) >= 1
