@@ -152,10 +152,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class Distiller:
+    """One KD run of a student against a teacher source, to a token budget, resumable from out_dir."""
+
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher,
+        teacher: LiveTeacher | CachedTeacher,
         train_rows: torch.Tensor,
         heldout_rows: torch.Tensor,
         settings: DistillSettings,
