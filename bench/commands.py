@@ -1,13 +1,16 @@
 """The bench command: score the teacher or a checkpoint for quality and speed, print and save records."""
 
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bench.quality import score_model, summary_score
+from bench.quality import ScoreRecord, score_model, summary_score
 from bench.speed import SpeedSettings, measure_speed
 from bench.task_data import default_data_dir
-from compress.models import load_model
+from compress.corpus import token_split
+from compress.distill import Distiller, DistillSettings, LiveTeacher
+from compress.models import LoadedModel, load_model
 from compress.precision import pick_device
 from reports.tables import format_table, save_records
 
@@ -32,12 +35,32 @@ def speed_ratios(model, teacher) -> dict:
     }
 
 
+def kl_to_teacher(cfg: DictConfig, student: LoadedModel, device) -> list[ScoreRecord]:
+    """Held-out KL to the teacher and perplexity on the calibration corpus's held-out rows (live teacher)."""
+    teacher = load_model(cfg.teacher)
+    teacher.model.to(device)
+    data = token_split(cfg.data.corpus, teacher.tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
+    settings = DistillSettings(teacher_mode="live", eval_rows=cfg.heldout_rows, precision=cfg.precision)
+    source = LiveTeacher(teacher.model, cfg.precision, need_hidden=False)
+    started = time.perf_counter()
+    metrics = Distiller(student.model, source, data.train, data.heldout, settings, Path(cfg.out)).evaluate()
+    seconds = time.perf_counter() - started
+    n = min(cfg.heldout_rows, len(data.heldout))
+    return [
+        ScoreRecord(student.source, "heldout", metric, value, None, n, seconds) for metric, value in metrics.items()
+    ]
+
+
 def run_bench(cfg: DictConfig) -> None:
     device = pick_device(cfg.device)
     name = cfg.model or cfg.teacher
     loaded = load_model(name)
     loaded.model.to(device)
     out = Path(cfg.out)
+    if cfg.model and cfg.heldout_rows:
+        records = kl_to_teacher(cfg, loaded, device)
+        print(format_table(records, ["task", "metric", "value", "n", "seconds"]))
+        print("held-out KL saved:", *save_records(records, out / "heldout"))
     if cfg.quality.enabled:
         data_dir = Path(cfg.quality.data_dir) if cfg.quality.data_dir else default_data_dir()
         records = score_model(

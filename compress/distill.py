@@ -276,6 +276,8 @@ class Distiller:
             progress.close()
             raise
         progress.close()
+        if not last_eval:  # resumed a finished run: nothing trained, still report where it stands
+            last_eval = self.evaluate()
         seconds = time.perf_counter() - started
         trained_tokens = (self.total_steps - start) * self.tokens_per_step
         return DistillResult(
