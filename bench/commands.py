@@ -3,12 +3,12 @@
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench.quality import ScoreRecord, score_model, summary_score
 from bench.speed import SpeedSettings, measure_speed
 from bench.task_data import default_data_dir
-from compress.corpus import token_split
+from compress.commands import corpus_split
 from compress.distill import Distiller, DistillSettings, LiveTeacher
 from compress.models import LoadedModel, load_model
 from compress.precision import pick_device
@@ -35,11 +35,9 @@ def speed_ratios(model, teacher) -> dict:
     }
 
 
-def kl_to_teacher(cfg: DictConfig, student: LoadedModel, device) -> list[ScoreRecord]:
+def kl_to_teacher(cfg: DictConfig, student: LoadedModel, teacher: LoadedModel) -> list[ScoreRecord]:
     """Held-out KL to the teacher and perplexity on the calibration corpus's held-out rows (live teacher)."""
-    teacher = load_model(cfg.teacher)
-    teacher.model.to(device)
-    data = token_split(cfg.data.corpus, teacher.tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
+    data = corpus_split(cfg, teacher.tokenizer)
     settings = DistillSettings(teacher_mode="live", eval_rows=cfg.heldout_rows, precision=cfg.precision)
     source = LiveTeacher(teacher.model, cfg.precision, need_hidden=False)
     started = time.perf_counter()
@@ -57,8 +55,12 @@ def run_bench(cfg: DictConfig) -> None:
     loaded = load_model(name)
     loaded.model.to(device)
     out = Path(cfg.out)
+    teacher = None  # loaded once, for KL and for the speed comparison
+    if cfg.model and (cfg.heldout_rows or (cfg.speed.enabled and cfg.compare_teacher)):
+        teacher = load_model(cfg.teacher)
+        teacher.model.to(device)
     if cfg.model and cfg.heldout_rows:
-        records = kl_to_teacher(cfg, loaded, device)
+        records = kl_to_teacher(cfg, loaded, teacher)
         print(format_table(records, ["task", "metric", "value", "n", "seconds"]))
         print("held-out KL saved:", *save_records(records, out / "heldout"))
     if cfg.quality.enabled:
@@ -81,18 +83,10 @@ def run_bench(cfg: DictConfig) -> None:
             print(f"summary score (accuracy above chance, mean over tasks): {summary_score(records):.4f}")
         print("scores saved:", *save_records(records, out / "scores"))
     if cfg.speed.enabled:
-        settings = SpeedSettings(
-            batch_size=cfg.speed.batch_size,
-            prompt_len=cfg.speed.prompt_len,
-            new_tokens=cfg.speed.new_tokens,
-            warmup=cfg.speed.warmup,
-            repeats=cfg.speed.repeats,
-            precision=cfg.precision,
-        )
+        speed_config = {k: v for k, v in OmegaConf.to_container(cfg.speed).items() if k != "enabled"}
+        settings = SpeedSettings(**speed_config, precision=cfg.precision)
         speeds = [measure_speed(loaded.model, settings, name)]
-        if cfg.compare_teacher and cfg.model:
-            teacher = load_model(cfg.teacher)
-            teacher.model.to(device)
+        if cfg.compare_teacher and teacher is not None:
             speeds.append(measure_speed(teacher.model, settings, cfg.teacher))
         print(format_table(speeds, SPEED_COLUMNS))
         if len(speeds) == 2:

@@ -32,6 +32,11 @@ def resolve_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else cache_root()
 
 
+def corpus_split(cfg: DictConfig, tokenizer) -> TokenSplit:
+    """The calibration / distillation token split named by cfg.data."""
+    return token_split(cfg.data.corpus, tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
+
+
 def load_teacher_context(
     cfg: DictConfig, target_cfg: DictConfig | None = None, teacher: LoadedModel | None = None
 ) -> TeacherContext:
@@ -44,7 +49,7 @@ def load_teacher_context(
     print(f"teacher {cfg.teacher}: {param_count(teacher.model.config):,} params, loaded in {seconds:.1f} s")
     if target_cfg is not None:
         validate_target(target_architecture(target_cfg, teacher.model.config), teacher.model.config)
-    data = token_split(cfg.data.corpus, teacher.tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
+    data = corpus_split(cfg, teacher.tokenizer)
     print(
         f"corpus {cfg.data.corpus}: {len(data.train)} train / {len(data.heldout)} held-out rows of {cfg.data.seq_len}"
     )
@@ -115,7 +120,7 @@ def run_distill(cfg: DictConfig) -> None:
         raise SlimnasError("student and teacher vocabularies differ: distillation needs the teacher's tokenizer")
     teacher.model.to(device)
     student.model.to(device)
-    data = token_split(cfg.data.corpus, teacher.tokenizer, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.seed)
+    data = corpus_split(cfg, teacher.tokenizer)
     source = teacher_source(teacher, data, settings, resolve_cache_dir(cfg))
     out = Path(cfg.out)
     distiller = Distiller(

@@ -94,16 +94,12 @@ class LiveTeacher:
 class CachedTeacher:
     """Reads top-k teacher logits from memory-mapped caches (one per split); builds what is missing."""
 
-    def __init__(self, caches: dict[str, TeacherLogitCache], teacher: PreTrainedModel | None, precision: str):
+    def __init__(self, caches: dict[str, TeacherLogitCache], teacher: PreTrainedModel, precision: str):
         self.caches, self.teacher, self.precision = caches, teacher, precision
 
     def prepare(self, n_train_rows: int, n_heldout_rows: int) -> None:
         for split, n_rows in (("train", n_train_rows), ("heldout", n_heldout_rows)):
-            cache = self.caches[split]
-            if cache.filled < min(n_rows, len(cache.rows)):
-                if self.teacher is None:
-                    raise SlimnasError(f"teacher cache {cache.directory} is incomplete and no teacher was given")
-                cache.ensure(n_rows, self.teacher, precision=self.precision)
+            self.caches[split].ensure(n_rows, self.teacher, precision=self.precision)
 
     def targets(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor):
         target = self.caches[split].target(rows)
@@ -119,12 +115,14 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 def batch_rows(micro_step: int, batch_size: int, n_rows: int, seed: int) -> torch.Tensor:
     """Rows of one micro-batch: a fresh seeded permutation of the used rows every epoch."""
-    positions = range(micro_step * batch_size, (micro_step + 1) * batch_size)
+    permutations: dict[int, torch.Tensor] = {}
     rows = []
-    for position in positions:
+    for position in range(micro_step * batch_size, (micro_step + 1) * batch_size):
         epoch, offset = divmod(position, n_rows)
-        permutation = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        rows.append(int(permutation[offset]))
+        if epoch not in permutations:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            permutations[epoch] = torch.randperm(n_rows, generator=generator)
+        rows.append(int(permutations[epoch][offset]))
     return torch.tensor(rows)
 
 
