@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from compress import interrupt
 from compress.corpus import TokenSplit
 from compress.errors import SlimnasError
 from compress.fingerprint import hash_json
@@ -236,8 +237,17 @@ class Distiller:
         torch.set_rng_state(state["rng"])
         return state["step"]
 
-    def run(self, on_step: Callable[[int], None] | None = None, progress_bar: bool = True) -> DistillResult:
-        """Train to the token budget, resuming from out_dir if a checkpoint is there."""
+    def run(
+        self,
+        on_step: Callable[[int, dict | None], None] | None = None,
+        progress_bar: bool = True,
+        eval_steps: Collection[int] = (),
+    ) -> DistillResult:
+        """Train to the token budget, resuming from out_dir if a checkpoint is there.
+
+        Held-out metrics are computed before training, every `eval_every` steps, at the last step and at
+        `eval_steps`; `on_step(step, metrics)` sees them (None between evaluations), e.g. to stop at a rung.
+        """
         settings, out = self.settings, self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         state_path, metrics_path = out / STATE_FILE, out / METRICS_FILE
@@ -248,12 +258,15 @@ class Distiller:
         initial = self.evaluate() if start == 0 else {}
         if initial:
             self._log(metrics_path, {"step": 0, **initial})
+            if on_step:
+                on_step(0, initial)
         self.student.train()
         started, last_eval = time.perf_counter(), initial
         progress = tqdm(total=self.total_steps, initial=start, desc="distill", unit="step", disable=not progress_bar)
         step = start
         try:
             for step in range(start, self.total_steps):
+                interrupt.check()
                 kl, ce, hidden_loss = self._train_step(step)
                 step_done = step + 1
                 elapsed = time.perf_counter() - started
@@ -263,13 +276,14 @@ class Distiller:
                 self._log(metrics_path, record)
                 progress.set_postfix(kl=f"{kl:.3f}", tok_s=f"{tokens_per_second:.0f}")
                 progress.update(1)
-                if step_done % settings.eval_every == 0 or step_done == self.total_steps:
-                    last_eval = self.evaluate()
+                evaluation = None
+                if step_done % settings.eval_every == 0 or step_done == self.total_steps or step_done in eval_steps:
+                    evaluation = last_eval = self.evaluate()
                     self._log(metrics_path, {"step": step_done, **last_eval})
                 if step_done % settings.save_every == 0 or step_done == self.total_steps:
                     _save_state(state_path, self._state(step_done))
                 if on_step:
-                    on_step(step_done)
+                    on_step(step_done, evaluation)
         except KeyboardInterrupt:
             progress.close()
             raise

@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
     from transformers.utils import logging as transformers_logging
 
+    from compress import interrupt
     from compress.errors import SlimnasError
 
+    interrupt.install()
     transformers_logging.disable_progress_bar()  # per-tensor loading bars drown the real progress
 
     module_name, function_name, _ = COMMANDS[command]
+    interrupted = False
     try:
         cfg = compose(command, overrides)
         getattr(importlib.import_module(module_name), function_name)(cfg)
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimnas: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        interrupted = True
+    if interrupted or interrupt.requested():
         print("slimnas: interrupted; completed work is kept", file=sys.stderr)
         return 130
     return 0

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from bench.speed import SpeedSettings
 from bench.task_data import check_files, default_data_dir
+from compress import interrupt
 from compress.arch import Architecture
 from compress.commands import distill_settings, load_teacher_context, resolve_cache_dir
 from compress.distill import teacher_source
@@ -85,8 +86,12 @@ class Search:
         if search.n_trials < 1:
             raise SlimnasError("search.n_trials must be at least 1")
         rungs = list(search.fidelity.rung_tokens)
-        if rungs != sorted(rungs) or any(t < 1 for t in rungs):
-            raise SlimnasError("fidelity.rung_tokens must be increasing positive token counts")
+        step_tokens = cfg.distill.batch_size * cfg.distill.grad_accum * cfg.data.seq_len
+        rung_steps = [0] + [tokens // step_tokens for tokens in rungs]
+        if any(b <= a for a, b in zip(rung_steps, rung_steps[1:], strict=False)):
+            raise SlimnasError(
+                f"fidelity.rung_tokens {rungs} must increase by at least one KD step ({step_tokens} tokens) per rung"
+            )
         self.budget = Budget(**OmegaConf.to_container(search.budget))
 
     # Set-up -----------------------------------------------------------------------------------------
@@ -151,7 +156,11 @@ class Search:
         self.study = study
         self._enqueue_references(study, feasible, teacher_config, sampler_name)
         self.feasible = set(feasible)
-        self._optimize(study)
+        try:
+            self._optimize(study)
+        except KeyboardInterrupt:
+            self.report(study)  # the tables show what finished before Ctrl-C; rerunning resumes the study
+            raise
         self.report(study)
 
     @staticmethod
@@ -316,6 +325,7 @@ class Search:
 
         def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
             nonlocal rejected_in_a_row
+            interrupt.check()  # a Ctrl-C swallowed during the trial stops the study here, between trials
             rejected_in_a_row = rejected_in_a_row + 1 if REJECTED in trial.user_attrs else 0
             done = completed()
             progress.n = min(done, target)

@@ -16,6 +16,7 @@ import torch
 
 from bench.quality import score_model, summary_score
 from bench.speed import SpeedSettings, measure_speed
+from compress import interrupt
 from compress.arch import Architecture, param_count, weight_bytes
 from compress.commands import TeacherContext
 from compress.distill import CachedTeacher, Distiller, DistillSettings
@@ -76,36 +77,38 @@ def run_trial(
     student = prune_model(teacher, plan, arch)
     record["stages"]["prune"] = {"seconds": time.perf_counter() - started, "layers": plan.layers}
 
-    def distiller(budget: int, stage: str) -> Distiller:
-        run_settings = dataclasses.replace(settings.distill, budget_tokens=max(1, budget))
-        return Distiller(
-            student, teacher_source, context.data.train, context.data.heldout, run_settings, trial_dir / stage
-        )
+    # One KD run to the last rung's budget: rungs are points on a single schedule and data stream, so a
+    # promoted candidate continues where it stopped instead of restarting its optimizer.
+    kd_settings = dataclasses.replace(settings.distill, budget_tokens=max(settings.rung_tokens, default=1))
+    kd = Distiller(student, teacher_source, context.data.train, context.data.heldout, kd_settings, trial_dir / "kd")
+    stage_ends = {0: 0} | {max(1, tokens // kd.tokens_per_step): i for i, tokens in enumerate(settings.rung_tokens, 1)}
+    latest, stage_started, stage_first_step = {}, time.perf_counter(), 0
 
-    stage_started = time.perf_counter()
-    screen = distiller(settings.rung_tokens[0] if settings.rung_tokens else 1, "screen").evaluate()
-    record["stages"]["screen"] = {**screen, "seconds": time.perf_counter() - stage_started}
-    if settings.rung_tokens and not promote(0, -screen["heldout_kl"]):
-        raise StoppedEarly(0, record)
-
-    done, latest = 0, screen
-    for rung, tokens in enumerate(settings.rung_tokens, start=1):
-        stage_started = time.perf_counter()
-        result = distiller(tokens - done, f"kd_{rung}").run(progress_bar=False)
-        done = tokens
-        latest = result.final
-        record["kd_tokens"] += result.tokens
-        record["stages"][f"kd_{rung}"] = {
-            **result.final,
-            "tokens": result.tokens,
-            "tokens_per_second": result.tokens_per_second,
-            "seconds": time.perf_counter() - stage_started,
-        }
-        if rung < len(settings.rung_tokens) and not promote(rung, -latest["heldout_kl"]):
+    def end_of_stage(step: int, metrics: dict | None) -> None:
+        """Record the screen (step 0) or a rung; stop the candidate here unless it is promoted."""
+        nonlocal latest, stage_started, stage_first_step
+        if step not in stage_ends:
+            return
+        rung, seconds = stage_ends[step], time.perf_counter() - stage_started
+        tokens = (step - stage_first_step) * kd.tokens_per_step
+        latest = metrics
+        record["kd_tokens"] = step * kd.tokens_per_step
+        stage = {**metrics, "seconds": seconds}
+        if rung > 0:
+            stage.update(tokens=tokens, tokens_per_second=tokens / max(seconds, 1e-9))
+        record["stages"]["screen" if rung == 0 else f"kd_{rung}"] = stage
+        stage_started, stage_first_step = time.perf_counter(), step
+        if rung < len(settings.rung_tokens) and not promote(rung, -metrics["heldout_kl"]):
             raise StoppedEarly(rung, record)
+
+    if settings.rung_tokens:
+        kd.run(on_step=end_of_stage, progress_bar=False, eval_steps=stage_ends)
+    else:
+        end_of_stage(0, kd.evaluate())
 
     final = {"heldout_kl": latest["heldout_kl"], "heldout_perplexity": latest["heldout_perplexity"]}
     final["params"] = record["params"]
+    interrupt.check()
     if settings.score_tasks:
         stage_started = time.perf_counter()
         scores = score_model(

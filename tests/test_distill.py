@@ -1,10 +1,12 @@
 import copy
 import json
+import signal
 
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+from compress import interrupt
 from compress.arch import Architecture
 from compress.corpus import token_split
 from compress.distill import STATE_FILE, Distiller, DistillSettings, teacher_source
@@ -61,22 +63,35 @@ def test_kd_lowers_heldout_kl_substantially(data, tmp_path):
     assert lines[0]["step"] == 0 and "heldout_kl" in lines[0] and lines[-1]["step"] == 300
 
 
-def test_interrupt_and_resume_gives_the_same_final_weights(data, tmp_path):
+@pytest.fixture
+def sigint_flag():
+    previous = signal.getsignal(signal.SIGINT)
+    interrupt.install()
+    yield
+    interrupt.install()  # clears the flag for the tests that follow
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_and_resume_gives_the_same_final_weights(data, tmp_path, sigint_flag):
     teacher = sharp_teacher()
     student = pruned_student(teacher, data.train)
     run_settings = settings(budget_tokens=12 * 4 * 32, save_every=4, top_k=16)
     reference = copy.deepcopy(student)
     distiller(teacher, reference, data, run_settings, tmp_path / "straight", tmp_path).run()
 
-    def interrupt(step):
+    def lost_ctrl_c(step, metrics):
         if step == 6:
-            raise KeyboardInterrupt
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass  # what Python does to an exception raised in a weakref callback or __del__
 
     interrupted = copy.deepcopy(student)
     with pytest.raises(KeyboardInterrupt):
-        distiller(teacher, interrupted, data, run_settings, tmp_path / "resumed", tmp_path).run(on_step=interrupt)
+        distiller(teacher, interrupted, data, run_settings, tmp_path / "resumed", tmp_path).run(on_step=lost_ctrl_c)
     assert torch.load(tmp_path / "resumed" / STATE_FILE, weights_only=False)["step"] == 4
-    resumed = copy.deepcopy(student)  # a fresh process would start from the pruned weights again
+    interrupt.install()  # a fresh process starts with no Ctrl-C pending
+    resumed = copy.deepcopy(student)  # and from the pruned weights again
     distiller(teacher, resumed, data, run_settings, tmp_path / "resumed", tmp_path).run()
     for (name, expected), actual in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(expected, actual), name
@@ -126,7 +141,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         teacher, student, data, settings(budget_tokens=10 * 4 * 32, save_every=2), tmp_path / "nan", tmp_path
     )
 
-    def poison(step):
+    def poison(step, metrics):
         if step == 3:
             with torch.no_grad():
                 student.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from compress.arch import Architecture, param_count
 from search.cli import main
@@ -61,7 +63,12 @@ def test_search_meets_constraints_and_reports_the_exact_pareto_front(teacher, tm
         arch = Architecture(**trial.params)
         assert abs(param_count(config, arch) - target) <= 0.3 * target
         assert trial.user_attrs["params"] == param_count(config, arch) == trial.values[1]
-        assert trial.user_attrs["kd_tokens"] > 0 and "screen" in trial.user_attrs["stages"]
+        # Rungs at 128 and 384 tokens (4 rows x 32 tokens a step): one KD run, continued past rung 1.
+        stages = trial.user_attrs["stages"]
+        assert trial.user_attrs["kd_tokens"] == 384 and stages["kd_1"]["tokens"] == 128 == stages["kd_2"]["tokens"] / 2
+        assert all("heldout_kl" in stages[name] for name in ("screen", "kd_1", "kd_2"))
+        metrics = (run_dir / "trials" / f"{trial.number:04d}" / "kd" / "metrics.jsonl").read_text().splitlines()
+        assert [r["step"] for r in map(json.loads, metrics) if "heldout_kl" in r] == [0, 1, 3]
     # Pareto front, computed here independently: maximise quality, minimise params.
     expected = {
         t.number
@@ -115,6 +122,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(te
         ("search.space.hidden_size={choices:[1000]}", "invalid search space"),
         ("search.space.num_hidden_layers={choices:null,max_prune:1.5}", "invalid search space"),
         ("search.objectives=[speediness]", "unknown objective"),
+        ("search.fidelity.rung_tokens=[128,200]", "at least one KD step (128 tokens)"),
     ],
 )
 def test_invalid_space_or_unreachable_budget_writes_nothing(teacher, tmp_path, capsys, override, message):
@@ -143,8 +151,8 @@ def wait_for_completed(run_dir, count, process, timeout=240):
             try:
                 if len(completed(load(run_dir))) >= count:
                     return
-            except KeyError:
-                pass  # study not created yet
+            except (KeyError, SQLAlchemyError):
+                pass  # the search is still creating the storage or the study
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.5)
     raise AssertionError("search made no progress")
