@@ -67,7 +67,9 @@ def test_search_meets_constraints_and_reports_the_exact_pareto_front(teacher, tm
         stages = trial.user_attrs["stages"]
         assert trial.user_attrs["kd_tokens"] == 384 and stages["kd_1"]["tokens"] == 128 == stages["kd_2"]["tokens"] / 2
         assert all("heldout_kl" in stages[name] for name in ("screen", "kd_1", "kd_2"))
-        metrics = (run_dir / "trials" / f"{trial.number:04d}" / "kd" / "metrics.jsonl").read_text().splitlines()
+        kd_dir = run_dir / "trials" / f"{trial.number:04d}" / "kd"
+        assert not (kd_dir / "train_state.pt").exists()  # no optimizer state left behind per trial
+        metrics = (kd_dir / "metrics.jsonl").read_text().splitlines()
         assert [r["step"] for r in map(json.loads, metrics) if "heldout_kl" in r] == [0, 1, 3]
     # Pareto front, computed here independently: maximise quality, minimise params.
     expected = {
