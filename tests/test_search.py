@@ -221,3 +221,4 @@ def test_ctrl_c_leaves_the_study_consistent(teacher, tmp_path):
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in study.get_trials(states=(TrialState.FAIL,)))
     assert len(completed(study)) >= 1
+    assert set(pd.read_csv(run_dir / "trials.csv").trial) >= {t.number for t in completed(study)}
