@@ -242,11 +242,13 @@ class Distiller:
         on_step: Callable[[int, dict | None], None] | None = None,
         progress_bar: bool = True,
         eval_steps: Collection[int] = (),
+        resumable: bool = True,
     ) -> DistillResult:
         """Train to the token budget, resuming from out_dir if a checkpoint is there.
 
         Held-out metrics are computed before training, every `eval_every` steps, at the last step and at
         `eval_steps`; `on_step(step, metrics)` sees them (None between evaluations), e.g. to stop at a rung.
+        `resumable=False` writes no checkpoint, for callers that never resume (a search trial).
         """
         settings, out = self.settings, self.out_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +282,7 @@ class Distiller:
                 if step_done % settings.eval_every == 0 or step_done == self.total_steps or step_done in eval_steps:
                     evaluation = last_eval = self.evaluate()
                     self._log(metrics_path, {"step": step_done, **last_eval})
-                if step_done % settings.save_every == 0 or step_done == self.total_steps:
+                if resumable and (step_done % settings.save_every == 0 or step_done == self.total_steps):
                     _save_state(state_path, self._state(step_done))
                 if on_step:
                     on_step(step_done, evaluation)

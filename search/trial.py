@@ -19,7 +19,7 @@ from bench.speed import SpeedSettings, measure_speed
 from compress import interrupt
 from compress.arch import Architecture, param_count, weight_bytes
 from compress.commands import TeacherContext
-from compress.distill import STATE_FILE, CachedTeacher, Distiller, DistillSettings
+from compress.distill import CachedTeacher, Distiller, DistillSettings
 from compress.prune import plan_pruning, prune_model, save_checkpoint
 
 
@@ -101,15 +101,12 @@ def run_trial(
         if rung < len(settings.rung_tokens) and not promote(rung, -metrics["heldout_kl"]):
             raise StoppedEarly(rung, record)
 
-    try:
-        if settings.rung_tokens:
-            kd.run(on_step=end_of_stage, progress_bar=False, eval_steps=stage_ends)
-        else:
-            end_of_stage(0, kd.evaluate())
-    finally:
-        # A trial never resumes mid-KD (a killed one is retried afresh), so its model + optimizer
-        # state (about 1 GB for a SmolLM2 student) would only fill the disk.
-        (trial_dir / "kd" / STATE_FILE).unlink(missing_ok=True)
+    if settings.rung_tokens:
+        # A trial never resumes mid-KD (a killed one is retried afresh): no model + optimizer checkpoints
+        # (about 1 GB each for a SmolLM2 student).
+        kd.run(on_step=end_of_stage, progress_bar=False, eval_steps=stage_ends, resumable=False)
+    else:
+        end_of_stage(0, kd.evaluate())
 
     final = {"heldout_kl": latest["heldout_kl"], "heldout_perplexity": latest["heldout_perplexity"]}
     final["params"] = record["params"]
