@@ -265,7 +265,6 @@ class Distiller:
         self.student.train()
         started, last_eval = time.perf_counter(), initial
         progress = tqdm(total=self.total_steps, initial=start, desc="distill", unit="step", disable=not progress_bar)
-        step = start
         try:
             for step in range(start, self.total_steps):
                 interrupt.check()
@@ -286,10 +285,8 @@ class Distiller:
                     _save_state(state_path, self._state(step_done))
                 if on_step:
                     on_step(step_done, evaluation)
-        except KeyboardInterrupt:
+        finally:
             progress.close()
-            raise
-        progress.close()
         if not last_eval:  # resumed a finished run: nothing trained, still report where it stands
             last_eval = self.evaluate()
         seconds = time.perf_counter() - started

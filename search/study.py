@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import optuna
@@ -59,7 +60,7 @@ def _suggest(trial: optuna.Trial, space: SearchSpace) -> Architecture:
     values = {}
     for name in DIMENSIONS:
         choices = space.values[name]
-        steps = {b - a for a, b in zip(choices, choices[1:], strict=False)}
+        steps = {b - a for a, b in pairwise(choices)}
         if len(steps) <= 1:
             values[name] = trial.suggest_int(name, choices[0], choices[-1], step=steps.pop() if steps else 1)
         else:
@@ -88,7 +89,7 @@ class Search:
         rungs = list(search.fidelity.rung_tokens)
         step_tokens = cfg.distill.batch_size * cfg.distill.grad_accum * cfg.data.seq_len
         rung_steps = [0] + [tokens // step_tokens for tokens in rungs]
-        if any(b <= a for a, b in zip(rung_steps, rung_steps[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(rung_steps)):
             raise SlimnasError(
                 f"fidelity.rung_tokens {rungs} must increase by at least one KD step ({step_tokens} tokens) per rung"
             )
