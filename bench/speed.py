@@ -1,20 +1,25 @@
-"""Speed and memory: prefill and decode throughput, per-token decode latency, peak memory.
+"""Speed: prefill and decode throughput and per-token decode latency, timed against a reference model.
 
 Greedy decoding runs token by token with the KV cache so each step can be timed: CUDA events with
-synchronisation on GPU, perf_counter on CPU. Peak memory is the CUDA allocator's peak on GPU and
-the process's peak RSS on CPU (reset before the measurement where Linux allows it).
+synchronisation on GPU, perf_counter on CPU. A model is timed alternately with a reference (the
+teacher): each repeat times one generation of each, back to back, and the speed-up is the mean of
+the per-repeat ratios with its standard error. Load from another process slows both sides of a pair
+alike, so the ratio stays meaningful where absolute tokens/s do not; repeats continue until the
+ratio's relative error is below `target_rel_stderr` (or `max_repeats`). The CPU load at the start is
+recorded with every measurement.
 """
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
 from compress.arch import flops_per_token, param_count
-from compress.precision import autocast, synchronize
+from compress.runtime.device import autocast, cpu_load, model_device, synchronize
+from compress.runtime.errors import SlimnasError
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,16 @@ class SpeedSettings:
     prompt_len: int = 128
     new_tokens: int = 32
     warmup: int = 1
-    repeats: int = 3
+    repeats: int = 3  # pairs timed at least
+    max_repeats: int = 12
+    target_rel_stderr: float = 0.05  # stop adding pairs once the speed-up is this precise
     precision: str = "auto"
+
+    def __post_init__(self):
+        if min(self.batch_size, self.prompt_len, self.new_tokens, self.repeats) < 1 or self.warmup < 0:
+            raise SlimnasError("speed.batch_size, prompt_len, new_tokens and repeats must be at least 1")
+        if self.max_repeats < self.repeats:
+            raise SlimnasError("speed.max_repeats must be at least speed.repeats")
 
 
 @dataclass
@@ -37,8 +50,33 @@ class SpeedRecord:
     decode_tokens_per_s: float
     latency_p50_ms: float  # per decoded token, batch included
     latency_p90_ms: float
-    peak_memory_bytes: int
-    memory_kind: str  # cuda_max_allocated or cpu_peak_rss
+    repeats: int
+    cpu_load: float  # 1-minute load average per core when the measurement started
+
+
+@dataclass
+class SpeedComparison:
+    """A model and its reference timed in alternation in one run: the ratios are the comparable numbers."""
+
+    model: SpeedRecord
+    reference: SpeedRecord
+    decode_speedup: float
+    decode_speedup_stderr: float
+    prefill_speedup: float
+    prefill_speedup_stderr: float
+    flops_reduction: float  # reference FLOPs per token / model FLOPs per token
+
+    def as_row(self) -> dict:
+        return {
+            "model": self.model.model,
+            "reference": self.reference.model,
+            "decode_speedup": self.decode_speedup,
+            "decode_speedup_stderr": self.decode_speedup_stderr,
+            "prefill_speedup": self.prefill_speedup,
+            "prefill_speedup_stderr": self.prefill_speedup_stderr,
+            "flops_reduction": self.flops_reduction,
+            "decode_speedup_per_flops": self.decode_speedup / self.flops_reduction,
+        }
 
 
 class _Timer:
@@ -64,34 +102,10 @@ class _Timer:
             self.seconds = time.perf_counter() - self.started
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    clear_refs = Path("/proc/self/clear_refs")
-    if clear_refs.exists():
-        try:
-            clear_refs.write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
-        except OSError:
-            pass
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "cpu_peak_rss"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
-
-
 @torch.no_grad()
-def _generate(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, device, precision: str):
+def generate_timed(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, precision: str):
     """Prefill, then greedy decode with the KV cache; returns (prefill seconds, per-step seconds)."""
+    device = model_device(model)
     with autocast(device, precision):
         with _Timer(device) as prefill:
             out = model(input_ids=prompt, use_cache=True)
@@ -105,32 +119,84 @@ def _generate(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, dev
     return prefill.seconds, steps
 
 
+class _Timings:
+    def __init__(self, name: str, model: PreTrainedModel, settings: SpeedSettings):
+        self.name, self.model, self.settings = name, model.eval(), settings
+        generator = torch.Generator().manual_seed(0)
+        shape = (settings.batch_size, settings.prompt_len)
+        self.prompt = torch.randint(0, model.config.vocab_size, shape, generator=generator).to(model_device(model))
+        self.prefill: list[float] = []
+        self.steps: list[list[float]] = []
+        for _ in range(settings.warmup):
+            generate_timed(model, self.prompt, min(4, settings.new_tokens), settings.precision)
+        synchronize(model_device(model))
+
+    def run_once(self) -> None:
+        prefill, steps = generate_timed(self.model, self.prompt, self.settings.new_tokens, self.settings.precision)
+        self.prefill.append(prefill)
+        self.steps.append(steps)
+
+    def record(self, load: float) -> SpeedRecord:
+        batch, prompt_len = self.settings.batch_size, self.settings.prompt_len
+        steps = [s for repeat in self.steps for s in repeat]
+        quantiles = statistics.quantiles(steps, n=10) if len(steps) > 1 else steps * 9
+        return SpeedRecord(
+            model=self.name,
+            device=str(model_device(self.model)),
+            params=param_count(self.model.config),
+            flops_per_token=flops_per_token(self.model.config, prompt_len),
+            prefill_tokens_per_s=batch * prompt_len / statistics.median(self.prefill),
+            decode_tokens_per_s=batch * len(steps) / sum(steps),
+            latency_p50_ms=1000 * statistics.median(steps),
+            latency_p90_ms=1000 * quantiles[8],
+            repeats=len(self.steps),
+            cpu_load=load,
+        )
+
+
 def measure_speed(model: PreTrainedModel, settings: SpeedSettings, name: str = "model") -> SpeedRecord:
-    device = next(model.parameters()).device
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.prompt_len), generator=generator)
-    prompt = prompt.to(device)
-    for _ in range(settings.warmup):
-        _generate(model, prompt, min(4, settings.new_tokens), device, settings.precision)
-    synchronize(device)
-    _reset_peak_memory(device)
-    prefill_seconds, step_seconds = [], []
+    """One model on its own: absolute numbers, comparable only with others taken on a quiet, equal machine."""
+    load = cpu_load()
+    timings = _Timings(name, model, settings)
     for _ in range(settings.repeats):
-        prefill, steps = _generate(model, prompt, settings.new_tokens, device, settings.precision)
-        prefill_seconds.append(prefill)
-        step_seconds.extend(steps)
-    peak, kind = _peak_memory(device)
-    quantiles = statistics.quantiles(step_seconds, n=10) if len(step_seconds) > 1 else step_seconds * 9
-    return SpeedRecord(
-        model=name,
-        device=str(device),
-        params=param_count(model.config),
-        flops_per_token=flops_per_token(model.config, settings.prompt_len),
-        prefill_tokens_per_s=settings.batch_size * settings.prompt_len / statistics.median(prefill_seconds),
-        decode_tokens_per_s=settings.batch_size * len(step_seconds) / sum(step_seconds),
-        latency_p50_ms=1000 * statistics.median(step_seconds),
-        latency_p90_ms=1000 * quantiles[8],
-        peak_memory_bytes=peak,
-        memory_kind=kind,
+        timings.run_once()
+    return timings.record(load)
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("inf"))
+
+
+def compare_speed(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    settings: SpeedSettings,
+    name: str = "model",
+    reference_name: str = "teacher",
+) -> SpeedComparison:
+    """Time model and reference in alternating pairs until the decode speed-up is precise enough."""
+    load = cpu_load()
+    timed, baseline = _Timings(name, model, settings), _Timings(reference_name, reference, settings)
+    decode_ratios, prefill_ratios = [], []
+    while len(decode_ratios) < settings.max_repeats:
+        timed.run_once()
+        baseline.run_once()
+        decode_ratios.append(sum(baseline.steps[-1]) / sum(timed.steps[-1]))
+        prefill_ratios.append(baseline.prefill[-1] / timed.prefill[-1])
+        if len(decode_ratios) >= settings.repeats:
+            mean, stderr = _mean_stderr(decode_ratios)
+            if stderr <= settings.target_rel_stderr * mean:
+                break
+    record, reference_record = timed.record(load), baseline.record(load)
+    decode, decode_stderr = _mean_stderr(decode_ratios)
+    prefill, prefill_stderr = _mean_stderr(prefill_ratios)
+    return SpeedComparison(
+        record,
+        reference_record,
+        decode_speedup=decode,
+        decode_speedup_stderr=decode_stderr,
+        prefill_speedup=prefill,
+        prefill_speedup_stderr=prefill_stderr,
+        flops_reduction=reference_record.flops_per_token / record.flops_per_token,
     )

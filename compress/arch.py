@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from transformers import PretrainedConfig
 
-from compress.errors import SlimnasError
+from compress.runtime.errors import SlimnasError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -34,6 +34,10 @@ class Architecture:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def ratios(self, teacher: "Architecture") -> dict[str, float]:
+        """Each dimension as a fraction of the teacher's."""
+        return {name: value / getattr(teacher, name) for name, value in self.as_dict().items()}
 
     def label(self) -> str:
         return (
@@ -85,7 +89,7 @@ def _check_config_rules(target: Architecture, teacher: PretrainedConfig) -> None
     try:
         type(teacher)(**values)
     except Exception as error:  # transformers raises its own validation error types
-        reason = str(error).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        reason = str(error).strip().splitlines()[-1].strip().removeprefix("ValueError: ")  # the rule, not the trace
         raise SlimnasError(f"invalid target: {reason}") from error
 
 

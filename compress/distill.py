@@ -1,34 +1,45 @@
 """Knowledge distillation of a pruned student: logit KL (+ optional CE and hidden-state losses).
 
 A plain loop: AdamW, linear warmup then cosine decay, gradient clipping and accumulation, a budget
-in tokens. The batch of every step is a pure function of (seed, step), and the checkpoint holds
-model, optimizer, scheduler, step and RNG, so an interrupted run resumes to the same final weights.
+in tokens. `Distiller.train_until(step)` trains and nothing else, so a search trial can stop at any
+rung; `distill_to_budget` adds the held-out evaluations, the metrics log and resumable checkpoints
+around it for `slimnas distill` and `slimnas retrain`.
+
+The batch of every step is a pure function of (seed, step), and the checkpoint holds model, optimizer,
+step and RNG, so an interrupted run resumes to the same final weights. The checkpoint is one
+safetensors file (tensors, plus the counters as JSON in its header): loading it cannot run code.
 """
 
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from compress import interrupt
-from compress.corpus import TokenSplit
-from compress.errors import SlimnasError
-from compress.fingerprint import hash_json
-from compress.kd_loss import LiveTarget, TopKTarget, distillation_losses, next_token_labels
+from compress.heldout import HeldoutSet
+from compress.kd_loss import distillation_losses, next_token_labels
 from compress.models import LoadedModel
-from compress.precision import autocast
-from compress.teacher_cache import TeacherLogitCache
+from compress.runtime import interrupt
+from compress.runtime.device import autocast, model_device
+from compress.runtime.errors import SlimnasError
+from compress.runtime.files import atomic_path, hash_json
+from compress.teacher_targets import (
+    CachedTeacherTargets,
+    LiveTeacherTargets,
+    TeacherTargets,
+    TopKLogitCache,
+    capture_layer_outputs,
+)
 
-STATE_FILE = "train_state.pt"
+STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -45,7 +56,7 @@ class DistillSettings:
     temperature: float = 1.0
     ce_weight: float = 0.0
     hidden_weight: float = 0.0
-    hidden_layers: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) output pairs
+    hidden_layers: tuple[int, ...] = ()  # student layers (negative: from the end) matched to their teacher layer
     teacher_mode: str = "cache"  # cache (top-k logits on disk) or live
     top_k: int = 64
     chunk_tokens: int = 1024
@@ -53,58 +64,26 @@ class DistillSettings:
     eval_rows: int = 16
     save_every: int = 50
     precision: str = "auto"
-    seed: int = 0
+    seed: int = 0  # the order of the KD rows
 
     def __post_init__(self):
         if self.teacher_mode not in ("cache", "live"):
-            raise SlimnasError(f"teacher_mode must be cache or live, not {self.teacher_mode!r}")
+            raise SlimnasError(f"distill.teacher_mode must be cache or live, not {self.teacher_mode!r}")
         if self.hidden_weight > 0 and (self.teacher_mode != "live" or not self.hidden_layers):
-            raise SlimnasError("a hidden-state loss needs teacher_mode=live and hidden_layers pairs")
-        if self.budget_tokens < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise SlimnasError("budget_tokens, batch_size and grad_accum must be at least 1")
+            raise SlimnasError("a hidden-state loss needs distill.teacher_mode=live and distill.hidden_layers")
+        positive = ("budget_tokens", "batch_size", "grad_accum", "top_k", "chunk_tokens", "eval_every", "eval_rows")
+        for name in (*positive, "save_every"):
+            if getattr(self, name) < 1:
+                raise SlimnasError(f"distill.{name} must be at least 1, not {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
+            raise SlimnasError("distill.lr must be > 0, min_lr_ratio in [0, 1] and warmup_fraction in [0, 1)")
 
+    def tokens_per_step(self, seq_len: int) -> int:
+        return self.batch_size * self.grad_accum * seq_len
 
-@dataclass
-class DistillResult:
-    steps: int
-    tokens: int
-    seconds: float
-    tokens_per_second: float
-    initial: dict = field(default_factory=dict)  # held-out kl and perplexity before training
-    final: dict = field(default_factory=dict)
-
-
-class LiveTeacher:
-    """Runs the teacher on every batch: exact KL, and hidden states for the hidden-state loss."""
-
-    def __init__(self, model: PreTrainedModel, precision: str, need_hidden: bool):
-        self.model, self.precision, self.need_hidden = model, precision, need_hidden
-
-    def prepare(self, n_train_rows: int, n_heldout_rows: int) -> None:
-        pass
-
-    @torch.no_grad()
-    def targets(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor):
-        device = next(self.model.parameters()).device
-        with autocast(device, self.precision):
-            out = self.model.model(input_ids=input_ids, use_cache=False, output_hidden_states=self.need_hidden)
-        target = LiveTarget(out.last_hidden_state.flatten(0, 1), self.model.lm_head)
-        return target, out.hidden_states
-
-
-class CachedTeacher:
-    """Reads top-k teacher logits from memory-mapped caches (one per split); builds what is missing."""
-
-    def __init__(self, caches: dict[str, TeacherLogitCache], teacher: PreTrainedModel, precision: str):
-        self.caches, self.teacher, self.precision = caches, teacher, precision
-
-    def prepare(self, n_train_rows: int, n_heldout_rows: int) -> None:
-        for split, n_rows in (("train", n_train_rows), ("heldout", n_heldout_rows)):
-            self.caches[split].ensure(n_rows, self.teacher, precision=self.precision)
-
-    def targets(self, split: str, rows: torch.Tensor, input_ids: torch.Tensor):
-        target = self.caches[split].target(rows)
-        return TopKTarget(*(t.to(input_ids.device) for t in (target.values, target.indices, target.logsumexp))), None
+    def steps_for(self, tokens: int, seq_len: int) -> int:
+        """KD steps that `tokens` buy (at least one): the one place budgets become steps."""
+        return max(1, tokens // self.tokens_per_step(seq_len))
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -127,21 +106,204 @@ def batch_rows(micro_step: int, batch_size: int, n_rows: int, seed: int) -> torc
     return torch.tensor(rows)
 
 
-def hidden_maps(student: PreTrainedModel, teacher_hidden: int, pairs) -> nn.ModuleList:
-    """Learned linear maps from student to teacher width, started at the identity on shared channels."""
-    maps = nn.ModuleList()
-    for _ in pairs:
-        linear = nn.Linear(student.config.hidden_size, teacher_hidden, bias=False)
-        with torch.no_grad():
-            linear.weight.copy_(torch.eye(teacher_hidden, student.config.hidden_size))
-        maps.append(linear)
-    return maps.to(next(student.parameters()).device)
+@dataclass
+class HiddenStateMatch:
+    """Which student layer outputs are matched to which teacher layer outputs, through learned linear maps.
+
+    Student layer i was teacher layer `kept_layers[i]`, and student channel c was teacher channel
+    `kept_channels[c]` (from the prune plan), so each map starts as the embedding that puts every
+    student channel back where it came from: before any training, a student that kept exactly the
+    teacher's signal has zero hidden-state loss.
+    """
+
+    pairs: list[tuple[int, int]]  # (student layer, teacher layer)
+    maps: nn.ModuleList
+
+    @classmethod
+    def build(
+        cls, layers: tuple[int, ...], kept_layers: list[int], kept_channels: list[int], teacher_hidden: int
+    ) -> "HiddenStateMatch":
+        n_student = len(kept_layers)
+        pairs = []
+        for layer in layers:
+            if not -n_student <= layer < n_student:
+                raise SlimnasError(f"distill.hidden_layers: the student has no layer {layer} ({n_student} layers)")
+            pairs.append((layer % n_student, kept_layers[layer % n_student]))
+        maps = nn.ModuleList()
+        for _ in pairs:
+            linear = nn.Linear(len(kept_channels), teacher_hidden, bias=False)
+            with torch.no_grad():
+                linear.weight.zero_()
+                linear.weight[kept_channels, torch.arange(len(kept_channels))] = 1.0
+            maps.append(linear)
+        return cls(pairs, maps)
+
+    def loss(self, student_outputs: dict, teacher_outputs: dict) -> torch.Tensor:
+        """Sum over pairs of the MSE normalised by the teacher's mean square (scale-free across layers)."""
+        total = torch.zeros((), device=next(self.maps.parameters()).device)
+        for linear, (s_layer, t_layer) in zip(self.maps, self.pairs, strict=True):
+            teacher_state = teacher_outputs[t_layer].float()
+            mapped = linear(student_outputs[s_layer].float())
+            total = total + F.mse_loss(mapped, teacher_state) / teacher_state.pow(2).mean()
+        return total
 
 
-def _save_state(path: Path, state: dict) -> None:
-    staging = path.with_suffix(".partial")
-    torch.save(state, staging)
-    os.replace(staging, path)
+def make_teacher_targets(
+    settings: DistillSettings,
+    teacher: LoadedModel,
+    train_rows: torch.Tensor,
+    cache_dir: Path,
+    hidden_match: HiddenStateMatch | None = None,
+) -> TeacherTargets:
+    """Live forward passes, or the shared top-k cache on disk (the teacher only fills it)."""
+    if settings.teacher_mode == "live":
+        layers = [t for _, t in hidden_match.pairs] if hidden_match else []
+        return LiveTeacherTargets(teacher.model, settings.precision, layers)
+    vocab = teacher.model.config.vocab_size
+    cache = TopKLogitCache.open(cache_dir, teacher.fingerprint, train_rows, settings.top_k, settings.temperature, vocab)
+    return CachedTeacherTargets(cache, teacher.model, settings.precision)
+
+
+class Distiller:
+    """Trains one student against teacher targets to a token budget; `step` is how far it has got."""
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher_targets: TeacherTargets,
+        train_rows: torch.Tensor,
+        settings: DistillSettings,
+        hidden_match: HiddenStateMatch | None = None,
+    ):
+        self.student, self.teacher_targets, self.settings = student, teacher_targets, settings
+        self.train_rows, self.hidden_match = train_rows, hidden_match
+        self.device = model_device(student)
+        seq_len = train_rows.shape[1]
+        self.tokens_per_step = settings.tokens_per_step(seq_len)
+        self.total_steps = settings.steps_for(settings.budget_tokens, seq_len)
+        self.n_rows = min(len(train_rows), math.ceil(self.total_steps * self.tokens_per_step / seq_len))
+        if hidden_match is not None:
+            hidden_match.maps.to(self.device)
+        parameters = list(student.parameters()) + (list(hidden_match.maps.parameters()) if hidden_match else [])
+        self.optimizer = torch.optim.AdamW(
+            parameters, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95)
+        )
+        self.warmup = max(1, int(settings.warmup_fraction * self.total_steps))
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        return self.settings.lr * warmup_cosine(step, self.warmup, self.total_steps, self.settings.min_lr_ratio)
+
+    def _losses(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        input_ids = self.train_rows[rows].to(self.device)
+        target, teacher_outputs = self.teacher_targets.targets(rows, input_ids)
+        student_layers = [s for s, _ in self.hidden_match.pairs] if self.hidden_match else []
+        student_outputs, handles = capture_layer_outputs(self.student, student_layers)
+        try:
+            with autocast(self.device, self.settings.precision):
+                hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
+                labels = next_token_labels(input_ids).flatten()
+                kl, ce = distillation_losses(
+                    hidden, self.student.lm_head, labels, target, self.settings.temperature, self.settings.chunk_tokens
+                )
+                hidden_loss = (
+                    self.hidden_match.loss(student_outputs, teacher_outputs)
+                    if self.hidden_match
+                    else torch.zeros((), device=self.device)
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return kl, ce, hidden_loss
+
+    def train_until(self, step: int, progress: tqdm | None = None) -> list[dict]:
+        """Train from the current step up to `step` (at most the total); returns one log line per step."""
+        settings = self.settings
+        self.teacher_targets.prepare(self.n_rows)
+        self.student.train()
+        logs, started, first = [], time.perf_counter(), self.step
+        while self.step < min(step, self.total_steps):
+            interrupt.check()
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            totals = [0.0, 0.0, 0.0]
+            for micro in range(settings.grad_accum):
+                micro_step = self.step * settings.grad_accum + micro
+                rows = batch_rows(micro_step, settings.batch_size, self.n_rows, settings.seed)
+                kl, ce, hidden_loss = self._losses(rows)
+                loss = kl + settings.ce_weight * ce + settings.hidden_weight * hidden_loss
+                if not torch.isfinite(loss):
+                    raise SlimnasError(f"non-finite loss at step {self.step + 1}")
+                (loss / settings.grad_accum).backward()
+                for i, value in enumerate((kl, ce, hidden_loss)):
+                    totals[i] += value.item() / settings.grad_accum
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], settings.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            tokens_per_s = (self.step - first) * self.tokens_per_step / max(time.perf_counter() - started, 1e-9)
+            logs.append(
+                {
+                    "step": self.step,
+                    "tokens": self.step * self.tokens_per_step,
+                    "train_kl": totals[0],
+                    "train_ce": totals[1],
+                    "train_hidden": totals[2],
+                    "lr": self.lr_at(self.step - 1),
+                    "tokens_per_s": tokens_per_s,
+                }
+            )
+            if progress is not None:
+                progress.set_postfix(train_kl=f"{totals[0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                progress.update(1)
+        return logs
+
+    # Checkpoints: one safetensors file, counters and optimizer layout as JSON in its header.
+
+    def save(self, path: Path, resume_key: str) -> None:
+        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in self.student.state_dict().items()}
+        if self.hidden_match:
+            tensors |= {f"maps.{k}": v.detach().clone() for k, v in self.hidden_match.maps.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, state in optimizer["state"].items():
+            tensors |= {f"optimizer.{index}.{name}": value.clone() for name, value in state.items()}
+        tensors["rng"] = torch.get_rng_state()
+        meta = {"step": self.step, "resume_key": resume_key, "param_groups": optimizer["param_groups"]}
+        with atomic_path(path) as staging:
+            save_file(tensors, str(staging), metadata={"slimnas": json.dumps(meta)})
+
+    def load(self, path: Path, resume_key: str) -> None:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["slimnas"])
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+            raise SlimnasError(f"corrupt or foreign resume state {path}: delete it or use another out") from error
+        if meta.get("resume_key") != resume_key:
+            raise SlimnasError(
+                f"{path} belongs to a run of another student, teacher, corpus or settings: use another out directory"
+            )
+        self.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if self.hidden_match:
+            self.hidden_match.maps.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("maps.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng"])
+        self.step = meta["step"]
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    initial: dict = field(default_factory=dict)  # held-out metrics before training (a fresh run only)
+    final: dict = field(default_factory=dict)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -150,191 +312,58 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-class Distiller:
-    """One KD run of a student against a teacher source, to a token budget, resumable from out_dir."""
-
-    def __init__(
-        self,
-        student: PreTrainedModel,
-        teacher: LiveTeacher | CachedTeacher,
-        train_rows: torch.Tensor,
-        heldout_rows: torch.Tensor,
-        settings: DistillSettings,
-        out_dir: Path,
-        teacher_hidden_size: int | None = None,
-    ):
-        self.student, self.teacher, self.settings, self.out_dir = student, teacher, settings, out_dir
-        self.device = next(student.parameters()).device
-        seq_len = train_rows.shape[1]
-        self.tokens_per_step = settings.batch_size * settings.grad_accum * seq_len
-        self.total_steps = max(1, settings.budget_tokens // self.tokens_per_step)
-        self.n_rows = min(len(train_rows), math.ceil(self.total_steps * self.tokens_per_step / seq_len))
-        self.train_rows, self.heldout_rows = train_rows, heldout_rows[: settings.eval_rows]
-        width = teacher_hidden_size or student.config.hidden_size
-        self.maps = hidden_maps(student, width, settings.hidden_layers) if settings.hidden_weight > 0 else None
-        parameters = list(student.parameters()) + (list(self.maps.parameters()) if self.maps else [])
-        self.optimizer = torch.optim.AdamW(
-            parameters, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95)
-        )
-        warmup = max(1, int(settings.warmup_fraction * self.total_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, warmup, self.total_steps, settings.min_lr_ratio)
-        )
-        self.settings_key = hash_json(asdict(settings))
-
-    def _losses(self, split: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        input_ids = (self.train_rows if split == "train" else self.heldout_rows)[rows].to(self.device)
-        target, teacher_states = self.teacher.targets(split, rows, input_ids)
-        need_hidden = self.maps is not None
-        with autocast(self.device, self.settings.precision):
-            out = self.student.model(input_ids=input_ids, use_cache=False, output_hidden_states=need_hidden)
-            hidden = out.last_hidden_state.flatten(0, 1)
-            labels = next_token_labels(input_ids).flatten()
-            kl, ce = distillation_losses(
-                hidden, self.student.lm_head, labels, target, self.settings.temperature, self.settings.chunk_tokens
-            )
-            hidden_loss = torch.zeros((), device=self.device)
-            if need_hidden:
-                for linear, (s_layer, t_layer) in zip(self.maps, self.settings.hidden_layers, strict=True):
-                    teacher_state = teacher_states[t_layer + 1].float()
-                    mapped = linear(out.hidden_states[s_layer + 1]).float()
-                    hidden_loss = hidden_loss + F.mse_loss(mapped, teacher_state) / teacher_state.pow(2).mean()
-        return kl, ce, hidden_loss
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        was_training = self.student.training
-        self.student.eval()
-        kl_sum, ce_sum = 0.0, 0.0
-        n_rows = len(self.heldout_rows)
-        for start in range(0, n_rows, self.settings.batch_size):
-            rows = torch.arange(start, min(start + self.settings.batch_size, n_rows))
-            kl, ce, _ = self._losses("heldout", rows)
-            kl_sum, ce_sum = kl_sum + kl.item() * len(rows), ce_sum + ce.item() * len(rows)
-        self.student.train(was_training)
-        return {"heldout_kl": kl_sum / n_rows, "heldout_perplexity": math.exp(ce_sum / n_rows)}
-
-    def _state(self, step: int) -> dict:
-        return {
-            "step": step,
-            "settings_key": self.settings_key,
-            "model": self.student.state_dict(),
-            "maps": self.maps.state_dict() if self.maps else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-
-    def _resume(self, path: Path) -> int:
-        state = torch.load(path, weights_only=False)
-        if state["settings_key"] != self.settings_key:
-            raise SlimnasError(f"{path} belongs to a run with other settings: use another out directory")
-        self.student.load_state_dict(state["model"])
-        if self.maps:
-            self.maps.load_state_dict(state["maps"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        return state["step"]
-
-    def run(
-        self,
-        on_step: Callable[[int, dict | None], None] | None = None,
-        progress_bar: bool = True,
-        eval_steps: Collection[int] = (),
-        resumable: bool = True,
-    ) -> DistillResult:
-        """Train to the token budget, resuming from out_dir if a checkpoint is there.
-
-        Held-out metrics are computed before training, every `eval_every` steps, at the last step and at
-        `eval_steps`; `on_step(step, metrics)` sees them (None between evaluations), e.g. to stop at a rung.
-        `resumable=False` writes no checkpoint, for callers that never resume (a search trial).
-        """
-        settings, out = self.settings, self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        state_path, metrics_path = out / STATE_FILE, out / METRICS_FILE
-        self.teacher.prepare(self.n_rows, len(self.heldout_rows))
-        torch.manual_seed(settings.seed)
-        start = self._resume(state_path) if state_path.exists() else 0
-        _truncate_metrics(metrics_path, start)
-        initial = self.evaluate() if start == 0 else {}
-        if initial:
-            self._log(metrics_path, {"step": 0, **initial})
-            if on_step:
-                on_step(0, initial)
-        self.student.train()
-        started, last_eval = time.perf_counter(), initial
-        progress = tqdm(total=self.total_steps, initial=start, desc="distill", unit="step", disable=not progress_bar)
-        try:
-            for step in range(start, self.total_steps):
-                interrupt.check()
-                kl, ce, hidden_loss = self._train_step(step)
-                step_done = step + 1
-                elapsed = time.perf_counter() - started
-                tokens_per_second = (step_done - start) * self.tokens_per_step / max(elapsed, 1e-9)
-                record = {"step": step_done, "tokens": step_done * self.tokens_per_step, "kl": kl, "ce": ce}
-                record.update(hidden=hidden_loss, lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_second)
-                self._log(metrics_path, record)
-                progress.set_postfix(kl=f"{kl:.3f}", tok_s=f"{tokens_per_second:.0f}")
-                progress.update(1)
-                evaluation = None
-                if step_done % settings.eval_every == 0 or step_done == self.total_steps or step_done in eval_steps:
-                    evaluation = last_eval = self.evaluate()
-                    self._log(metrics_path, {"step": step_done, **last_eval})
-                if resumable and (step_done % settings.save_every == 0 or step_done == self.total_steps):
-                    _save_state(state_path, self._state(step_done))
-                if on_step:
-                    on_step(step_done, evaluation)
-        finally:
-            progress.close()
-        if not last_eval:  # resumed a finished run: nothing trained, still report where it stands
-            last_eval = self.evaluate()
-        seconds = time.perf_counter() - started
-        trained_tokens = (self.total_steps - start) * self.tokens_per_step
-        return DistillResult(
-            steps=self.total_steps,
-            tokens=self.total_steps * self.tokens_per_step,
-            seconds=seconds,
-            tokens_per_second=trained_tokens / max(seconds, 1e-9),
-            initial=initial,
-            final=last_eval,
-        )
-
-    def _train_step(self, step: int) -> tuple[float, float, float]:
-        settings = self.settings
-        totals = [0.0, 0.0, 0.0]
-        for micro in range(settings.grad_accum):
-            rows = batch_rows(step * settings.grad_accum + micro, settings.batch_size, self.n_rows, settings.seed)
-            kl, ce, hidden_loss = self._losses("train", rows)
-            loss = kl + settings.ce_weight * ce + settings.hidden_weight * hidden_loss
-            if not torch.isfinite(loss):
-                raise SlimnasError(
-                    f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {self.out_dir}"
-                )
-            (loss / settings.grad_accum).backward()
-            for i, value in enumerate((kl, ce, hidden_loss)):
-                totals[i] += value.item() / settings.grad_accum
-        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], settings.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return totals[0], totals[1], totals[2]
-
-    @staticmethod
-    def _log(path: Path, record: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+def _log(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
-def teacher_source(
-    teacher: LoadedModel, data: TokenSplit, settings: DistillSettings, cache_dir: Path
-) -> LiveTeacher | CachedTeacher:
-    """The teacher side of KD: live forward passes, or the shared top-k cache (the teacher only fills it)."""
-    if settings.teacher_mode == "live":
-        return LiveTeacher(teacher.model, settings.precision, settings.hidden_weight > 0)
-    vocab = teacher.model.config.vocab_size
-    caches = {
-        split: TeacherLogitCache.open(cache_dir, teacher.fingerprint, rows, settings.top_k, settings.temperature, vocab)
-        for split, rows in (("train", data.train), ("heldout", data.heldout[: settings.eval_rows]))
-    }
-    return CachedTeacher(caches, teacher.model, settings.precision)
+def distill_to_budget(
+    distiller: Distiller, heldout: HeldoutSet, out_dir: Path, resume_identity: dict, progress_bar: bool = True
+) -> DistillResult:
+    """Train to the budget with held-out evaluations and checkpoints, resuming from out_dir when it has one.
+
+    `resume_identity` names what the run starts from (student, teacher, corpus): a checkpoint of another
+    run in the same directory is refused instead of being resumed silently.
+    """
+    settings = distiller.settings
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path, metrics_path = out_dir / STATE_FILE, out_dir / METRICS_FILE
+    resume_key = hash_json([resume_identity, asdict(settings)])
+    torch.manual_seed(settings.seed)
+    if state_path.exists():
+        distiller.load(state_path, resume_key)
+    start = distiller.step
+    _truncate_metrics(metrics_path, start)
+    initial = heldout.evaluate(distiller.student).summary() if start == 0 else {}
+    if initial:
+        _log(metrics_path, [{"step": 0, "tokens": 0, "heldout": initial}])
+    total = distiller.total_steps
+    started, final = time.perf_counter(), initial
+    progress = tqdm(total=total, initial=start, desc="distill", unit="step", disable=not progress_bar, leave=False)
+    try:
+        while distiller.step < total:
+            step = distiller.step
+            next_eval = (step // settings.eval_every + 1) * settings.eval_every
+            next_save = (step // settings.save_every + 1) * settings.save_every
+            _log(metrics_path, distiller.train_until(min(total, next_eval, next_save), progress))
+            tokens = distiller.step * distiller.tokens_per_step
+            if distiller.step % settings.eval_every == 0 or distiller.step == total:
+                final = heldout.evaluate(distiller.student).summary()
+                _log(metrics_path, [{"step": distiller.step, "tokens": tokens, "heldout": final}])
+            if distiller.step % settings.save_every == 0 or distiller.step == total:
+                distiller.save(state_path, resume_key)
+    except SlimnasError as error:
+        raise SlimnasError(f"{error}; the last good checkpoint is kept in {out_dir}") from error
+    finally:
+        progress.close()
+    if not final:  # resumed a finished run: nothing trained, still report where it stands
+        final = heldout.evaluate(distiller.student).summary()
+    seconds = time.perf_counter() - started
+    return DistillResult(
+        steps=total,
+        tokens=total * distiller.tokens_per_step,
+        seconds=seconds,
+        tokens_per_second=(total - start) * distiller.tokens_per_step / max(seconds, 1e-9),
+        initial=initial,
+        final=final,
+    )

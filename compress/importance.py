@@ -5,25 +5,26 @@ One pass of forward hooks over calibration sequences:
 - MLP neuron j: |act(gate) * up| (the input of down_proj),
 - embedding channel c: |output| of every RMSNorm, summed over the norms,
 each reduced over sequence positions then over samples (default: mean then L2).
-Depth: the residual stream is kept at every layer boundary, giving block importance
-1 - cos(h_i, h_j) for every span of layers (so contiguous blocks can be scored too); optionally the
-perplexity when each layer is skipped. Results are cached on disk, keyed by everything they depend on.
+Depth: the mean cosine between the residual stream at every pair of layer boundaries gives block
+importance 1 - cos(h_i, h_j) for every span of layers (so contiguous blocks can be scored too);
+optionally the perplexity on calibration rows when each layer is skipped. Results are cached on
+disk, keyed by everything they depend on.
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from compress.errors import SlimnasError
-from compress.fingerprint import hash_json
-from compress.layers import decoder_layers, final_norm
-from compress.precision import autocast
+from compress.arch import head_dim
+from compress.runtime.device import autocast, model_device
+from compress.runtime.errors import SlimnasError
+from compress.runtime.files import atomic_path, hash_json
 
 REDUCTIONS = ("mean", "l2", "max")
 
@@ -34,8 +35,8 @@ class ImportanceSettings:
     batch_size: int = 8
     seq_agg: str = "mean"  # reduction over sequence positions of |activation|
     batch_agg: str = "l2"  # reduction over samples of the per-sample scores
-    layer_perplexity: bool = False  # also score each layer by the perplexity when it is skipped
-    perplexity_samples: int = 8
+    layer_perplexity: bool = False  # also score each layer by the calibration perplexity when it is skipped
+    perplexity_samples: int = 8  # calibration rows for that probe
     precision: str = "auto"
 
     def __post_init__(self):
@@ -110,6 +111,35 @@ class _Reducer:
         return self.total
 
 
+class _BoundaryCosines:
+    """Mean cosine of the residual stream between every pair of layer boundaries, summed batch by batch.
+
+    Each boundary is normalised as it arrives and parked on the CPU in fp16, so the device holds one
+    boundary at a time (a 1B-8B teacher fits); the pairwise sums run over chunks of positions.
+    """
+
+    def __init__(self, n_boundaries: int, chunk_positions: int = 512):
+        self.sums = torch.zeros(n_boundaries, n_boundaries, dtype=torch.float64)
+        self.positions = 0
+        self.chunk_positions = chunk_positions
+        self.batch: list[torch.Tensor] = []
+
+    def add(self, hidden: torch.Tensor) -> None:
+        self.batch.append(F.normalize(hidden.float().flatten(0, 1), dim=-1).to("cpu", torch.float16))
+
+    def end_batch(self) -> None:
+        n_positions = self.batch[0].shape[0]
+        for start in range(0, n_positions, self.chunk_positions):
+            stream = torch.stack([b[start : start + self.chunk_positions] for b in self.batch]).float()
+            stream = F.normalize(stream, dim=-1)  # again after fp16 rounding: equal vectors give cos 1
+            self.sums += torch.einsum("ind,jnd->ij", stream, stream).double()
+        self.positions += n_positions
+        self.batch.clear()
+
+    def result(self) -> torch.Tensor:
+        return (self.sums / self.positions).float()
+
+
 def _hidden_states_argument(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -119,18 +149,15 @@ def _layer_output(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_importance(
-    model: PreTrainedModel, sequences: torch.Tensor, settings: ImportanceSettings, heldout: torch.Tensor | None = None
-) -> Importance:
+def compute_importance(model: PreTrainedModel, sequences: torch.Tensor, settings: ImportanceSettings) -> Importance:
     """Run the hooks over `sequences` [n, seq_len] (the first n_samples rows) and reduce."""
-    device = next(model.parameters()).device
-    layers = decoder_layers(model)
-    config = model.config
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    device = model_device(model)
+    layers = model.model.layers
+    dim = head_dim(model.config)
     heads = [_Reducer(settings) for _ in layers]
     neurons = [_Reducer(settings) for _ in layers]
     norms = [_Reducer(settings) for _ in range(2 * len(layers) + 1)]
-    boundaries: list[torch.Tensor] = []
+    cosines = _BoundaryCosines(len(layers) + 1)
     handles = []
 
     def on_attention_output(index):
@@ -149,8 +176,8 @@ def compute_importance(
     def on_layer(index):
         def hook(module, args, kwargs, output):
             if index == 0:
-                boundaries.append(_hidden_states_argument(args, kwargs).float())
-            boundaries.append(_layer_output(output).float())
+                cosines.add(_hidden_states_argument(args, kwargs))
+            cosines.add(_layer_output(output))
 
         return hook
 
@@ -160,21 +187,14 @@ def compute_importance(
         handles.append(layer.input_layernorm.register_forward_hook(on_norm(2 * i)))
         handles.append(layer.post_attention_layernorm.register_forward_hook(on_norm(2 * i + 1)))
         handles.append(layer.register_forward_hook(on_layer(i), with_kwargs=True))
-    handles.append(final_norm(model).register_forward_hook(on_norm(2 * len(layers))))
+    handles.append(model.model.norm.register_forward_hook(on_norm(2 * len(layers))))
 
-    n_layers = len(layers)
-    cosine_sum = torch.zeros(n_layers + 1, n_layers + 1)
-    n_tokens = 0
     rows = sequences[: settings.n_samples]
     try:
         for start in tqdm(range(0, len(rows), settings.batch_size), desc="importance", unit="batch"):
-            batch = rows[start : start + settings.batch_size].to(device)
-            boundaries.clear()
             with autocast(device, settings.precision):
-                model(input_ids=batch, use_cache=False)
-            stream = torch.nn.functional.normalize(torch.stack(boundaries).flatten(1, 2), dim=-1).cpu()
-            cosine_sum += torch.einsum("ind,jnd->ij", stream, stream)
-            n_tokens += stream.shape[1]
+                model(input_ids=rows[start : start + settings.batch_size].to(device), use_cache=False)
+            cosines.end_batch()
     finally:
         for handle in handles:
             handle.remove()
@@ -183,17 +203,17 @@ def compute_importance(
         heads=torch.stack([r.result() for r in heads]).cpu(),
         neurons=torch.stack([r.result() for r in neurons]).cpu(),
         channels=torch.stack([r.result() for r in norms]).sum(0).cpu(),
-        boundary_cosine=cosine_sum / n_tokens,
+        boundary_cosine=cosines.result(),
     )
     if settings.layer_perplexity:
-        probe = (heldout if heldout is not None and len(heldout) else rows)[: settings.perplexity_samples]
+        probe = rows[: settings.perplexity_samples]  # calibration rows: never the rows that rank candidates
         importance.base_perplexity, importance.layer_perplexity = _skip_layer_perplexity(model, probe, settings)
     return importance
 
 
 def perplexity(model: PreTrainedModel, sequences: torch.Tensor, batch_size: int = 8, precision: str = "auto") -> float:
     """Token-level perplexity of packed sequences (every position predicts the next)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
@@ -212,7 +232,7 @@ def _skip_layer_perplexity(
 ) -> tuple[float, torch.Tensor]:
     base = perplexity(model, probe, settings.batch_size, settings.precision)
     scores = []
-    for layer in tqdm(decoder_layers(model), desc="layer perplexity", unit="layer"):
+    for layer in tqdm(model.model.layers, desc="layer perplexity", unit="layer"):
 
         def skip(module, args, kwargs, output):
             hidden = _hidden_states_argument(args, kwargs)
@@ -234,8 +254,7 @@ def importance_cache_path(cache_dir: Path, teacher_fingerprint: str, data_finger
 def cached_importance(
     model: PreTrainedModel,
     teacher_fingerprint: str,
-    train: torch.Tensor,
-    heldout: torch.Tensor,
+    calibration: torch.Tensor,
     data_fingerprint: str,
     settings: ImportanceSettings,
     cache_dir: Path,
@@ -244,10 +263,9 @@ def cached_importance(
     path = importance_cache_path(cache_dir, teacher_fingerprint, data_fingerprint, settings)
     if path.is_file():
         return Importance.load(path), path
-    if len(train) < settings.n_samples:
-        print(f"note: corpus has {len(train)} training sequences; scoring on all of them", flush=True)
-    importance = compute_importance(model, train, settings, heldout)
-    staging = path.with_suffix(f".{os.getpid()}.partial")  # per process: workers may compute it together
-    importance.save(staging)
-    staging.replace(path)
+    if len(calibration) < settings.n_samples:
+        print(f"note: corpus has {len(calibration)} training sequences; scoring on all of them", flush=True)
+    importance = compute_importance(model, calibration, settings)
+    with atomic_path(path) as staging:  # workers may compute it together
+        importance.save(staging)
     return importance, path

@@ -1,13 +1,16 @@
 """Vocabulary-sized distillation losses, computed in chunks of positions.
 
-The full-vocabulary KL dominates a KD step on CPU, and a [tokens, vocab] tensor per model is the
-largest thing a step holds. So the student's lm_head runs inside a checkpointed chunk: each chunk's
-logits exist only while that chunk's loss (and, in backward, its gradient) is computed.
+The vocabulary projection dominates a KD step on CPU, and a [positions, vocab] tensor per model is the
+largest thing a step holds. So the student's lm_head runs chunk by chunk; when a step has more
+positions than one chunk, each chunk is checkpointed, so its logits exist only while that chunk's
+loss (and, in backward, its gradient) is computed. A step that fits in one chunk is not
+checkpointed: recomputing the projection would cost a third more of it for no memory saved.
 
 Teacher targets come in two forms:
-- LiveTarget: the teacher's final hidden states; its lm_head runs per chunk (exact KL).
+- LiveTarget: the teacher's final hidden states; its lm_head runs per chunk (the full-vocabulary KL).
 - TopKTarget: cached top-k teacher logits plus the full log-sum-exp; the mass outside the top k is one
-  "tail" bucket on both sides, so with k = vocab the loss is the exact KL.
+  "tail" bucket on both sides, so with k = vocab the loss is the full KL, and below that it is a
+  lower bound of it (merging outcomes never increases a KL).
 """
 
 from dataclasses import dataclass
@@ -42,7 +45,7 @@ class TopKTarget:
 def _kl_live(student_logp: torch.Tensor, target: LiveTarget, temperature: float) -> torch.Tensor:
     with torch.no_grad():
         teacher_logp = F.log_softmax(target.lm_head(target.hidden).float() / temperature, dim=-1)
-    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
 
 
 def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float) -> torch.Tensor:
@@ -51,8 +54,8 @@ def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float)
     teacher_tail = (1 - teacher_p.sum(-1)).clamp(min=0)
     student_top = student_logp.gather(-1, target.indices)
     student_tail = torch.log1p(-torch.logsumexp(student_top, -1).exp().clamp(max=1 - 1e-6))
-    head = (teacher_p * (teacher_logp - student_top)).sum()
-    tail = (torch.xlogy(teacher_tail, teacher_tail) - teacher_tail * student_tail).sum()
+    head = (teacher_p * (teacher_logp - student_top)).sum(-1)
+    tail = torch.xlogy(teacher_tail, teacher_tail) - teacher_tail * student_tail
     return head + tail
 
 
@@ -61,8 +64,8 @@ def _chunk_losses(hidden, lm_head_weight, labels, target, temperature: float):
     student_logp = F.log_softmax(logits / temperature, dim=-1)
     kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
     kl = kl_fn(student_logp, target, temperature) * temperature**2
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-    return kl, ce
+    nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    return kl, nll
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,27 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.full_like(input_ids, IGNORE)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
+
+
+def token_losses(
+    student_hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    target: LiveTarget | TopKTarget,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL, next-token NLL) per position of flattened [n, hidden] states; NLL is 0 where there is no label."""
+    n = student_hidden.shape[0]
+    checkpointed = torch.is_grad_enabled() and student_hidden.requires_grad and n > chunk_tokens
+    kls, nlls = [], []
+    for start in range(0, n, chunk_tokens):
+        end = min(start + chunk_tokens, n)
+        args = (student_hidden[start:end], lm_head.weight, labels[start:end], target.chunk(start, end), temperature)
+        kl, nll = checkpoint(_chunk_losses, *args, use_reentrant=False) if checkpointed else _chunk_losses(*args)
+        kls.append(kl)
+        nlls.append(nll)
+    return torch.cat(kls), torch.cat(nlls)
 
 
 def distillation_losses(
@@ -80,16 +104,6 @@ def distillation_losses(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean KL per position, mean CE per labelled position) over flattened [n, hidden] positions."""
-    n = student_hidden.shape[0]
-    kl_total = student_hidden.new_zeros((), dtype=torch.float32)
-    ce_total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_tokens):
-        end = min(start + chunk_tokens, n)
-        args = (student_hidden[start:end], lm_head.weight, labels[start:end], target.chunk(start, end), temperature)
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            kl, ce = checkpoint(_chunk_losses, *args, use_reentrant=False)
-        else:
-            kl, ce = _chunk_losses(*args)
-        kl_total, ce_total = kl_total + kl, ce_total + ce
-    return kl_total / n, ce_total / max(1, int((labels != IGNORE).sum()))
+    """(mean KL per position, mean CE per labelled position): the training losses."""
+    kl, nll = token_losses(student_hidden, lm_head, labels, target, temperature, chunk_tokens)
+    return kl.mean(), nll.sum() / max(1, int((labels != IGNORE).sum()))

@@ -1,4 +1,4 @@
-"""Records out: tidy rows saved as JSON and Parquet, and printed as aligned text tables."""
+"""Records out: tidy rows saved as CSV, JSON and Parquet, and printed as aligned text tables."""
 
 import json
 from dataclasses import asdict, is_dataclass
@@ -6,22 +6,28 @@ from pathlib import Path
 
 import pandas as pd
 
+from compress.runtime.files import atomic_path, atomic_write_text
+
 
 def as_rows(records: list) -> list[dict]:
     return [asdict(r) if is_dataclass(r) else dict(r) for r in records]
 
 
-def save_records(records: list, stem: Path) -> tuple[Path, Path]:
-    """Write stem.json and stem.parquet (one row per record)."""
+def save_records(records: list, stem: Path) -> list[Path]:
+    """Write stem.csv, stem.json and stem.parquet (one row per record; an empty table is a valid file)."""
     rows = as_rows(records)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, parquet_path = stem.with_suffix(".json"), stem.with_suffix(".parquet")
-    json_path.write_text(json.dumps(rows, indent=2, default=str))
-    pd.DataFrame(rows).to_parquet(parquet_path, index=False)
-    return json_path, parquet_path
+    frame = pd.DataFrame(rows)
+    paths = [stem.with_suffix(suffix) for suffix in (".csv", ".json", ".parquet")]
+    atomic_write_text(paths[0], frame.to_csv(index=False))
+    atomic_write_text(paths[1], json.dumps(rows, indent=2, default=str))
+    with atomic_path(paths[2]) as staging:
+        frame.to_parquet(staging, index=False)
+    return paths
 
 
 def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3e}"
     if isinstance(value, int):
@@ -36,3 +42,10 @@ def format_table(records: list, columns: list[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def plus_minus(value: float | None, stderr: float | None, digits: int = 3) -> str:
+    """'value ± stderr' for tables; blank when there is no value."""
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if stderr is None else f"{value:.{digits}f} ± {stderr:.{digits}f}"

@@ -1,7 +1,10 @@
-"""The `slimnas` console script: `slimnas COMMAND [hydra.overrides ...]`.
+"""The `slimnas` console script: `slimnas COMMAND [RUN_DIR ...] [key=value ...]`.
 
-Each command's defaults live in conf/COMMAND.yaml; overrides use Hydra syntax (key=value, +key=value).
-Every user-facing failure ends as one line on stderr and exit status 2.
+One dispatcher for every stage. Each command is a recipe module (`main(cfg)`, numbered steps, top to
+bottom) in the package of its stage, with its settings in conf/COMMAND.yaml (Hydra syntax for
+overrides). The dispatcher sits in search/ because a search drives the whole pipeline. Every
+user-facing failure ends as one line on stderr and exit status 2; Ctrl-C ends with status 130 and
+keeps completed work.
 """
 
 import importlib
@@ -9,29 +12,46 @@ import os
 import sys
 from pathlib import Path
 
+from compress.runtime.errors import SlimnasError, one_line
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-COMMANDS = {
-    "importance": ("compress.commands", "run_importance", "score heads, neurons, channels and layers of the teacher"),
-    "prune": ("compress.commands", "run_prune", "cut the teacher to a target architecture, save a HF checkpoint"),
-    "distill": ("compress.commands", "run_distill", "retrain a student from the teacher by knowledge distillation"),
-    "bench": ("bench.commands", "run_bench", "score quality (lm-eval) and speed / memory of a model"),
-    "search": (
-        "search.study",
-        "run_search",
-        "Optuna search over pruned architectures, Pareto front of quality vs size",
-    ),
+COMMANDS = {  # name: (recipe module, config, what it does)
+    "importance": ("compress.run_importance", "common", "score heads, neurons, channels and layers of the teacher"),
+    "prune": ("compress.run_prune", "prune", "cut the teacher to a target architecture, save a HF checkpoint"),
+    "distill": ("compress.run_distill", "distill", "retrain a student from the teacher by knowledge distillation"),
+    "bench": ("bench.run_bench", "bench", "score quality (lm-eval), held-out KL, speed and memory of a model"),
+    "search": ("search.run_search", "search", "Optuna search over pruned architectures: Pareto front"),
+    "retrain": ("search.run_retrain", "retrain", "fully distil and score a search's best candidates"),
+    "report": ("reports.run_report", "report", "leaderboard, plots and a page from run directories"),
+    "pipeline": ("search.run_pipeline", "pipeline", "search -> retrain -> report in one run directory"),
 }
-USAGE = "usage: slimnas COMMAND [key=value ...]\n\ncommands:\n" + "\n".join(
+POSITIONAL = {"retrain": "run_dir", "report": "run_dirs"}  # commands that take run directories as arguments
+USAGE = "usage: slimnas COMMAND [RUN_DIR ...] [key=value ...]\n\ncommands:\n" + "\n".join(
     f"  {name:<11} {help_text}" for name, (_, _, help_text) in COMMANDS.items()
 )
 
 
-def compose(command: str, overrides: list[str]):
+def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name=command, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def overrides_of(command: str, arguments: list[str]) -> list[str]:
+    """key=value arguments as they are; leading bare paths become the command's run directory setting."""
+    paths = [a for a in arguments if "=" not in a]
+    rest = [a for a in arguments if "=" in a]
+    if not paths:
+        return rest
+    if command not in POSITIONAL:
+        raise SlimnasError(f"'{paths[0]}' is not key=value: slimnas {command} takes only settings")
+    key = POSITIONAL[command]
+    value = f"[{','.join(paths)}]" if key == "run_dirs" else paths[0]
+    if key == "run_dir" and len(paths) > 1:
+        raise SlimnasError(f"slimnas {command} takes one run directory, not {len(paths)}")
+    return [f"{key}={value}", *rest]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,29 +59,34 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    command, overrides = argv[0], argv[1:]
+    command, arguments = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"slimnas: error: unknown command '{command}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-tensor loading / saving bars
     from hydra.errors import HydraException
+    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
     from transformers.utils import logging as transformers_logging
 
-    from compress import interrupt
-    from compress.errors import SlimnasError
+    from compress.runtime import interrupt
+    from compress.runtime.device import check_precision
 
     interrupt.install()
-    transformers_logging.disable_progress_bar()  # per-tensor loading bars drown the real progress
-
-    module_name, function_name, _ = COMMANDS[command]
+    transformers_logging.disable_progress_bar()  # also when transformers was imported before the line above
+    transformers_logging.set_verbosity_error()
+    module_name, config_name, _ = COMMANDS[command]
     interrupted = False
     try:
-        cfg = compose(command, overrides)
-        getattr(importlib.import_module(module_name), function_name)(cfg)
+        cfg = compose(config_name, overrides_of(command, arguments))
+        with open_dict(cfg):
+            cfg.command = " ".join(["slimnas", *argv])
+        if "precision" in cfg:
+            check_precision(cfg.precision)
+        importlib.import_module(module_name).main(cfg)
     except (SlimnasError, HydraException, OmegaConfBaseException) as error:
-        message = " ".join(str(error).split())
-        print(f"slimnas: error: {message}", file=sys.stderr)
+        print(f"slimnas: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         interrupted = True

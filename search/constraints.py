@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from compress.arch import Architecture, param_count, weight_bytes
-from compress.errors import SlimnasError
+from compress.runtime.errors import SlimnasError
 
 
 @dataclass(frozen=True)

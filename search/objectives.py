@@ -2,21 +2,22 @@
 
 from dataclasses import dataclass
 
-from compress.errors import SlimnasError
+from compress.runtime.errors import SlimnasError
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
     direction: str  # maximize or minimize
-    metric: str  # key in a trial's final metrics
+    metric: str  # key in a trial record's `final` metrics
+    measured: bool = False  # a timing: only comparable between trials timed on the same hardware
 
 
 OBJECTIVES = {
     "quality": Objective("quality", "maximize", "quality"),
     "params": Objective("params", "minimize", "params"),
-    "throughput": Objective("throughput", "maximize", "decode_tokens_per_s"),
-    "latency": Objective("latency", "minimize", "latency_p50_ms"),
+    "throughput": Objective("throughput", "maximize", "decode_speedup", measured=True),  # vs the teacher
+    "latency": Objective("latency", "minimize", "latency_p50_ms", measured=True),
 }
 QUALITY_METRICS = ("heldout_kl", "summary")  # quality = -held-out KL, or the lm-eval summary score
 
@@ -43,3 +44,13 @@ def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
 def pareto_front(points: dict[int, list[float]], directions: list[str]) -> list[int]:
     """Keys of the non-dominated points."""
     return sorted(k for k, p in points.items() if not any(dominates(q, p, directions) for q in points.values()))
+
+
+def front_of(records: list, objectives: list[Objective], latency_ms: float | None = None) -> list[int]:
+    """Trial numbers on the Pareto front: completed trials within the latency budget, by their objectives."""
+    points = {
+        r.trial: [r.final[o.metric] for o in objectives]
+        for r in records
+        if r.state == "complete" and (latency_ms is None or r.final.get("latency_p50_ms", 0.0) <= latency_ms)
+    }
+    return pareto_front(points, [o.direction for o in objectives])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from transformers import PretrainedConfig
 
 from compress.arch import Architecture, validate_target
-from compress.errors import SlimnasError
+from compress.runtime.errors import SlimnasError
 from search.constraints import Budget
 
 DIMENSIONS = [f.name for f in fields(Architecture)]
@@ -92,29 +92,81 @@ class SearchSpace:
         return candidates
 
 
-def uniform_candidate(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
-    """The feasible candidate closest to one shrink ratio on hidden, FFN, heads and layers alike.
+@dataclass(frozen=True)
+class Reference:
+    """A simple baseline candidate every study runs to the last rung, to be compared against."""
 
-    Snapping to the space rarely lands every dimension on exactly the same ratio, so this takes the
-    smallest spread between the largest and smallest ratio, then the one nearest the parameter target.
+    kind: str  # uniform | depth_only | width_only | zero_shot
+    arch: Architecture
+    note: str  # how it was chosen, e.g. its per-dimension ratios
+    depth_strategy: str | None = None  # overrides pruning.depth_strategy (depth-only drops one block)
+
+
+def _ratio_text(arch: Architecture, teacher: Architecture) -> str:
+    return " ".join(
+        f"{name.split('_')[-1] if name != 'num_key_value_heads' else 'kv'} {ratio:.2f}"
+        for name, ratio in arch.ratios(teacher).items()
+    )
+
+
+def uniform_reference(
+    feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget, tolerance: float
+) -> tuple[Reference | None, str]:
+    """One shrink ratio on every dimension (KV groups included), as far as the space allows.
+
+    Snapping to the space and the model's shape rules rarely lands every dimension on the same
+    ratio: the candidate with the smallest spread (largest minus smallest ratio) is taken, nearest the
+    parameter target on ties. A spread above `tolerance` means the space cannot express a uniform cut
+    at this budget; then there is no uniform reference, and the message says why.
     """
-    source = Architecture.of(teacher).as_dict()
-    uniform_dims = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+    source = Architecture.of(teacher)
 
     def spread(arch: Architecture) -> tuple[float, float]:
-        ratios = [getattr(arch, name) / source[name] for name in uniform_dims]
+        ratios = arch.ratios(source).values()
         return round(max(ratios) - min(ratios), 6), abs(budget.target_gap(teacher, arch))
 
-    return min(feasible, key=spread, default=None)
+    best = min(feasible, key=spread, default=None)
+    if best is None:
+        return None, "uniform: no feasible candidate"
+    width = spread(best)[0]
+    text = f"ratios {_ratio_text(best, source)} (spread {width:.2f})"
+    if width > tolerance:
+        return None, (
+            f"uniform: not expressible in this space at this budget: the most uniform candidate, "
+            f"{best.label()}, has {text} > search.references.uniform_tolerance {tolerance}"
+        )
+    return Reference("uniform", best, text), f"uniform: {best.label()}, {text}"
 
 
-def depth_only_candidate(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
-    """The teacher's width with fewer layers, nearest the parameter target (pruned as one contiguous block)."""
+def depth_only_reference(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+    """The teacher's width with fewer layers, nearest the parameter target, cut as one contiguous block."""
     width = Architecture.of(teacher)
-    same_width = [
-        a
-        for a in feasible
-        if (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads)
-        == (width.hidden_size, width.intermediate_size, width.num_attention_heads, width.num_key_value_heads)
-    ]
-    return min(same_width, key=lambda a: abs(budget.target_gap(teacher, a)), default=None)
+    same_width = [a for a in feasible if _width(a) == _width(width)]
+    best = min(same_width, key=lambda a: abs(budget.target_gap(teacher, a)), default=None)
+    if best is None:
+        return None, "depth_only: no feasible candidate keeps the teacher's width"
+    note = f"{best.num_hidden_layers} of {width.num_hidden_layers} layers, one contiguous block dropped"
+    return Reference("depth_only", best, note, depth_strategy="contiguous"), f"depth_only: {best.label()}, {note}"
+
+
+def width_only_reference(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+    """The teacher's depth with narrower hidden / FFN / heads (Minitron's choice for models up to ~15B).
+
+    Nearest the parameter target; on ties the one whose width ratios are closest to each other.
+    """
+    source = Architecture.of(teacher)
+    full_depth = [a for a in feasible if a.num_hidden_layers == source.num_hidden_layers]
+
+    def key(arch: Architecture) -> tuple[float, float]:
+        ratios = [r for name, r in arch.ratios(source).items() if name != "num_hidden_layers"]
+        return round(abs(budget.target_gap(teacher, arch)), 3), max(ratios) - min(ratios)
+
+    best = min(full_depth, key=key, default=None)
+    if best is None:
+        return None, "width_only: no feasible candidate keeps the teacher's depth"
+    note = f"all {source.num_hidden_layers} layers, ratios {_ratio_text(best, source)}"
+    return Reference("width_only", best, note), f"width_only: {best.label()}, {note}"
+
+
+def _width(arch: Architecture) -> tuple[int, int, int, int]:
+    return arch.hidden_size, arch.intermediate_size, arch.num_attention_heads, arch.num_key_value_heads

@@ -1,60 +1,176 @@
-"""Optuna storage: a SQLite file in the run directory by default, any RDB URL (PostgreSQL) for many workers.
+"""Optuna storage, workers and recovery: a killed worker's trial is never lost.
 
-Heartbeats mark a killed worker's trial as failed once its grace period passes, and the retry
-callback puts that candidate back in the queue, so a crashed worker loses no candidate.
+The study lives in a SQLite file in the run directory by default, or in any RDB URL (PostgreSQL) for
+many workers on many machines. Every trial records which worker runs it (host, pid and the process's
+start time) and that worker sends heartbeats while it runs. A RUNNING trial is stale when its worker
+is gone: at once when the worker ran on this host and its process no longer exists, or once its
+heartbeat is older than the grace period (a worker on another host). A stale trial is marked failed
+with the reason and its candidate is queued again, so the next worker that looks runs it.
+
+SQLite has no row locks: now and then two workers can take the same queued trial; the later one to
+finish is told the trial is already finished and drops its copy. PostgreSQL has no such race.
 """
 
+import os
+import socket
+import threading
 import time
 import warnings
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 
-from compress.errors import SlimnasError
+from compress.runtime.errors import SlimnasError, first_line
 
-SETTINGS_KEY = "slimnas_settings"
+FINGERPRINT_KEY = "slimnas_fingerprint"  # the study's settings: other settings on the same study are refused
+HARDWARE_KEY = "slimnas_hardware"  # where the study's timings were taken
+RETRIED_ATTRS = ("reference", "reference_note", "depth_strategy")  # what a retry keeps of the trial it replaces
 
 
 def storage_url(url: str | None, run_dir: Path) -> str:
     return url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int, attempts: int = 5) -> RDBStorage:
+def open_storage(url: str, heartbeat_interval: int, grace_period: int, attempts: int = 5) -> RDBStorage:
     """Connect, creating the tables if needed; retried because workers starting together race to create them."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    attempt = 0
-    while True:
-        attempt += 1
+    for attempt in range(1, attempts + 1):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 return RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period
                 )
             except ImportError as error:  # no driver for this URL: retrying cannot help
                 raise SlimnasError(f"cannot open study storage {url}: {error}") from error
             except Exception as error:  # sqlalchemy raises many types for bad URLs, races and dead servers
                 if attempt == attempts:
-                    raise SlimnasError(f"cannot open study storage {url}: {str(error).splitlines()[0]}") from error
+                    raise SlimnasError(f"cannot open study storage {url}: {first_line(error)}") from error
                 time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
-def open_study(
-    storage: RDBStorage, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler, settings_key: str
-) -> optuna.Study:
+def open_study(storage: RDBStorage, name: str, directions: list[str], fingerprint: str) -> optuna.Study:
     """Create the study, or load it when the same command runs again (refusing other settings)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=storage, study_name=name, directions=directions, sampler=sampler, load_if_exists=True
-    )
-    existing = study.user_attrs.get(SETTINGS_KEY)
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+    existing = study.user_attrs.get(FINGERPRINT_KEY)
     if existing is None:
-        study.set_user_attr(SETTINGS_KEY, settings_key)
-    elif existing != settings_key:
+        study.set_user_attr(FINGERPRINT_KEY, fingerprint)
+    elif existing != fingerprint:
         raise SlimnasError(f"study '{name}' was created with other search settings: use another run_dir or study_name")
     return study
+
+
+def check_hardware(study: optuna.Study, hardware: dict, timings_rank: bool) -> None:
+    """Timings rank candidates only when all were taken on one kind of machine: refuse to mix."""
+    existing = study.user_attrs.get(HARDWARE_KEY)
+    if existing is None:
+        study.set_user_attr(HARDWARE_KEY, hardware)
+    elif timings_rank and existing != hardware:
+        raise SlimnasError(
+            f"this study ranks by measured speed taken on {existing['name']} ({existing['threads']} threads); "
+            f"this worker is {hardware['name']} ({hardware['threads']} threads): use a study of its own"
+        )
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Worker:
+    host: str
+    pid: int
+    started: str  # the process's start time (clock ticks after boot): a reused pid is another process
+
+    @classmethod
+    def current(cls) -> "Worker":
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "")
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.pid}:{self.started}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Worker":
+        host, pid, started = text.rsplit(":", 2)
+        return cls(host, int(pid), started)
+
+    def gone(self) -> bool:
+        """True when this worker ran on this host and its process no longer exists."""
+        return self.host == socket.gethostname() and _process_start(self.pid) != self.started
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every interval while the block runs."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int):
+        self.storage, self.trial_id, self.stop = storage, trial_id, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a dropped connection must not kill the trial; the next beat retries
+                pass
+            if self.stop.wait(self.storage.heartbeat_interval):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def retry(study: optuna.Study, failed: FrozenTrial) -> None:
+    """Queue the failed trial's candidate again, keeping what it was (a reference) but none of its results."""
+    attrs = {key: failed.user_attrs[key] for key in RETRIED_ATTRS if key in failed.user_attrs}
+    study.enqueue_trial(failed.params, user_attrs={**attrs, "retry_of": failed.number}, skip_if_exists=False)
+
+
+def _stale_reason(trial: FrozenTrial, stale_by_heartbeat: set[int], grace_period: int) -> str | None:
+    worker = trial.user_attrs.get("worker")
+    if worker is not None and Worker.parse(worker).gone():
+        return f"worker {worker} died"
+    if trial._trial_id in stale_by_heartbeat:
+        return f"worker {worker} sent no heartbeat for {grace_period} s"
+    if worker is None and trial.datetime_start is not None:  # killed between ask and its first line
+        if (datetime.now() - trial.datetime_start).total_seconds() > grace_period:
+            return "worker died before recording itself"
+    return None
+
+
+def recover_stale_trials(study: optuna.Study, storage: RDBStorage) -> list[tuple[int, str]]:
+    """Fail every RUNNING trial whose worker is gone and queue its candidate again; returns (trial, reason)."""
+    stale_by_heartbeat = set(storage._get_stale_trial_ids(study._study_id))
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = _stale_reason(trial, stale_by_heartbeat, storage.grace_period)
+        if reason is None:
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker recovered it first
+        retry(study, storage.get_trial(trial._trial_id))
+        recovered.append((trial.number, reason))
+    return recovered
+
+
+def others_running(study: optuna.Study, me: Worker) -> list[FrozenTrial]:
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.user_attrs.get("worker") != me.id
+    ]

@@ -1,65 +1,62 @@
-"""The search command: an Optuna study over pruned architectures of the teacher.
+"""The study: an ask-and-tell loop over candidates until enough of them reached the last rung.
 
-Set-up happens once per process and is shared by its trials: teacher, corpus, importance (cached on
-disk), the teacher's top-k logits (cached on disk), and the feasible candidate list. Then Optuna
-proposes candidates until the study holds the requested number of completed trials; infeasible or
-duplicate proposals are rejected before any compute, so every completed trial meets the budget.
+    recover killed workers' trials -> ask -> reject (infeasible, duplicate, given up) or run the
+    trial -> write its record -> tell Optuna
+
+The sampler learns only from evidence: rejected proposals are told as FAIL (samplers skip those);
+candidates stopped by successive halving are told with their values at the rung they reached and a
+violated "stopped" constraint, so they rank below every candidate that went on. Reference candidates
+(uniform, depth-only, width-only, zero-shot pick) are queued once per study and always run to the
+last rung; a retried or interrupted candidate is queued again, so neither is ever lost.
 """
 
-import json
 import math
 import random
-import shutil
-import sys
-import time
-from dataclasses import replace
+import warnings
+from dataclasses import asdict
 from itertools import pairwise
-from pathlib import Path
 
 import optuna
-import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from bench.speed import SpeedSettings
-from bench.task_data import check_files, default_data_dir
-from compress import interrupt
-from compress.arch import Architecture
-from compress.commands import distill_settings, load_teacher_context, resolve_cache_dir
-from compress.distill import teacher_source
-from compress.errors import SlimnasError
-from compress.fingerprint import hash_json
-from compress.models import load_model
-from reports.tables import format_table, save_records
-from search.constraints import Budget
-from search.objectives import QUALITY_METRICS, Objective, objectives_from_config, pareto_front
-from search.space import DIMENSIONS, SearchSpace, depth_only_candidate, uniform_candidate
-from search.storage import open_storage, open_study, storage_url
-from search.trial import StoppedEarly, TrialSettings, run_trial
+from compress.arch import Architecture, param_count, weight_bytes
+from compress.prune import plan_pruning, prune_model
+from compress.runtime import interrupt
+from compress.runtime.errors import SlimnasError, one_line
+from compress.runtime.files import write_json
+from search.records import COMPLETE, FAILED, STOPPED, TrialRecord, trial_dir, write_record
+from search.setup import SearchSetup
+from search.space import (
+    DIMENSIONS,
+    Reference,
+    depth_only_reference,
+    uniform_reference,
+    width_only_reference,
+)
+from search.storage import Heartbeat, Worker, check_hardware, open_study, others_running, recover_stale_trials, retry
+from search.trial import run_trial
 
-REJECTED = "rejected"  # user attr of proposals dropped before any compute (infeasible, duplicate)
-MAX_PROPOSALS = 200  # rejected proposals in a row before the search gives up
+REJECTED = "rejected"  # user attr of a proposal dropped before any compute
+REJECTIONS_BEFORE_FALLBACK = 20  # then a random unevaluated feasible candidate is queued instead
+NOT_THE_CANDIDATES_FAULT = ("interrupted",)  # failures that do not count towards search.max_attempts
 
 
-def make_sampler(name: str, seed: int, constraints_func) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Samplers read each trial's constraints (set before it is told) themselves."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(
-            multivariate=True, seed=seed, constraints_func=constraints_func, n_startup_trials=4
-        )
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=4)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func, population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints_func, n_startup_trials=4)
-    if name in ("random", "enumerate"):
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise SlimnasError(f"unknown sampler {name!r}: use tpe, nsga2, gp, random, enumerate or auto")
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=4)
+    return optuna.samplers.RandomSampler(seed=seed)  # random, and enumerate (everything is queued)
 
 
-def _suggest(trial: optuna.Trial, space: SearchSpace) -> Architecture:
+def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture:
     values = {}
     for name in DIMENSIONS:
-        choices = space.values[name]
+        choices = setup.space.values[name]
         steps = {b - a for a, b in pairwise(choices)}
         if len(steps) <= 1:
             values[name] = trial.suggest_int(name, choices[0], choices[-1], step=steps.pop() if steps else 1)
@@ -68,338 +65,324 @@ def _suggest(trial: optuna.Trial, space: SearchSpace) -> Architecture:
     return Architecture(**values)
 
 
-def _evaluated(trial: FrozenTrial) -> bool:
-    if trial.state in (TrialState.COMPLETE, TrialState.RUNNING):
+def candidate_key(trial: FrozenTrial) -> tuple:
+    """A candidate is its architecture and how its layers are chosen (depth-only cuts one block)."""
+    return tuple(sorted(trial.params.items())), trial.user_attrs.get("depth_strategy")
+
+
+def attempts(trials: list[FrozenTrial], key: tuple) -> int:
+    return sum(
+        1
+        for t in trials
+        if t.state == TrialState.FAIL
+        and REJECTED not in t.user_attrs
+        and t.user_attrs.get("fail_reason") not in NOT_THE_CANDIDATES_FAULT
+        and candidate_key(t) == key
+    )
+
+
+def evaluated_keys(trials: list[FrozenTrial], max_attempts: int, exclude: int | None = None) -> dict[tuple, int]:
+    """Candidates that count as evaluated (done, running, queued or given up), with one trial of each."""
+    taken = {}
+    for t in trials:
+        if t.number == exclude:
+            continue
+        key = candidate_key(t)
+        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING):
+            taken.setdefault(key, t.number)
+        elif t.state == TrialState.FAIL and attempts(trials, key) >= max_attempts:
+            taken.setdefault(key, t.number)
+    return taken
+
+
+def reached_last_rung(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE and trial.user_attrs.get("state") == COMPLETE
+
+
+def promoted(value: float, peers: list[float], eta: int, min_peers: int) -> bool:
+    """Successive halving: continue only in the top 1/eta of the trials that reached this rung (higher is better)."""
+    if len(peers) < min_peers:
         return True
-    return trial.state == TrialState.PRUNED and REJECTED not in trial.user_attrs
+    rank = sum(1 for p in peers if p > value)
+    return rank < math.ceil((len(peers) + 1) / eta)
 
 
-class Search:
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        search = cfg.search
-        self.run_dir = Path(search.run_dir)
-        self.objectives: list[Objective] = objectives_from_config(list(search.objectives))
-        if search.quality_metric not in QUALITY_METRICS:
-            raise SlimnasError(f"quality_metric must be one of {', '.join(QUALITY_METRICS)}")
-        if search.quality_metric == "summary" and not search.score.tasks:
-            raise SlimnasError("quality_metric=summary needs score.tasks")
-        if search.n_trials < 1:
-            raise SlimnasError("search.n_trials must be at least 1")
-        rungs = list(search.fidelity.rung_tokens)
-        step_tokens = cfg.distill.batch_size * cfg.distill.grad_accum * cfg.data.seq_len
-        rung_steps = [0] + [tokens // step_tokens for tokens in rungs]
-        if any(b <= a for a, b in pairwise(rung_steps)):
-            raise SlimnasError(
-                f"fidelity.rung_tokens {rungs} must increase by at least one KD step ({step_tokens} tokens) per rung"
-            )
-        self.budget = Budget(**OmegaConf.to_container(search.budget))
+class Promotion:
+    """Rung decisions for one trial; rung values live in the study so every worker ranks against the same peers."""
 
-    # Set-up -----------------------------------------------------------------------------------------
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, setup: SearchSetup, always: bool):
+        self.study, self.trial, self.setup, self.always = study, trial, setup, always
 
-    def plan(self, teacher_config) -> list[Architecture]:
-        """Space and budget checks: raise before anything is written when the search cannot run."""
-        self.space = SearchSpace.from_config(OmegaConf.to_container(self.cfg.search.space), teacher_config)
-        feasible = self.space.feasible(teacher_config, self.budget)
-        if not feasible:
-            raise SlimnasError(
-                f"budget unreachable: no architecture of the search space ({self.space.size()} points) meets "
-                f"{self.budget.describe(teacher_config)}"
-            )
-        if self.cfg.search.score.tasks:
-            check_files(self._data_dir(), list(self.cfg.search.score.tasks))
-        return feasible
-
-    def _data_dir(self) -> Path:
-        return Path(self.cfg.search.score.data_dir) if self.cfg.search.score.data_dir else default_data_dir()
-
-    def settings_key(self) -> str:
-        search = OmegaConf.to_container(self.cfg.search)
-        for runtime_only in ("n_trials", "run_dir", "storage", "keep_checkpoints"):
-            search.pop(runtime_only, None)
-        shared = {k: OmegaConf.to_container(self.cfg)[k] for k in ("teacher", "data", "importance", "distill")}
-        return hash_json([search, shared])
-
-    # The study --------------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        cfg, search = self.cfg, self.cfg.search
-        teacher = load_model(cfg.teacher)
-        teacher_config = teacher.model.config
-        feasible = self.plan(teacher_config)
-        sampler_name = search.sampler
-        if sampler_name == "auto":
-            sampler_name = "enumerate" if len(feasible) <= search.enumerate_max else "tpe"
-        budget = self.budget.describe(teacher_config)
-        print(f"search space: {self.space.size()} points, {len(feasible)} feasible under {budget}")
-        print(f"sampler: {sampler_name}")
-
-        context = load_teacher_context(cfg, teacher=teacher)
-        self.context = context
-        self.settings = self._trial_settings()
-        self.source = teacher_source(context.teacher, context.data, self.settings.distill, resolve_cache_dir(cfg))
-        max_tokens = max(self.settings.rung_tokens, default=1)
-        self.source.prepare(math.ceil(max_tokens / cfg.data.seq_len), self.settings.distill.eval_rows)
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(
-            storage_url(search.storage.url, self.run_dir),
-            search.storage.heartbeat_interval,
-            search.storage.grace_period,
-            search.storage.max_retry,
-        )
-        constraints = self._constraints if self.budget.latency_ms is not None else None
-        existing = self._existing_trials(storage, search.study_name)
-        sampler = make_sampler(sampler_name, search.seed + existing, constraints)
-        study = open_study(
-            storage, search.study_name, [o.direction for o in self.objectives], sampler, self.settings_key()
-        )
-        self.study = study
-        self._enqueue_references(study, feasible, teacher_config, sampler_name)
-        self.feasible = set(feasible)
-        try:
-            self._optimize(study)
-        except KeyboardInterrupt:
-            self.report(study)  # the tables show what finished before Ctrl-C; rerunning resumes the study
-            raise
-        self.report(study)
-
-    @staticmethod
-    def _existing_trials(storage, name: str) -> int:
-        try:
-            return len(optuna.load_study(study_name=name, storage=storage).trials)
-        except KeyError:
-            return 0
-
-    def _trial_settings(self) -> TrialSettings:
-        cfg, search = self.cfg, self.cfg.search
-        need_speed = any(o.name in ("throughput", "latency") for o in self.objectives)
-        need_speed = need_speed or self.budget.latency_ms is not None or search.measure_speed
-        speed = SpeedSettings(**OmegaConf.to_container(search.speed), precision=cfg.precision) if need_speed else None
-        return TrialSettings(
-            rung_tokens=list(search.fidelity.rung_tokens),
-            distill=distill_settings(cfg),
-            quality_metric=search.quality_metric,
-            score_tasks=list(search.score.tasks),
-            score_limit=search.score.limit,
-            data_dir=self._data_dir(),
-            speed=speed,
-            layer_metric=search.layer_metric,
-            depth_strategy=search.depth_strategy,
-            keep_checkpoint=search.keep_checkpoints,
-        )
-
-    def _enqueue_references(self, study, feasible, teacher_config, sampler_name: str) -> None:
-        """Reference candidates, and every candidate when enumerating: once per study."""
-        if study.user_attrs.get("references_enqueued"):
-            return
-        references = []
-        if self.cfg.search.references:
-            uniform = uniform_candidate(feasible, teacher_config, self.budget)
-            depth = depth_only_candidate(feasible, teacher_config, self.budget)
-            zero_shot = self._zero_shot_pick(feasible)
-            references = [
-                ("uniform", uniform, None),
-                ("depth_only", depth, "contiguous"),
-                ("zero_shot", zero_shot, None),
-            ]
-        for name, arch, depth_strategy in references:
-            if arch is None:
-                print(f"reference {name}: no candidate of the space meets the budget; skipped")
-                continue
-            attrs = {"reference": name} | ({"depth_strategy": depth_strategy} if depth_strategy else {})
-            study.enqueue_trial(arch.as_dict(), user_attrs=attrs, skip_if_exists=False)
-        if sampler_name == "enumerate":
-            for arch in feasible:
-                study.enqueue_trial(arch.as_dict(), skip_if_exists=True)
-        study.set_user_attr("references_enqueued", True)  # last: a worker killed before this redoes it
-
-    def _zero_shot_pick(self, feasible: list[Architecture]) -> Architecture:
-        """ModelOpt-style pick: the candidate with the lowest held-out KL right after pruning (no KD)."""
-        limit = self.cfg.search.zero_shot_candidates
-        pool = feasible if len(feasible) <= limit else random.Random(self.cfg.search.seed).sample(feasible, limit)
-        scores = {}
-        for arch in tqdm(pool, desc="zero-shot screen", unit="candidate"):
-            record = run_trial(
-                self.context, self.source, arch, self._screen_only(), self.run_dir / "zero_shot", lambda r, v: True
-            )
-            scores[arch] = record["stages"]["screen"]["heldout_kl"]
-        (self.run_dir / "zero_shot.json").write_text(
-            json.dumps(
-                [{**a.as_dict(), "heldout_kl": kl} for a, kl in sorted(scores.items(), key=lambda x: x[1])], indent=2
-            )
-        )
-        return min(scores, key=scores.get)
-
-    def _screen_only(self) -> TrialSettings:
-        return replace(self.settings, rung_tokens=[], score_tasks=[], speed=None, keep_checkpoint=False)
-
-    def _constraints(self, trial: FrozenTrial) -> list[float]:
-        latency = trial.user_attrs.get("final", {}).get("latency_p50_ms", 0.0)
-        return [latency - self.budget.latency_ms]
-
-    def _promote(self, trial: optuna.Trial, is_reference: bool):
-        """Successive halving: continue only if in the top 1/eta of the trials that reached this rung."""
-        fidelity = self.cfg.search.fidelity
-
-        def promote(rung: int, value: float) -> bool:
-            trial.set_user_attr(f"rung_{rung}", value)
-            if is_reference:
-                return True
-            peers = [
-                t.user_attrs[f"rung_{rung}"]
-                for t in self.study.get_trials(deepcopy=False)
-                if f"rung_{rung}" in t.user_attrs and t.number != trial.number
-            ]
-            if len(peers) < fidelity.min_peers:
-                return True
-            rank = sum(1 for p in peers if p > value)
-            return rank < math.ceil((len(peers) + 1) / fidelity.eta)
-
-        return promote
-
-    def objective(self, trial: optuna.Trial):
-        arch = _suggest(trial, self.space)
-        if arch not in self.feasible:
-            trial.set_user_attr(REJECTED, "infeasible")
-            raise optuna.TrialPruned("infeasible under the budget")
-        duplicates = [
-            t.number
-            for t in self.study.get_trials(deepcopy=False)
-            if t.number != trial.number and _evaluated(t) and t.params == trial.params
+    def __call__(self, rung: int, value: float) -> bool:
+        key = f"rung_{rung}"
+        self.trial.set_user_attr(key, value)
+        if self.always or (rung == 0 and self.setup.fidelity.screen == "rank"):
+            return True
+        peers = [
+            t.user_attrs[key]
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if key in t.user_attrs and t.number != self.trial.number
         ]
-        if duplicates:
-            trial.set_user_attr(REJECTED, f"duplicate of trial {duplicates[0]}")
-            raise optuna.TrialPruned("duplicate candidate")
-        reference = trial.user_attrs.get("reference")
-        trial_dir = self.run_dir / "trials" / f"{trial.number:04d}"
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        trial.set_user_attr("command", " ".join(sys.argv))
-        try:
-            record = run_trial(
-                self.context,
-                self.source,
-                arch,
-                self.settings,
-                trial_dir,
-                self._promote(trial, reference is not None),
-                trial.user_attrs.get("depth_strategy"),
-            )
-        except StoppedEarly as stopped:
-            self._save_record(trial, trial_dir, stopped.record | {"stopped_at_rung": stopped.rung})
-            raise optuna.TrialPruned(f"stopped after rung {stopped.rung}") from None
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            raise
-        except Exception as error:
-            reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
-            trial.set_user_attr("fail_reason", reason)
-            (trial_dir / "record.json").write_text(json.dumps({"architecture": arch.as_dict(), "fail_reason": reason}))
-            raise
-        self._save_record(trial, trial_dir, record)
-        return [record["final"][o.metric] for o in self.objectives]
+        return promoted(value, peers, self.setup.fidelity.eta, self.setup.fidelity.min_peers)
 
-    @staticmethod
-    def _save_record(trial: optuna.Trial, trial_dir: Path, record: dict) -> None:
-        for key in ("architecture", "params", "weight_bytes_bf16", "kd_tokens", "stages", "final", "seconds"):
-            if key in record:
-                trial.set_user_attr(key, record[key])
-        (trial_dir / "record.json").write_text(json.dumps(record, indent=2, default=str))
 
-    def _optimize(self, study: optuna.Study) -> None:
-        target = self.cfg.search.n_trials
+# References ------------------------------------------------------------------------------------------
 
-        def completed() -> int:
-            return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
-        def exhausted() -> bool:
-            finished = (TrialState.COMPLETE, TrialState.PRUNED)
-            seen = {
-                tuple(sorted(t.params.items()))
-                for t in study.get_trials(deepcopy=False, states=finished)
-                if REJECTED not in t.user_attrs
-            }
-            return len(seen) >= len(self.feasible)
+def zero_shot_reference(setup: SearchSetup) -> tuple[Reference | None, str]:
+    """The best of a seeded sample of feasible candidates by selection KL right after pruning (ModelOpt's pick)."""
+    teacher = setup.context.teacher.model
+    candidates = list(setup.feasible)
+    random.Random(setup.settings.seed).shuffle(candidates)
+    scores = []
+    for arch in tqdm(candidates[: setup.references.zero_shot_candidates], desc="zero-shot screen", leave=False):
+        student = prune_model(teacher, plan_pruning(setup.context.importance, teacher.config, arch, setup.policy), arch)
+        metrics = setup.selection.evaluate(student)
+        scores.append({**arch.as_dict(), "label": arch.label(), "heldout_kl": metrics.kl, "stderr": metrics.kl_stderr})
+    scores.sort(key=lambda s: s["heldout_kl"])
+    write_json(setup.run_dir / "zero_shot.json", scores)
+    if not scores:
+        return None, "zero_shot: no candidate screened"
+    best = scores[0]
+    arch = Architecture(**{k: best[k] for k in DIMENSIONS})
+    note = f"best of {len(scores)} by selection KL without KD ({best['heldout_kl']:.3f} ± {best['stderr']:.3f})"
+    return Reference("zero_shot", arch, note), f"zero_shot: {arch.label()}, {note}"
 
-        progress = tqdm(total=target, initial=min(completed(), target), desc="trials", unit="trial")
-        rejected_in_a_row = 0
 
-        def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
-            nonlocal rejected_in_a_row
-            interrupt.check()  # a Ctrl-C swallowed during the trial stops the study here, between trials
-            rejected_in_a_row = rejected_in_a_row + 1 if REJECTED in trial.user_attrs else 0
-            done = completed()
-            progress.n = min(done, target)
-            progress.refresh()
-            if done >= target:
-                study.stop()
-            elif exhausted():
-                print(f"\nstopping: all {len(self.feasible)} feasible candidates have been evaluated")
-                study.stop()
-            elif rejected_in_a_row >= MAX_PROPOSALS:
-                print(f"\nstopping: {MAX_PROPOSALS} proposals in a row were infeasible or duplicates")
-                study.stop()
+def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
+    """Queue the references (and, when enumerating, every feasible candidate) once per study."""
+    if study.user_attrs.get("references_enqueued"):
+        return
+    teacher_config = setup.context.teacher.model.config
+    finders = {
+        "uniform": lambda: uniform_reference(
+            list(setup.feasible), teacher_config, setup.budget, setup.references.uniform_tolerance
+        ),
+        "depth_only": lambda: depth_only_reference(list(setup.feasible), teacher_config, setup.budget),
+        "width_only": lambda: width_only_reference(list(setup.feasible), teacher_config, setup.budget),
+        "zero_shot": lambda: zero_shot_reference(setup),
+    }
+    merged: dict[tuple, list[Reference]] = {}
+    notes = []
+    for kind in setup.references.kinds:
+        reference, note = finders[kind]()
+        notes.append(note)
+        print(f"reference {note}")
+        if reference is not None:
+            merged.setdefault((reference.arch, reference.depth_strategy), []).append(reference)
+    for (arch, depth_strategy), references in merged.items():
+        attrs = {
+            "reference": "+".join(r.kind for r in references),
+            "reference_note": "; ".join(r.note for r in references),
+        }
+        if depth_strategy:
+            attrs["depth_strategy"] = depth_strategy
+        study.enqueue_trial(arch.as_dict(), user_attrs=attrs)
+    if setup.sampler == "enumerate":
+        chosen = {arch for arch, strategy in merged if strategy is None}
+        for arch in setup.feasible:
+            if arch not in chosen:
+                study.enqueue_trial(arch.as_dict())
+    study.set_user_attr("reference_notes", notes)
+    study.set_user_attr("references_enqueued", True)
 
-        while completed() < target and not exhausted():
-            try:
-                study.optimize(self.objective, callbacks=[stop_when_done], catch=(Exception,), gc_after_trial=True)
-            except optuna.exceptions.UpdateFinishedTrialError as error:
-                # SQLite has no row locks: two workers can take the same queued trial; the other one
-                # recorded it, so this worker only lost its copy of the work and carries on.
-                print(f"\nnote: {error} (another worker finished it); continuing")
-                continue
-            if rejected_in_a_row >= MAX_PROPOSALS:
+
+# The loop --------------------------------------------------------------------------------------------
+
+
+def _rejection(trials: list[FrozenTrial], trial: optuna.Trial, arch: Architecture, setup: SearchSetup) -> str | None:
+    if arch not in setup.feasible:
+        return "infeasible under the budget"
+    frozen = next(t for t in trials if t.number == trial.number)
+    key = candidate_key(frozen)
+    taken = evaluated_keys(trials, setup.settings.max_attempts, exclude=trial.number)
+    if key in taken:
+        given_up = attempts(trials, key) >= setup.settings.max_attempts
+        return (
+            f"given up after {attempts(trials, key)} failed attempts"
+            if given_up
+            else f"duplicate of trial {taken[key]}"
+        )
+    return None
+
+
+def _queue_unevaluated(study: optuna.Study, setup: SearchSetup, trials: list[FrozenTrial]) -> bool:
+    """Queue a random feasible candidate nobody evaluated (when the sampler keeps proposing rejects)."""
+    taken = {key for key in evaluated_keys(trials, setup.settings.max_attempts)}
+    left = [a for a in setup.feasible if (tuple(sorted(a.as_dict().items())), None) not in taken]
+    if not left:
+        return False
+    study.enqueue_trial(random.Random(len(trials)).choice(left).as_dict())
+    return True
+
+
+def _finished(trials: list[FrozenTrial], setup: SearchSetup) -> bool:
+    """N trials reached the last rung (or nothing is left to propose), and nothing queued is left over."""
+    if any(t.state == TrialState.WAITING for t in trials):
+        return False
+    if sum(reached_last_rung(t) for t in trials) >= setup.settings.n_trials:
+        return True
+    taken = evaluated_keys(trials, setup.settings.max_attempts)
+    return all((tuple(sorted(a.as_dict().items())), None) in taken for a in setup.feasible)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, setup: SearchSetup) -> None:
+    if record.state == FAILED:
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    if setup.budget.latency_ms is not None:  # Optuna constraints: <= 0 is satisfied
+        trial.set_constraint(
+            "latency_over_budget_ms", record.final.get("latency_p50_ms", 0.0) - setup.budget.latency_ms
+        )
+    trial.set_constraint("stopped_by_halving", 1.0 if record.state == STOPPED else 0.0)
+    trial.set_user_attr("state", record.state)
+    trial.set_user_attr("stage", record.stage)
+    study.tell(trial, [record.final[o.metric] for o in setup.objectives])
+
+
+def run_study(setup: SearchSetup) -> optuna.Study:
+    study = open_study(
+        setup.storage, setup.settings.study_name, [o.direction for o in setup.objectives], setup.fingerprint
+    )
+    check_hardware(study, setup.hardware, setup.timings_rank)
+    me = Worker.current()
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    enqueue_references(study, setup)
+    failures_in_a_row = rejections_in_a_row = 0
+    progress = tqdm(total=setup.settings.n_trials, desc="trials", unit="trial")
+    try:
+        while True:
+            interrupt.check()
+            for number, reason in recover_stale_trials(study, setup.storage):
+                tqdm.write(f"trial {number}: {reason}; its candidate is queued again")
+            trials = study.get_trials(deepcopy=False)
+            if (reached := min(sum(reached_last_rung(t) for t in trials), setup.settings.n_trials)) != progress.n:
+                progress.update(reached - progress.n)
+            if _finished(trials, setup):
                 break
+            study.sampler = make_sampler(setup.sampler, (setup.settings.seed * 1_000_003 + len(trials)) % 2**31)
+            trial = study.ask()
+            try:
+                with Heartbeat(setup.storage, trial._trial_id):
+                    trial.set_user_attr("worker", me.id)
+                    arch = suggest(trial, setup)
+                    trials = study.get_trials(deepcopy=False)
+                    reason = _rejection(trials, trial, arch, setup)
+                    if reason is not None:
+                        trial.set_user_attr(REJECTED, reason)
+                        study.tell(trial, state=TrialState.FAIL)
+                        rejections_in_a_row += 1
+                        if rejections_in_a_row >= REJECTIONS_BEFORE_FALLBACK:
+                            rejections_in_a_row = 0
+                            if not _queue_unevaluated(study, setup, trials) and not others_running(study, me):
+                                break
+                        continue
+                    rejections_in_a_row = 0
+                    record = _run(study, trial, arch, setup, me)
+            except KeyboardInterrupt:
+                _fail_interrupted(study, trial, setup, me)
+                raise
+            failures_in_a_row = failures_in_a_row + 1 if record.state == FAILED else 0
+            if failures_in_a_row >= setup.settings.max_failures_in_a_row:
+                raise SlimnasError(
+                    f"{failures_in_a_row} trials in a row failed, the last with: {record.fail_reason} "
+                    f"(see {trial_dir(setup.run_dir, record.trial)}/record.json)"
+                )
+    finally:
         progress.close()
+    for trial in others_running(study, me):
+        tqdm.write(
+            f"note: trial {trial.number} is still running on worker {trial.user_attrs.get('worker')}: that worker "
+            f"finishes it; if it dies, the next run of this command retries it (at once on the same host, "
+            f"after {setup.storage.grace_period} s without heartbeat elsewhere)"
+        )
+    return study
 
-    # Results ----------------------------------------------------------------------------------------
 
-    def report(self, study: optuna.Study) -> None:
-        rows, points = [], {}
-        for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.PRUNED and REJECTED in t.user_attrs:
-                continue
-            final = t.user_attrs.get("final", {})
-            row = {"trial": t.number, "state": t.state.name, **t.params, "params": t.user_attrs.get("params")}
-            row.update(
-                {
-                    k: final.get(k)
-                    for k in ("quality", "heldout_kl", "heldout_perplexity", "summary", "decode_tokens_per_s")
-                }
+def _reference(trial: optuna.Trial, arch: Architecture) -> Reference | None:
+    attrs = trial.user_attrs
+    if "reference" not in attrs:
+        return None
+    return Reference(attrs["reference"], arch, attrs.get("reference_note", ""), attrs.get("depth_strategy"))
+
+
+def _failed_record(trial: optuna.Trial, arch: Architecture, reason: str, setup: SearchSetup, me: Worker) -> TrialRecord:
+    """A failed trial's record has the shape of any other, with what it knew."""
+    reference = _reference(trial, arch)
+    return TrialRecord(
+        trial=trial.number,
+        architecture=arch.as_dict(),
+        label=arch.label(),
+        params=param_count(setup.context.teacher.model.config, arch),
+        params_fraction=param_count(setup.context.teacher.model.config, arch)
+        / param_count(setup.context.teacher.model.config),
+        weight_bytes_bf16=weight_bytes(setup.context.teacher.model.config, arch=arch),
+        pruning=asdict(setup.policy),
+        reference=reference.kind if reference else None,
+        reference_note=reference.note if reference else None,
+        retry_of=trial.user_attrs.get("retry_of"),
+        state=FAILED,
+        fail_reason=reason,
+        worker=me.id,
+        command=setup.command,
+        hardware=setup.hardware,
+    )
+
+
+def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: SearchSetup, me: Worker) -> TrialRecord:
+    """Run one accepted candidate, write its record and tell the study; a failure is recorded and the search goes on."""
+    reference = _reference(trial, arch)
+    promote = Promotion(study, trial, setup, always=reference is not None)
+    try:
+        record = run_trial(setup, trial.number, arch, promote, reference, trial.user_attrs.get("retry_of"), me.id)
+    except Exception as error:  # an OOM, a NaN, anything
+        record = _failed_record(trial, arch, f"{type(error).__name__}: {one_line(error)}", setup, me)
+        trial.set_user_attr("fail_reason", record.fail_reason)
+    write_record(setup.run_dir, record)
+    try:
+        _tell(study, trial, record, setup)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        tqdm.write(f"note: trial {trial.number} was also taken by another worker (SQLite), which finished it first")
+    return record
+
+
+def _fail_interrupted(study: optuna.Study, trial: optuna.Trial, setup: SearchSetup, me: Worker) -> None:
+    """Ctrl-C: the running trial is recorded as interrupted and its candidate queued again for the next run."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return
+    trial.set_user_attr("fail_reason", "interrupted")
+    if REJECTED not in frozen.user_attrs and len(frozen.params) == len(DIMENSIONS):
+        arch = Architecture(**frozen.params)
+        write_record(setup.run_dir, _failed_record(trial, arch, "interrupted", setup, me))
+        study.tell(trial, state=TrialState.FAIL)
+        retry(study, study._storage.get_trial(trial._trial_id))
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def summary_lines(study: optuna.Study) -> list[str]:
+    """Trials by state, so a user sees at once that nothing was lost."""
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            key = (
+                "reached the last rung"
+                if reached_last_rung(t)
+                else f"stopped by halving after {t.user_attrs.get('stage')}"
             )
-            row["kd_tokens"] = t.user_attrs.get("kd_tokens")
-            row["reference"] = t.user_attrs.get("reference")
-            row["seconds"] = t.user_attrs.get("seconds")
-            row["fail_reason"] = t.user_attrs.get("fail_reason")
-            rows.append(row)
-            feasible = self.budget.latency_ms is None or final.get("latency_p50_ms", 0) <= self.budget.latency_ms
-            if t.state == TrialState.COMPLETE and feasible:
-                points[t.number] = list(t.values)
-        front = pareto_front(points, [o.direction for o in self.objectives])
-        for row in rows:
-            row["pareto"] = row["trial"] in front
-        save_records(rows, self.run_dir / "trials")
-        save_records([r for r in rows if r["pareto"]], self.run_dir / "pareto")
-        self._write_csv(rows)
-        if self.cfg.search.keep_checkpoints:
-            self._drop_checkpoints_off_front(front)
-        columns = ["trial", *DIMENSIONS, "params", "quality", "heldout_perplexity", "kd_tokens", "reference"]
-        print("\nPareto front:" if front else "\nno completed trial yet")
-        print(format_table([r for r in rows if r["pareto"]], columns))
-        print(f"\nrun directory: {self.run_dir} (trials.csv, pareto.csv, study.db)")
-
-    def _write_csv(self, rows: list[dict]) -> None:
-        frame = pd.DataFrame(rows)
-        frame.to_csv(self.run_dir / "trials.csv", index=False)
-        frame[frame.pareto].to_csv(self.run_dir / "pareto.csv", index=False)
-
-    def _drop_checkpoints_off_front(self, front: list[int]) -> None:
-        for trial_dir in (self.run_dir / "trials").glob("*"):
-            if int(trial_dir.name) not in front and (trial_dir / "model").exists():
-                shutil.rmtree(trial_dir / "model")
-
-
-def run_search(cfg: DictConfig) -> None:
-    started = time.perf_counter()
-    Search(cfg).run()
-    print(f"search wall time: {time.perf_counter() - started:.0f} s")
+        elif t.state == TrialState.FAIL:
+            key = (
+                f"rejected ({t.user_attrs[REJECTED].split(' of ')[0]})"
+                if REJECTED in t.user_attrs
+                else (f"failed: {t.user_attrs.get('fail_reason', 'unknown')}")
+            )
+        else:
+            key = t.state.name.lower()
+        counts[key] = counts.get(key, 0) + 1
+    retried = [t.number for t in trials if t.user_attrs.get("retry_of") is not None]
+    lines = [f"{n:>4}  {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if retried:
+        lines.append(f"      retries of killed or interrupted trials: {', '.join(map(str, retried))}")
+    return lines

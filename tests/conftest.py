@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama-family models built in the test, and a tiny tokenizer."""
+"""Shared fixtures: tiny random Llama-family models built in the test, a tiny tokenizer, CLI settings."""
 
 import os
 from pathlib import Path
@@ -7,7 +7,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from compress.corpus import CHECKOUT_DATA_DIR
+
+SHARED_DATA = CHECKOUT_DATA_DIR
+needs_data = pytest.mark.skipif(
+    not (SHARED_DATA / "SOURCES.md").is_file(), reason=f"benchmark data not found at {SHARED_DATA}"
+)
+# Fast CLI settings for a tiny teacher: the small built-in corpus, short rows, fp32 for exact comparisons.
+FAST = ["data.corpus=builtin", "data.seq_len=32", "importance.n_samples=16", "precision=fp32"]
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -74,3 +81,88 @@ def save_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, *
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     return save_tiny_checkpoint(tmp_path / "tiny-teacher")
+
+
+# Tiny searches -------------------------------------------------------------------------------------------
+
+SEARCH_SPACE = [
+    "search.space.hidden_size={choices:[48,64]}",
+    "search.space.intermediate_size={choices:[48,64,80,96]}",
+    "search.space.num_attention_heads={choices:[2,4]}",
+    "search.space.num_key_value_heads={choices:[1,2]}",
+    "search.space.num_hidden_layers={choices:[2,3,4]}",
+]
+SEARCH_FAST = [
+    *FAST, "distill.batch_size=4", "data.selection_rows=8", "data.evaluation_rows=8",
+    "search.fidelity.rung_tokens=[128,384]", "search.fidelity.min_peers=2", "search.references.zero_shot_candidates=3",
+    "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1", "speed.max_repeats=2",
+    "search.budget.params=0.7", "search.budget.window=0.3",
+]  # fmt: skip
+
+
+def search_args(teacher, run_dir, *extra) -> list[str]:
+    return ["search", f"teacher={teacher}", f"run_dir={run_dir}", *SEARCH_SPACE, *SEARCH_FAST, *extra]
+
+
+def load_study(run_dir, name="slimnas", url=None):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=url or f"sqlite:///{run_dir / 'study.db'}")
+
+
+def reached_last_rung(study):
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("state") == "complete"]
+
+
+class SlimnasProcess:
+    """`slimnas ARGS` in its own process; its output goes to a file (a pipe nobody reads could fill and block)."""
+
+    def __init__(self, *args: str):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 (kept open)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "search.cli", *args]
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.pid = self.process.pid
+
+    def poll(self):
+        return self.process.poll()
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        self.process.wait(timeout=timeout)
+        return self.process.returncode, self.output()
+
+
+def slimnas_process(*args: str) -> SlimnasProcess:
+    return SlimnasProcess(*args)
+
+
+def wait_until(condition, process, timeout=300, what="the search made no progress"):
+    """Poll condition() (storage errors while the search creates its tables count as not yet)."""
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except (KeyError, SQLAlchemyError):
+            pass
+        assert process.poll() is None, process.output()
+        time.sleep(0.2)
+    raise AssertionError(what)
+
+
+@pytest.fixture
+def search_teacher(tmp_path):
+    return save_tiny_checkpoint(tmp_path / "teacher", max_position_embeddings=512)

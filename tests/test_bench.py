@@ -3,13 +3,13 @@ import socket
 
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, tiny_model, tiny_tokenizer
+from conftest import FAST, SHARED_DATA, needs_data, tiny_model, tiny_tokenizer
 
-from bench.commands import speed_ratios
-from bench.quality import score_model, subset, summary_score
-from bench.speed import SpeedSettings, measure_speed
-from bench.task_data import SUITE, prepare_suite
-from compress.errors import SlimnasError
+from bench.memory import measure_memory
+from bench.quality import ScoreRecord, score_model, subset, summary_score
+from bench.speed import SpeedSettings, compare_speed, measure_speed
+from bench.tasks import SUITE, lm_eval_tasks_dir, prepare_suite
+from compress.runtime.errors import SlimnasError
 from search.cli import main
 
 MULTIPLE_CHOICE = ["piqa", "arc_easy", "arc_challenge", "hellaswag"]
@@ -26,41 +26,54 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_prepared_local_data_matches_the_published_splits(tmp_path):
-    sizes = prepare_suite(SHARED_DATA, list(SUITE), tmp_path)
-    assert sizes == {
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    if not (SHARED_DATA / "SOURCES.md").is_file():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    return prepare_suite(list(SUITE), str(SHARED_DATA), tmp_path_factory.mktemp("tasks"))
+
+
+def test_prepared_local_data_matches_the_published_splits(suite):
+    assert suite.sizes == {
         "lambada_openai": 5153, "piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "wikitext": 62,
     }  # fmt: skip
-    hellaswag = json.loads((tmp_path / "hellaswag.jsonl").read_text().splitlines()[0])
-    assert hellaswag == {
-        "query": "Roof shingle removal: A man is sitting on a roof. He",
-        "choices": [
-            "is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-            "is holding a rubik's cube.", "starts pulling up roofing on a roof.",
-        ],
-        "label": 3,
-    }  # fmt: skip
-    for line in (tmp_path / "arc_challenge.jsonl").read_text().splitlines():
-        doc = json.loads(line)
-        assert doc["answerKey"] in doc["choices"]["label"]
-    piqa = [json.loads(line)["label"] for line in (tmp_path / "piqa.jsonl").read_text().splitlines()]
-    assert set(piqa) == {0, 1}
-    wikitext = json.loads((tmp_path / "wikitext.jsonl").read_text().splitlines()[0])["page"]
-    assert wikitext.startswith(" = Robert <unk> = \n")  # the tokenised v1 file: rare words are <unk>
-    assert str(tmp_path / "piqa.jsonl") in (tmp_path / "piqa.yaml").read_text()
+    assert suite.splits["arc_easy"] == "validation" and suite.splits["lambada_openai"] == "test"
+    assert suite.lm_eval_names["piqa"] == "slimnas_piqa" and suite.source == str(SHARED_DATA)
 
 
-def test_whole_suite_scores_a_tiny_model_with_sockets_blocked(tmp_path, no_network):
+def test_local_tasks_are_lm_evals_own_definitions(suite):
+    """Prompt, target, choices, preprocessing and metrics come from the installed lm-eval's YAML."""
+    from pathlib import Path
+
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for task in SUITE:
+        local = load_yaml(Path(suite.manager.include_path) / f"{task}.yaml", resolve_func=False)
+        official = load_yaml(lm_eval_tasks_dir() / SUITE[task].lm_eval_yaml, resolve_func=False)
+        for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "output_type", "process_docs"):
+            assert local.get(key) == official.get(key), (task, key)
+        assert local["dataset_path"] == "json" and official["dataset_path"] != "json"
+
+
+def test_hellaswag_documents_become_lm_evals_queries(suite):
+    task = suite.manager.load([suite.lm_eval_names["hellaswag"]])["tasks"][suite.lm_eval_names["hellaswag"]]
+    first = next(iter(task.test_docs()))
+    assert first["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert first["choices"][3] == "starts pulling up roofing on a roof." and int(first["gold"]) == 3
+
+
+def test_whole_suite_scores_a_tiny_model_with_sockets_blocked(suite, tmp_path, no_network):
     model = tiny_model(vocab_size=300, max_position_embeddings=4096)
-    records = score_model(model, tiny_tokenizer(300), list(SUITE), tmp_path, SHARED_DATA, limit=3, model_name="tiny")
+    records = score_model(model, tiny_tokenizer(300), suite, limit=3, model_name="tiny", log_to=tmp_path / "log")
     by_key = {(r.task, r.metric): r for r in records}
     for task in MULTIPLE_CHOICE:
         for metric in ("acc", "acc_norm"):
             record = by_key[(task, metric)]
             assert 0 <= record.value <= 1 and record.n == 3 and record.stderr is not None and record.seconds > 0
+            assert record.split == suite.splits[task]
     assert by_key[("lambada_openai", "perplexity")].value > 1
     assert by_key[("wikitext", "word_perplexity")].value > 1 and by_key[("wikitext", "bits_per_byte")].value > 0
-    assert -1 <= summary_score(records) <= 1
+    assert "Building contexts" in (tmp_path / "log").read_text() or (tmp_path / "log").stat().st_size > 0
 
 
 def test_subsets_are_fixed_by_seed():
@@ -69,53 +82,85 @@ def test_subsets_are_fixed_by_seed():
     assert subset(5, 10, seed=0) is None and subset(5, None, seed=0) is None
 
 
-def test_summary_score_normalises_by_chance():
-    from bench.quality import ScoreRecord
-
+def test_summary_score_normalises_by_chance_with_an_error_bar():
     records = [
-        ScoreRecord("m", "piqa", "acc_norm", 0.75, None, 10, 1.0),  # (0.75 - 0.5) / 0.5 = 0.5
-        ScoreRecord("m", "arc_easy", "acc_norm", 0.25, None, 10, 1.0),  # chance: 0
-        ScoreRecord("m", "lambada_openai", "acc", 0.4, None, 10, 1.0),  # chance 0: 0.4
+        ScoreRecord("m", "piqa", "validation", "acc_norm", 0.75, 0.05, 10, 1.0),  # (0.75 - 0.5) / 0.5 = 0.5
+        ScoreRecord("m", "arc_easy", "validation", "acc_norm", 0.25, 0.03, 10, 1.0),  # chance: 0
+        ScoreRecord("m", "lambada_openai", "test", "acc", 0.4, 0.04, 10, 1.0),  # chance 0: 0.4
     ]
-    assert summary_score(records) == pytest.approx((0.5 + 0.0 + 0.4) / 3)
+    value, stderr = summary_score(records)
+    assert value == pytest.approx((0.5 + 0.0 + 0.4) / 3)
+    assert stderr == pytest.approx(((0.05 / 0.5) ** 2 + (0.03 / 0.75) ** 2 + 0.04**2) ** 0.5 / 3)
     with pytest.raises(SlimnasError, match="no accuracy task"):
-        summary_score([ScoreRecord("m", "wikitext", "word_perplexity", 30.0, None, 1, 1.0)])
+        summary_score([ScoreRecord("m", "wikitext", "test", "word_perplexity", 30.0, None, 1, 1.0)])
 
 
 def test_missing_data_files_are_named(tmp_path):
     with pytest.raises(SlimnasError, match=r"missing benchmark data files: .*piqa/valid\.jsonl"):
-        score_model(tiny_model(), tiny_tokenizer(300), ["piqa"], tmp_path, tmp_path / "empty")
+        prepare_suite(["piqa"], str(tmp_path), tmp_path / "tasks")
 
 
+@needs_data
 def test_unknown_task_is_a_clear_error(tmp_path, no_network):
     with pytest.raises(SlimnasError, match="unknown task"):
-        score_model(
-            tiny_model(vocab_size=300), tiny_tokenizer(300), ["piqa", "no_such_task_xyz"], tmp_path, SHARED_DATA
-        )
+        prepare_suite(["piqa", "no_such_task_xyz"], str(SHARED_DATA), tmp_path)
 
 
-def test_speed_record_has_positive_values_and_ratios():
-    small = tiny_model(max_position_embeddings=256, num_hidden_layers=2)
-    large = tiny_model(max_position_embeddings=256)
-    settings = SpeedSettings(prompt_len=16, new_tokens=4, repeats=2, precision="fp32")
-    small_speed, large_speed = measure_speed(small, settings, "small"), measure_speed(large, settings, "large")
-    for record in (small_speed, large_speed):
-        assert record.prefill_tokens_per_s > 0 and record.decode_tokens_per_s > 0
-        assert 0 < record.latency_p50_ms <= record.latency_p90_ms
-        assert record.peak_memory_bytes > 0 and record.memory_kind == "cpu_peak_rss"
-    ratios = speed_ratios(small_speed, large_speed)
-    assert ratios["flops_reduction"] > 1.5 and ratios["decode_speedup"] > 0
+def test_without_a_data_directory_the_standard_hub_tasks_are_used(tmp_path, monkeypatch, capsys):
+    import compress.corpus
+
+    monkeypatch.delenv("SLIMNAS_DATA", raising=False)
+    monkeypatch.setattr(compress.corpus, "CHECKOUT_DATA_DIR", tmp_path / "no-data")
+    hub = prepare_suite(["arc_easy", "piqa"], None, tmp_path / "tasks")
+    assert hub.lm_eval_names == {"arc_easy": "arc_easy", "piqa": "piqa"} and hub.source == "lm-eval hub"
+    assert hub.splits == {"arc_easy": "test", "piqa": "validation"}
+    assert "using lm-eval's hub tasks" in capsys.readouterr().out
 
 
-def test_bench_command_writes_scores_and_speed(tiny_checkpoint, tmp_path, capsys, no_network):
+def test_speed_is_timed_against_a_reference_in_pairs():
+    small = tiny_model(max_position_embeddings=256, num_hidden_layers=1)
+    large = tiny_model(max_position_embeddings=256, num_hidden_layers=4)
+    settings = SpeedSettings(prompt_len=16, new_tokens=4, repeats=3, max_repeats=6, precision="fp32")
+    comparison = compare_speed(small, large, settings, "small", "large")
+    assert 3 <= comparison.model.repeats == comparison.reference.repeats <= 6
+    assert comparison.flops_reduction > 2 and comparison.decode_speedup > 1
+    assert comparison.decode_speedup_stderr >= 0 and comparison.model.cpu_load >= 0
+    alone = measure_speed(small, settings, "small")
+    assert alone.decode_tokens_per_s > 0 and 0 < alone.latency_p50_ms <= alone.latency_p90_ms
+
+
+def test_peak_memory_of_a_model_alone_follows_its_size(tmp_path):
+    from conftest import save_tiny_checkpoint
+
+    settings = SpeedSettings(prompt_len=16, new_tokens=4, precision="fp32")
+    small = save_tiny_checkpoint(tmp_path / "small", hidden_size=256, num_attention_heads=4, num_hidden_layers=1,
+                                 intermediate_size=1024, vocab_size=4096)  # fmt: skip
+    large = save_tiny_checkpoint(tmp_path / "large", hidden_size=256, num_attention_heads=4, num_hidden_layers=8,
+                                 intermediate_size=1024, vocab_size=4096)  # fmt: skip
+    import torch
+
+    small_peak = measure_memory(str(small), settings, torch.device("cpu"))
+    large_peak = measure_memory(str(large), settings, torch.device("cpu"))
+    weight_ratio = small_peak.weight_bytes / large_peak.weight_bytes
+    assert weight_ratio < 0.3
+    assert small_peak.peak_bytes < large_peak.peak_bytes
+    assert large_peak.peak_bytes >= large_peak.weight_bytes
+
+
+@needs_data
+def test_bench_command_writes_scores_heldout_speed_and_memory(tiny_checkpoint, tmp_path, capsys, no_network):
     out = tmp_path / "bench"
     args = [
         "bench", f"teacher={tiny_checkpoint}", f"out={out}", "quality.tasks=[piqa,wikitext]", "quality.limit=2",
-        "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1", "precision=fp32",
+        "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1", "measure_memory=false", *FAST,
     ]  # fmt: skip
     assert main(args) == 0
     scores = pd.read_parquet(out / "scores.parquet")
-    assert set(scores.task) == {"piqa", "wikitext"} and (scores.n == 2).all()
+    assert set(scores.task) == {"piqa", "wikitext"} and (scores.n == 2).all() and set(scores.split) > {"validation"}
     assert json.loads((out / "speed.json").read_text())[0]["decode_tokens_per_s"] > 0
+    heldout = json.loads((out / "heldout.json").read_text())[0]
+    assert heldout["kl"] == pytest.approx(0, abs=1e-6) and heldout["perplexity_stderr"] > 0
     assert "summary score" in capsys.readouterr().out
-    assert main(["bench", f"teacher={tiny_checkpoint}", "quality.tasks=[bogus_task]", "speed.enabled=false"]) == 2
+    assert (
+        main(["bench", f"teacher={tiny_checkpoint}", "quality.tasks=[bogus_task]", "measure_speed=false", *FAST]) == 2
+    )

@@ -1,16 +1,18 @@
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import FAST
 from transformers import AutoModelForCausalLM
 
 from search.cli import main
 
-FAST = ["data.seq_len=32", "importance.n_samples=16", "precision=fp32", "eval_perplexity=false"]
+QUICK = [*FAST, "eval_heldout=false"]
 
 
-def test_prune_command_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, capsys):
+def test_prune_command_writes_a_loadable_checkpoint_with_its_provenance(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "pruned"
     args = [
         "prune",
@@ -22,13 +24,16 @@ def test_prune_command_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, c
     assert main(args + FAST) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 48
-    assert (out / "slimnas.json").is_file() and (out / "tokenizer.json").is_file()
-    assert "saved checkpoint" in capsys.readouterr().out
+    record = json.loads((out / "slimnas.json").read_text())
+    assert record["architecture"]["num_hidden_layers"] == 3 and len(record["plan"]["layers"]) == 3
+    assert record["heldout"]["pruned"]["rows"] == 64 and record["heldout"]["pruned"]["kl_stderr"] > 0
+    assert record["command"].startswith("slimnas prune") and record["corpus"]["source"] == "builtin"
+    assert (out / "tokenizer.json").is_file() and "saved checkpoint" in capsys.readouterr().out
 
 
 def test_prune_with_nothing_removed_reproduces_the_teacher(tiny_checkpoint, tmp_path):
     out = tmp_path / "same"
-    assert main(["prune", f"teacher={tiny_checkpoint}", f"out={out}"] + FAST) == 0
+    assert main(["prune", f"teacher={tiny_checkpoint}", f"out={out}"] + QUICK) == 0
     tokens = torch.randint(3, 300, (2, 16))
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)(tokens).logits
@@ -43,11 +48,17 @@ def test_prune_with_nothing_removed_reproduces_the_teacher(tiny_checkpoint, tmp_
         ("target.num_hidden_layers=0", "at least 1"),
         ("no_such_key=1", "no_such_key"),
         ("target=[", "no viable alternative"),
-        ("layer_metric=perplexity", "layer perplexity was not computed"),
+        ("pruning.layer_metric=perplexity", "layer perplexity was not computed"),
+        ("pruning.depth_strategy=sideways", "unknown depth strategy"),
+        ("precision=bogus", "precision must be one of"),
+        ("device=tpu", "unknown device"),
+        ("data.seq_len=1", "data.seq_len must be at least 2"),
+        ("data.corpus=/nowhere.txt", "corpus not found"),
+        ("importance.seq_agg=median", "seq_agg must be one of"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tiny_checkpoint, tmp_path, capsys, override, message):
-    assert main(["prune", f"teacher={tiny_checkpoint}", f"out={tmp_path / 'x'}", override] + FAST) == 2
+    assert main(["prune", f"teacher={tiny_checkpoint}", f"out={tmp_path / 'x'}", *QUICK, override]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("slimnas: error:") and message in err
     assert not (tmp_path / "x").exists()
@@ -66,4 +77,6 @@ def test_console_script_exit_codes():
     unknown = subprocess.run([sys.executable, "-m", "search.cli", "frobnicate"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr
     usage = subprocess.run([sys.executable, "-m", "search.cli", "--help"], capture_output=True, text=True)
-    assert usage.returncode == 0 and "prune" in usage.stdout
+    assert usage.returncode == 0 and all(c in usage.stdout for c in ("prune", "retrain", "report", "pipeline"))
+    stray = subprocess.run([sys.executable, "-m", "search.cli", "prune", "somewhere"], capture_output=True, text=True)
+    assert stray.returncode == 2 and "is not key=value" in stray.stderr

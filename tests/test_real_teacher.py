@@ -1,21 +1,22 @@
 """Integration on the real SmolLM2-135M teacher with tiny budgets."""
 
+import json
 import math
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, needs_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.importance import perplexity
 from compress.models import DEFAULT_TEACHER, load_model
 from search.cli import main
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, needs_data]
 
 
 def wikitext_tokens(tokenizer, n_tokens: int = 1024, seq_len: int = 256) -> torch.Tensor:
-    text = (SHARED_DATA / "wikitext2" / "wiki.test.tokens").read_text()[:20_000]
+    text = (SHARED_DATA / "wikitext2" / "wiki.valid.tokens").read_text()[:20_000]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
     return torch.tensor(ids).view(-1, seq_len)
 
@@ -23,13 +24,16 @@ def wikitext_tokens(tokenizer, n_tokens: int = 1024, seq_len: int = 256) -> torc
 def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
     out = tmp_path / "smollm2-60"
     overrides = ["importance.n_samples=16", "target.num_hidden_layers=20", "target.intermediate_size=1024"]
-    assert main(["prune", f"out={out}", "eval_perplexity=false", *overrides]) == 0
+    assert main(["prune", f"out={out}", "data.evaluation_rows=8", *overrides]) == 0
 
     student = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no project code
     tokenizer = AutoTokenizer.from_pretrained(out)
     teacher = load_model(DEFAULT_TEACHER)
     fraction = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.model.parameters())
     assert 0.55 < fraction < 0.65
+    record = json.loads((out / "slimnas.json").read_text())
+    assert record["corpus"]["source"].endswith("wiki_en_core.jsonl")  # the default corpus where the data has it
+    assert record["heldout"]["pruned"]["kl"] > record["heldout"]["teacher"]["kl"] == pytest.approx(0, abs=1e-3)
 
     tokens = wikitext_tokens(tokenizer)
     teacher_ppl, student_ppl = perplexity(teacher.model, tokens), perplexity(student, tokens)
@@ -39,11 +43,10 @@ def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
 
 def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
     from bench.quality import score_model
-    from bench.task_data import default_data_dir
+    from bench.tasks import prepare_suite
 
     teacher = load_model(DEFAULT_TEACHER)
-    records = score_model(
-        teacher.model, teacher.tokenizer, ["piqa", "arc_easy"], tmp_path, default_data_dir(), limit=40, batch_size=8
-    )
+    suite = prepare_suite(["piqa", "arc_easy"], None, tmp_path / "tasks")
+    records = score_model(teacher.model, teacher.tokenizer, suite, limit=40, log_to=tmp_path / "log")
     accuracy = {r.task: r.value for r in records if r.metric == "acc"}
     assert accuracy["piqa"] > 0.5 + 0.1 and accuracy["arc_easy"] > 0.25 + 0.1

@@ -1,12 +1,12 @@
-"""Search space and budget on the real teacher's config shape (configs only, no weights)."""
+"""Search space, budget and references on the real teacher's config shape (configs only, no weights)."""
 
 import pytest
 from conftest import tiny_config
 
 from compress.arch import Architecture, param_count, validate_target
-from compress.errors import SlimnasError
+from compress.runtime.errors import SlimnasError
 from search.constraints import Budget
-from search.space import DimensionSpec, SearchSpace, depth_only_candidate, uniform_candidate
+from search.space import DimensionSpec, SearchSpace, depth_only_reference, uniform_reference, width_only_reference
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -17,7 +17,7 @@ SPACE = {
     "intermediate_size": {"multiple_of": 64, "max_prune": 0.6},
     "num_attention_heads": {"max_prune": 0.67},
     "num_key_value_heads": {"max_prune": 0.67},
-    "num_hidden_layers": {"max_prune": 0.5},
+    "num_hidden_layers": {"max_prune": 0.67},
 }
 
 
@@ -34,8 +34,7 @@ def test_dimension_values():
 def test_every_feasible_candidate_meets_the_budget_and_can_be_cut():
     teacher = tiny_config(**SMOLLM2)
     space = SearchSpace.from_config(SPACE, teacher)
-    budget = Budget(params=0.6, window=0.05)
-    feasible = space.feasible(teacher, budget)
+    feasible = space.feasible(teacher, Budget(params=0.6, window=0.05))
     target = 0.6 * param_count(teacher)
     assert 0 < len(feasible) < space.size()
     for arch in feasible:
@@ -43,17 +42,35 @@ def test_every_feasible_candidate_meets_the_budget_and_can_be_cut():
         validate_target(arch, teacher)  # raises if it cannot be cut
         assert arch.hidden_size % arch.num_attention_heads == 0  # the Llama config rule
 
-    uniform = uniform_candidate(feasible, teacher, budget)
-    depth = depth_only_candidate(feasible, teacher, budget)
-    assert uniform in feasible and depth in feasible
-    assert (depth.hidden_size, depth.intermediate_size, depth.num_attention_heads) == (576, 1536, 9)
-    assert depth.num_hidden_layers < 30
 
-    def spread(a):
-        ratios = [a.hidden_size / 576, a.intermediate_size / 1536, a.num_attention_heads / 9, a.num_hidden_layers / 30]
-        return max(ratios) - min(ratios)
+def test_the_uniform_reference_shrinks_every_dimension_kv_groups_included_by_one_ratio():
+    teacher = tiny_config(**SMOLLM2)
+    budget = Budget(params=0.37, window=0.05)
+    feasible = SearchSpace.from_config(SPACE, teacher).feasible(teacher, budget)
+    reference, note = uniform_reference(feasible, teacher, budget, tolerance=0.1)
+    assert reference.arch == Architecture(384, 1024, 6, 2, 20)  # 2/3 of every dimension
+    assert "spread 0.00" in note and "kv 0.67" in reference.note
 
-    assert all(spread(uniform) <= spread(a) + 1e-9 for a in feasible)
+
+def test_a_space_that_cannot_cut_uniformly_says_so_instead_of_naming_another_candidate():
+    teacher = tiny_config(**SMOLLM2)
+    budget = Budget(params=0.6, window=0.1)  # SmolLM2: no hidden size between 384 and 576 divides into heads
+    feasible = SearchSpace.from_config(SPACE, teacher).feasible(teacher, budget)
+    reference, note = uniform_reference(feasible, teacher, budget, tolerance=0.2)
+    assert reference is None and "not expressible" in note and "spread" in note
+
+
+def test_depth_only_and_width_only_references():
+    teacher = tiny_config(**SMOLLM2)
+    budget = Budget(params=0.6, window=0.1)
+    feasible = SearchSpace.from_config(SPACE, teacher).feasible(teacher, budget)
+    depth, _ = depth_only_reference(feasible, teacher, budget)
+    assert (depth.arch.hidden_size, depth.arch.intermediate_size, depth.arch.num_attention_heads) == (576, 1536, 9)
+    assert depth.arch.num_hidden_layers < 30 and depth.depth_strategy == "contiguous"
+    width, _ = width_only_reference(feasible, teacher, budget)
+    assert width.arch.num_hidden_layers == 30 and width.arch in feasible
+    nearest = min(abs(budget.target_gap(teacher, a)) for a in feasible if a.num_hidden_layers == 30)
+    assert abs(budget.target_gap(teacher, width.arch)) == pytest.approx(nearest, abs=1e-3)
 
 
 def test_memory_budget_and_unreachable_targets():

@@ -1,0 +1,89 @@
+"""Peak memory of one model on its own: weights, KV cache, activations and autocast copies.
+
+Measured where nothing else is loaded, so a teacher or an optimizer living beside the model in the
+calling process does not count. On CPU a fresh Python process loads the model and runs one greedy
+generation; its peak resident memory minus what it held just before loading is the model's own. On
+CUDA the caching allocator's peak during load and generation, minus what was allocated before, is
+the same in-process.
+
+    python -m bench.memory MODEL [--prompt-len 128 --new-tokens 32 --precision auto]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.speed import SpeedSettings, generate_timed
+from compress.runtime.errors import SlimnasError
+
+CPU_METHOD = "fresh process: peak RSS - RSS before loading"
+CUDA_METHOD = "CUDA allocator: peak - allocated before loading"
+
+
+@dataclass
+class MemoryRecord:
+    model: str
+    peak_bytes: int  # the model's own peak during load + one generation
+    weight_bytes: int  # parameters and buffers as loaded
+    method: str
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise SlimnasError(f"/proc/self/status has no {field}: peak memory needs Linux on CPU")
+
+
+def _load_and_generate(model_name: str, settings: SpeedSettings, device: torch.device) -> int:
+    from compress.models import load_model
+
+    model = load_model(model_name, device).model
+    prompt = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.prompt_len)).to(device)
+    generate_timed(model, prompt, settings.new_tokens, settings.precision)
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def measure_memory(model_name: str, settings: SpeedSettings, device: torch.device) -> MemoryRecord:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        weights = _load_and_generate(model_name, settings, device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        return MemoryRecord(model_name, peak, weights, CUDA_METHOD)
+    command = [sys.executable, "-m", "bench.memory", model_name, "--prompt-len", str(settings.prompt_len)]
+    command += ["--new-tokens", str(settings.new_tokens), "--batch-size", str(settings.batch_size)]
+    command += ["--precision", settings.precision]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SlimnasError(f"memory measurement of {model_name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return MemoryRecord(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="peak memory of one model in a fresh process (CPU)")
+    parser.add_argument("model")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args()
+    settings = SpeedSettings(args.batch_size, args.prompt_len, args.new_tokens, precision=args.precision)
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _status_bytes("VmRSS")
+    weights = _load_and_generate(args.model, settings, torch.device("cpu"))
+    peak = _status_bytes("VmHWM") - before
+    print(json.dumps(MemoryRecord(args.model, peak, weights, CPU_METHOD).__dict__))
+
+
+if __name__ == "__main__":
+    main()

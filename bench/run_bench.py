@@ -1,0 +1,74 @@
+"""slimnas bench: quality (lm-eval), held-out KL, speed and memory of the teacher or a checkpoint.
+
+slimnas bench model=runs/distilled/model compare_teacher=true quality.limit=200
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from bench.memory import measure_memory
+from bench.quality import score_model, summary_score
+from bench.speed import SpeedSettings, compare_speed, measure_speed
+from bench.tasks import prepare_suite
+from compress.context import load_teacher_context
+from compress.corpus import DataSettings
+from compress.heldout import HeldoutSet
+from compress.models import cache_root, load_model
+from compress.runtime.config import settings_from
+from reports.tables import format_table, save_records
+
+SCORE_COLUMNS = ["model", "task", "split", "metric", "value", "stderr", "n", "seconds"]
+SPEED_COLUMNS = ["model", "params", "prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms", "cpu_load"]
+
+
+def main(cfg: DictConfig) -> None:
+    # 1. Settings, task files and models, checked before any compute
+    data = settings_from(DataSettings, cfg.data, "data")
+    speed = settings_from(SpeedSettings, cfg.speed, "speed", precision=cfg.precision)
+    out = Path(cfg.out)
+    suite = prepare_suite(list(cfg.quality.tasks), data.dir, out / "tasks") if cfg.quality.tasks else None
+    context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir))
+    teacher = context.teacher
+    name = cfg.model or cfg.teacher
+    model = load_model(cfg.model, context.device) if cfg.model else teacher
+
+    # 2. Held-out KL to the teacher and perplexity on the corpus's evaluation rows
+    evaluation = HeldoutSet("evaluation", context.corpus.evaluation, teacher.model, cfg.precision)
+    heldout = {"model": name, **evaluation.evaluate(model.model).summary()}
+    print(format_table([heldout], ["model", "split", "rows", "kl", "kl_stderr", "perplexity", "perplexity_stderr"]))
+    save_records([heldout], out / "heldout")
+
+    # 3. lm-eval scores (fixed seeded subsets of quality.limit documents), with the split of each
+    if suite is not None:
+        print(f"scoring {suite.describe()}")
+        records = score_model(
+            model.model, model.tokenizer, suite, cfg.quality.limit, cfg.quality.batch_size, data.seed, name,
+            cfg.precision, cfg.quality.max_length, log_to=out / "lm_eval.log",
+        )  # fmt: skip
+        print(format_table(records, SCORE_COLUMNS))
+        if any(r.metric in ("acc", "acc_norm") for r in records):
+            summary, stderr = summary_score(records)
+            print(f"summary score (accuracy above chance, mean over tasks): {summary:.4f} ± {stderr:.4f}")
+        save_records(records, out / "scores")
+
+    # 4. Speed: against the teacher in alternating pairs, or alone
+    if cfg.measure_speed:
+        if cfg.compare_teacher and cfg.model:
+            comparison = compare_speed(model.model, teacher.model, speed, name, cfg.teacher)
+            speeds = [comparison.model, comparison.reference]
+            print(format_table([comparison.as_row()], list(comparison.as_row())))
+            save_records([comparison.as_row()], out / "speed_vs_teacher")
+        else:
+            speeds = [measure_speed(model.model, speed, name)]
+        print(format_table(speeds, SPEED_COLUMNS))
+        save_records(speeds, out / "speed")
+
+    # 5. Peak memory of each model on its own (a fresh process on CPU)
+    if cfg.measure_memory:
+        names = [name, cfg.teacher] if cfg.compare_teacher and cfg.model else [name]
+        memory = [measure_memory(n, speed, context.device) for n in names]
+        print(format_table(memory, ["model", "peak_bytes", "weight_bytes", "method"]))
+        save_records([asdict(m) for m in memory], out / "memory")
+    print(f"records saved in {out}")

@@ -1,0 +1,75 @@
+"""slimnas distill: retrain a student from the teacher by logit knowledge distillation; resumable.
+
+slimnas distill student=runs/pruned distill.budget_tokens=32768 distill.lr=3e-4 out=runs/distilled
+"""
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from compress.context import load_teacher_context
+from compress.corpus import DataSettings
+from compress.distill import Distiller, DistillSettings, HiddenStateMatch, distill_to_budget, make_teacher_targets
+from compress.heldout import HeldoutSet
+from compress.models import cache_root, load_model
+from compress.prune import RECORD_FILE, save_checkpoint
+from compress.runtime.config import settings_from
+from compress.runtime.errors import SlimnasError
+from compress.runtime.files import read_json
+
+
+def hidden_state_match(settings: DistillSettings, student_dir: str, student_config, teacher_config):
+    """The student-to-teacher layer and channel correspondence, from the prune plan in slimnas.json."""
+    if settings.hidden_weight <= 0:
+        return None
+    record_path = Path(student_dir) / RECORD_FILE
+    if record_path.is_file() and "plan" in (record := read_json(record_path)):
+        plan = record["plan"]
+        kept_layers, kept_channels = plan["layers"], plan["channels"]
+    elif student_config.hidden_size == teacher_config.hidden_size:
+        kept_layers = list(range(student_config.num_hidden_layers))
+        kept_channels = list(range(student_config.hidden_size))
+    else:
+        raise SlimnasError(f"a hidden-state loss needs the prune plan of {student_dir} (its {RECORD_FILE})")
+    return HiddenStateMatch.build(settings.hidden_layers, kept_layers, kept_channels, teacher_config.hidden_size)
+
+
+def main(cfg: DictConfig) -> None:
+    # 1. Settings, teacher and student, checked before any compute
+    settings = settings_from(DistillSettings, cfg.distill, "distill", precision=cfg.precision)
+    data = settings_from(DataSettings, cfg.data, "data")
+    context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir))
+    student = load_model(cfg.student, context.device)
+    teacher = context.teacher
+    if student.model.config.vocab_size != teacher.model.config.vocab_size:
+        raise SlimnasError("student and teacher vocabularies differ: distillation needs the teacher's tokenizer")
+    match = hidden_state_match(settings, cfg.student, student.model.config, teacher.model.config)
+
+    # 2. The teacher's side (top-k cache or live) and the evaluation rows
+    targets = make_teacher_targets(settings, teacher, context.corpus.train, cache_root(cfg.cache_dir), match)
+    evaluation = HeldoutSet("evaluation", context.corpus.evaluation, teacher.model, cfg.precision)
+
+    # 3. Train to the budget, resuming from out when it holds a checkpoint of this run
+    distiller = Distiller(student.model, targets, context.corpus.train, settings, match)
+    print(f"distilling {cfg.student}: {distiller.total_steps} steps of {distiller.tokens_per_step} tokens")
+    out = Path(cfg.out)
+    identity = {"student": student.fingerprint, "teacher": teacher.fingerprint, "corpus": context.corpus.fingerprint}
+    result = distill_to_budget(distiller, evaluation, out, identity)
+
+    # 4. The distilled checkpoint
+    record = {
+        "student_source": cfg.student,
+        "teacher": cfg.teacher,
+        "distill": result.__dict__,
+        "corpus": context.corpus.describe(),
+        "command": cfg.command,
+    }
+    save_checkpoint(student.model, student.tokenizer, out / "model", record)
+    if result.initial:
+        print(f"held-out before: kl {result.initial['kl']:.4f}, perplexity {result.initial['perplexity']:.2f}")
+    final = result.final
+    print(
+        f"held-out after:  kl {final['kl']:.4f} ± {final['kl_stderr']:.4f}, "
+        f"perplexity {final['perplexity']:.2f} ± {final['perplexity_stderr']:.2f} ({final['rows']} evaluation rows)"
+    )
+    print(f"{result.tokens:,} KD tokens, {result.tokens_per_second:.0f} tokens/s; saved checkpoint: {out / 'model'}")

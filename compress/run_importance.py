@@ -1,0 +1,27 @@
+"""slimnas importance: score heads, neurons, channels and layers of the teacher; cached on disk.
+
+slimnas importance importance.n_samples=128
+"""
+
+from omegaconf import DictConfig
+
+from compress.context import load_teacher_context
+from compress.corpus import DataSettings
+from compress.importance import ImportanceSettings
+from compress.models import cache_root
+from compress.runtime.config import settings_from
+
+
+def main(cfg: DictConfig) -> None:
+    # 1. Teacher, corpus and importance (computed once per teacher, corpus and settings, then read from cache)
+    context = load_teacher_context(
+        cfg.teacher,
+        cfg.device,
+        settings_from(DataSettings, cfg.data, "data"),
+        cache_root(cfg.cache_dir),
+        settings_from(ImportanceSettings, cfg.importance, "importance", precision=cfg.precision),
+    )
+    # 2. The depth ranking: the part of the scores a user reads
+    scores = context.importance.layer_scores("block")
+    ranked = sorted(range(len(scores)), key=lambda i: float(scores[i]))
+    print("layers by block importance (least important first):", ", ".join(str(i) for i in ranked))

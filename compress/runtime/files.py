@@ -1,0 +1,61 @@
+"""Files written atomically (a killed run never leaves half a file) and stable content hashes."""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from compress.runtime.errors import SlimnasError
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A per-process staging path renamed onto `path` when the block succeeds.
+
+    Readers (and workers sharing a cache) see the old file or the new one, never half of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as staging:
+        staging.write_text(text)
+
+
+def write_json(path: Path, value: object) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise SlimnasError(f"missing file: {path}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SlimnasError(f"corrupt JSON file: {path} ({error})") from error
+
+
+def hash_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_json(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_tensor(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()

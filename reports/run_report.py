@@ -1,0 +1,5 @@
+"""slimnas report (placeholder until the report package lands)."""
+
+
+def main(cfg) -> None:
+    raise NotImplementedError

@@ -1,0 +1,148 @@
+"""The records of a run directory: one `record.json` per trial, the single source of truth.
+
+Everything a user reads afterwards is derived from these files: the trial tables, the Pareto front,
+the retraining choices and the report. The Optuna study holds only what coordinating workers and
+the sampler need (parameters, objective values, rung values, states), written from the same record.
+
+    RUN_DIR/run.json                   settings, teacher, corpus, hardware, wall time per stage
+    RUN_DIR/study.db                   the Optuna study (SQLite; or a PostgreSQL URL)
+    RUN_DIR/trials/NNNN/record.json    one trial: architecture, stages, final metrics, state
+    RUN_DIR/trials.csv, pareto.csv     derived tables (also .json / .parquet)
+    RUN_DIR/zero_shot.json             the candidates screened without KD for the zero-shot pick
+    RUN_DIR/retrain/NAME/record.json   a retrained candidate (and retrain/teacher: the teacher's scores)
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from compress.runtime.errors import SlimnasError
+from compress.runtime.files import read_json, write_json
+
+RUN_FILE = "run.json"
+RECORD_FILE = "record.json"
+COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
+
+
+@dataclass
+class TrialRecord:
+    trial: int
+    architecture: dict[str, int]
+    label: str
+    params: int
+    params_fraction: float  # of the teacher's parameters
+    weight_bytes_bf16: int
+    pruning: dict  # the layer policy the candidate was cut with
+    reference: str | None = None  # uniform | depth_only | width_only | zero_shot
+    reference_note: str | None = None  # e.g. the uniform reference's per-dimension ratios
+    retry_of: int | None = None  # the trial whose killed worker this one replaces
+    state: str = "running"  # complete (reached the last rung) | stopped (by halving) | failed
+    stage: str = ""  # the last stage reached: prune, screen, kd_1, ...
+    stages: list[dict] = field(default_factory=list)  # in order: name, seconds, kd_tokens, heldout metrics
+    final: dict = field(default_factory=dict)  # quality and everything measured at the last stage reached
+    plan: dict = field(default_factory=dict)  # kept layers / channels / heads / neurons
+    kd_tokens: int = 0
+    seconds: float = 0.0
+    fail_reason: str | None = None
+    worker: str = ""
+    command: str = ""
+    hardware: dict = field(default_factory=dict)
+
+    def add_stage(self, name: str, seconds: float, kd_tokens: int, heldout: dict | None = None) -> None:
+        self.stages.append({"stage": name, "seconds": seconds, "kd_tokens": kd_tokens, "heldout": heldout})
+        self.stage, self.kd_tokens = name, kd_tokens
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RetrainRecord:
+    """A retrained candidate (or, with name "teacher", the teacher scored the same way)."""
+
+    name: str  # "teacher" or the search trial's number, e.g. "0007"
+    trial: int | None
+    label: str
+    architecture: dict[str, int]
+    params: int
+    params_fraction: float
+    reference: str | None
+    kd_tokens: int
+    search: dict  # the trial's search-time quality and KD tokens (selection rows)
+    kd: dict  # steps, tokens, seconds, tokens/s, held-out before and after
+    heldout: dict  # full-vocabulary KL and perplexity on the evaluation rows, with per-row values
+    scores: list[dict]  # lm-eval records (task, split, metric, value, stderr, n)
+    summary: float | None
+    summary_stderr: float | None
+    speed: dict  # against the teacher in alternating pairs (the teacher's own: absolute numbers)
+    flops_per_token: int
+    memory: dict  # peak bytes of the model alone
+    generations: list[dict]  # prompt -> greedy continuation
+    model_dir: str | None
+    seconds: dict  # per stage
+    command: str
+    hardware: dict
+
+
+def read_retrained(run_dir: Path) -> list[RetrainRecord]:
+    """The retrained candidates and the teacher's record, as far as retrain got."""
+    records = []
+    for path in sorted((run_dir / "retrain").glob(f"*/{RECORD_FILE}")):
+        try:
+            records.append(RetrainRecord(**read_json(path)))
+        except TypeError as error:
+            raise SlimnasError(f"{path} is not a retrain record of this slimnas version ({error})") from error
+    return records
+
+
+def trial_dir(run_dir: Path, number: int) -> Path:
+    return run_dir / "trials" / f"{number:04d}"
+
+
+def write_record(run_dir: Path, record: TrialRecord) -> None:
+    write_json(trial_dir(run_dir, record.trial) / RECORD_FILE, record.as_dict())
+
+
+def read_records(run_dir: Path) -> list[TrialRecord]:
+    """Every trial's record, by trial number (trials killed before writing one have none)."""
+    records = []
+    for path in sorted((run_dir / "trials").glob(f"*/{RECORD_FILE}")):
+        values = read_json(path)
+        try:
+            records.append(TrialRecord(**values))
+        except TypeError as error:
+            raise SlimnasError(f"{path} is not a trial record of this slimnas version ({error})") from error
+    return records
+
+
+def read_run(run_dir: Path) -> dict:
+    """run.json, with a one-line error when the directory is not a slimnas run."""
+    if not (run_dir / RUN_FILE).is_file():
+        raise SlimnasError(f"{run_dir} is not a slimnas run directory (no {RUN_FILE})")
+    return read_json(run_dir / RUN_FILE)
+
+
+def update_run(run_dir: Path, **values) -> dict:
+    """Merge values into run.json (created on first use)."""
+    run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
+    for key, value in values.items():
+        run[key] = {**run.get(key, {}), **value} if isinstance(value, dict) and key in run else value
+    write_json(run_dir / RUN_FILE, run)
+    return run
+
+
+TABLE_COLUMNS = [
+    "trial", "state", "stage", "reference", "label", "params", "params_fraction", "kd_tokens",
+    "quality", "quality_stderr", "heldout_kl", "heldout_kl_stderr", "perplexity", "perplexity_stderr",
+    "summary", "summary_stderr", "decode_speedup", "decode_speedup_stderr", "decode_tokens_per_s",
+    "latency_p50_ms", "seconds", "retry_of", "fail_reason",
+]  # fmt: skip
+
+
+def table_row(record: TrialRecord) -> dict:
+    """One flat row of the trials table (no per-row lists)."""
+    values = {**record.as_dict(), **record.architecture, **record.final}
+    return (
+        {column: values.get(column) for column in TABLE_COLUMNS[:5]}
+        | record.architecture
+        | {column: values.get(column) for column in TABLE_COLUMNS[5:]}
+    )

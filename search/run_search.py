@@ -1,0 +1,91 @@
+"""slimnas search: an Optuna study over pruned architectures of the teacher, under a budget.
+
+    slimnas search preset=cpu run_dir=runs/demo
+
+Each trial prunes the teacher to a candidate, distils it briefly in successive-halving rungs, and is
+scored; the Pareto front of quality against size (and speed, when asked for) is printed at the end.
+Running the same command again resumes the study; several processes on one study share the work.
+"""
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from compress.heldout import paired_difference
+from reports.tables import format_table, plus_minus, save_records
+from search.objectives import front_of
+from search.records import TrialRecord, read_records, table_row, update_run
+from search.setup import SearchSetup, build_setup, describe
+from search.study import run_study, summary_lines
+
+FRONT_COLUMNS = ["trial", "label", "params", "quality", "vs best", "perplexity", "kd_tokens", "reference"]
+
+
+def write_tables(setup: SearchSetup) -> tuple[list[TrialRecord], list[int]]:
+    """trials.* and pareto.*, derived from the records on disk (also after Ctrl-C)."""
+    records = read_records(setup.run_dir)
+    front = front_of(records, list(setup.objectives), setup.budget.latency_ms)
+    rows = [table_row(r) | {"pareto": r.trial in front} for r in records]
+    save_records(rows, setup.run_dir / "trials")
+    save_records([row for row in rows if row["pareto"]], setup.run_dir / "pareto")
+    return records, front
+
+
+def front_table(records: list[TrialRecord], front: list[int]) -> list[dict]:
+    """The front with each member's quality against the best, paired over the same selection rows."""
+    members = [r for r in records if r.trial in front]
+    best = max(members, key=lambda r: r.final["quality"], default=None)
+    rows = []
+    for r in sorted(members, key=lambda r: r.params):
+        difference, stderr = paired_difference(r.final["kl_per_row"], best.final["kl_per_row"])
+        rows.append(
+            {
+                "trial": r.trial,
+                "label": r.label,
+                "params": r.params,
+                "quality": plus_minus(r.final["quality"], r.final["quality_stderr"]),
+                "vs best": "best" if r is best else plus_minus(-difference, stderr),
+                "perplexity": plus_minus(r.final["perplexity"], r.final["perplexity_stderr"], 1),
+                "kd_tokens": r.kd_tokens,
+                "reference": r.reference,
+            }
+        )
+    return rows
+
+
+def main(cfg: DictConfig) -> None:
+    started = time.perf_counter()
+    # 1. Set-up, checked before any compute and built once: teacher, corpus, importance, space, caches
+    setup = build_setup(cfg)
+    for line in describe(setup):
+        print(line)
+    update_run(
+        setup.run_dir,
+        teacher=cfg.teacher,
+        teacher_params=setup.context.teacher.model.num_parameters(),
+        corpus=setup.context.corpus.describe(),
+        importance=str(setup.context.importance_path),
+        settings=OmegaConf.to_container(cfg, resolve=True),
+        budget=setup.budget.describe(setup.context.teacher.model.config),
+        hardware=setup.hardware,
+        search={"command": setup.command, "plan": describe(setup)},
+    )
+
+    # 2. The study, until search.n_trials candidates reached the last rung
+    try:
+        study = run_study(setup)
+    finally:
+        # 3. Tables derived from the records, also when interrupted: completed work is kept
+        records, front = write_tables(setup)
+    seconds = time.perf_counter() - started
+    update_run(setup.run_dir, wall_seconds={"search": seconds})
+
+    # 4. What happened, and the front
+    print("\ntrials:")
+    print("\n".join(summary_lines(study)))
+    print("\nPareto front (quality = -held-out KL on the selection rows; 'vs best' paired over the same rows):")
+    print(format_table(front_table(records, front), FRONT_COLUMNS) if front else "no trial reached the last rung")
+    print(
+        f"\nrun directory: {Path(setup.run_dir)} (trials.csv, pareto.csv, study.db); search wall time {seconds:.0f} s"
+    )

@@ -1,0 +1,126 @@
+"""Killed and interrupted workers lose nothing, with the default heartbeat settings."""
+
+import os
+import signal
+
+import pytest
+from conftest import load_study, reached_last_rung, search_args, slimnas_process, wait_until
+from optuna.trial import TrialState
+
+from search.records import read_records
+
+SLOW_RUNGS = "search.fidelity.rung_tokens=[1024,4096]"  # trials long enough to be caught mid-KD
+POSTGRES = os.environ.get("SLIMNAS_TEST_POSTGRES_URL")
+
+
+def mid_kd(study):
+    """A trial past its screen and not finished: accepted, running, with work to lose."""
+    return [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "rung_0" in t.user_attrs]
+
+
+def candidate(trial) -> tuple:
+    return tuple(sorted(trial.params.items())), trial.user_attrs.get("depth_strategy")
+
+
+def test_kill_9_then_the_same_command_completes_the_killed_candidate(search_teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    args = search_args(search_teacher, run_dir, "search.n_trials=5", "search.sampler=random", SLOW_RUNGS)
+    process = slimnas_process(*args)
+    wait_until(lambda: mid_kd(load_study(run_dir)), process)
+    killed = mid_kd(load_study(run_dir))[0]
+    os.kill(process.pid, signal.SIGKILL)
+    process.finish()
+    before = {t.number: t.values for t in reached_last_rung(load_study(run_dir))}
+
+    rerun = slimnas_process(*args)  # the default grace period: the dead worker is seen at once on this host
+    returncode, output = rerun.finish()
+    assert returncode == 0, output
+    study = load_study(run_dir)
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    after = {t.number: t.values for t in reached_last_rung(study)}
+    assert len(after) >= 5 and all(after[n] == v for n, v in before.items())
+    failed = study.trials[killed.number]
+    assert failed.state == TrialState.FAIL and "died" in failed.user_attrs["fail_reason"]
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert "rung_0" not in retries[0].user_attrs or retries[0].user_attrs["rung_0"] == killed.user_attrs["rung_0"]
+    same = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if candidate(t) == candidate(killed)]
+    assert len(same) == 1  # completed exactly once
+    references = [t for t in study.trials if t.user_attrs.get("reference")]
+    assert references and all(
+        any(candidate(c) == candidate(r) for c in study.get_trials(states=(TrialState.COMPLETE,))) for r in references
+    )
+    assert f"trial {killed.number}: worker" in output and "queued again" in output
+
+
+@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server (tests/with_postgres.sh starts one)")
+def test_four_workers_on_postgresql_one_killed_lose_nothing(search_teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    name = f"four-{tmp_path.name}"
+    args = search_args(
+        search_teacher, run_dir, "search.n_trials=8", "search.sampler=random", SLOW_RUNGS,
+        f"search.storage.url={POSTGRES}", f"search.study_name={name}",
+    )  # fmt: skip
+    workers = [slimnas_process(*args) for _ in range(4)]
+    wait_until(lambda: mid_kd(load_study(run_dir, name, POSTGRES)), workers[0])
+    victim_trial = mid_kd(load_study(run_dir, name, POSTGRES))[0]
+    victim_pid = int(victim_trial.user_attrs["worker"].split(":")[1])
+    victim = next(w for w in workers if w.pid == victim_pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.finish()
+    for worker in workers:
+        if worker is not victim:
+            returncode, output = worker.finish()
+            assert returncode == 0, output
+    study = load_study(run_dir, name, POSTGRES)
+    done = reached_last_rung(study)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) >= 8
+    assert len({candidate(t) for t in complete}) == len(complete)  # no candidate evaluated twice
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert any(candidate(t) == candidate(victim_trial) for t in complete)  # the killed one was finished by others
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server"))],
+)
+def test_two_processes_share_one_study_without_duplicates(search_teacher, tmp_path, backend):
+    run_dir = tmp_path / "run"
+    url = POSTGRES if backend == "postgresql" else f"sqlite:///{run_dir / 'study.db'}"
+    name = f"two-{tmp_path.name}"
+    args = search_args(
+        search_teacher, run_dir, "search.n_trials=6", "search.sampler=random",
+        f"search.storage.url={url}", f"search.study_name={name}",
+    )  # fmt: skip
+    first, second = slimnas_process(*args), slimnas_process(*args)
+    for process in (first, second):
+        returncode, output = process.finish()
+        assert returncode == 0, output
+    study = load_study(run_dir, name, url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(reached_last_rung(study)) >= 6
+    assert len({candidate(t) for t in complete}) == len(complete)
+
+
+def test_ctrl_c_keeps_the_study_consistent_and_the_rerun_finishes_the_candidate(search_teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    args = search_args(search_teacher, run_dir, "search.n_trials=4", "search.sampler=random", SLOW_RUNGS)
+    process = slimnas_process(*args)
+    wait_until(lambda: mid_kd(load_study(run_dir)), process)
+    os.kill(process.pid, signal.SIGINT)
+    returncode, output = process.finish(timeout=120)
+    assert returncode == 130, output
+    assert "slimnas: interrupted; completed work is kept" in output
+    study = load_study(run_dir)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("fail_reason")]
+    assert [t.user_attrs["fail_reason"] for t in interrupted] == ["interrupted"]
+    assert study.get_trials(states=(TrialState.WAITING,))  # its candidate is queued for the next run
+    records = {r.trial: r for r in read_records(run_dir)}
+    assert records[interrupted[0].number].fail_reason == "interrupted"
+    returncode, output = slimnas_process(*args).finish()
+    assert returncode == 0, output
+    study = load_study(run_dir)
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
