@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/slimnas search preset=cpu search.run_dir=runs/demo
+	$(BIN)/slimnas pipeline preset=cpu run_dir=runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 test: lint
-	tests/with_postgres.sh $(BIN)/python -m pytest -q
+	tests/with_services.sh $(BIN)/python -m pytest -q

@@ -85,6 +85,10 @@ class DistillSettings:
         """KD steps that `tokens` buy (at least one): the one place budgets become steps."""
         return max(1, tokens // self.tokens_per_step(seq_len))
 
+    def rows_for(self, seq_len: int) -> int:
+        """Corpus rows the whole budget reads (fewer than that are cycled through, reshuffled each epoch)."""
+        return math.ceil(self.steps_for(self.budget_tokens, seq_len) * self.tokens_per_step(seq_len) / seq_len)
+
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     if step < warmup:
@@ -181,7 +185,7 @@ class Distiller:
         seq_len = train_rows.shape[1]
         self.tokens_per_step = settings.tokens_per_step(seq_len)
         self.total_steps = settings.steps_for(settings.budget_tokens, seq_len)
-        self.n_rows = min(len(train_rows), math.ceil(self.total_steps * self.tokens_per_step / seq_len))
+        self.n_rows = min(len(train_rows), settings.rows_for(seq_len))
         if hidden_match is not None:
             hidden_match.maps.to(self.device)
         parameters = list(student.parameters()) + (list(hidden_match.maps.parameters()) if hidden_match else [])

@@ -41,11 +41,14 @@ def model_card(record: RetrainRecord, teacher: RetrainRecord, teacher_name: str)
             f"{_pm(teacher.summary, teacher.summary_stderr)} |"
         )
     speed = record.speed
+    if speed:
+        speedup = _pm(speed["decode_speedup"], speed["decode_speedup_stderr"], 2)
+        lines.append(f"| decode speed-up vs the teacher | {speedup}x | 1x |")
+    lines.append(f"| FLOPs per token | {record.flops_per_token:,} | {teacher.flops_per_token:,} |")
+    if record.memory and teacher.memory:
+        mine, theirs = record.memory["peak_bytes"] / 2**20, teacher.memory["peak_bytes"] / 2**20
+        lines.append(f"| peak memory alone | {mine:.0f} MiB | {theirs:.0f} MiB |")
     lines += [
-        f"| decode speed-up vs the teacher | {_pm(speed['decode_speedup'], speed['decode_speedup_stderr'], 2)}x | 1x |",
-        f"| FLOPs per token | {record.flops_per_token:,} | {teacher.flops_per_token:,} |",
-        f"| peak memory alone | {record.memory['peak_bytes'] / 2**20:.0f} MiB | "
-        f"{teacher.memory['peak_bytes'] / 2**20:.0f} MiB |",
         "",
         f"Measured on {record.hardware.get('name')} ({record.hardware.get('threads')} threads, "
         f"torch {record.hardware.get('torch')}). Speed is timed in alternating pairs with the teacher.",

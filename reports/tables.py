@@ -1,6 +1,7 @@
 """Records out: tidy rows saved as CSV, JSON and Parquet, and printed as aligned text tables."""
 
 import json
+import math
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -25,9 +26,12 @@ def save_records(records: list, stem: Path) -> list[Path]:
     return paths
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
+    """One value as table text: blank for None and NaN, thousands separators, four significant digits."""
     if isinstance(value, bool):
-        return "yes" if value else ""
+        return "yes" if value else "no"
+    if isinstance(value, float) and math.isnan(value):
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3e}"
     if isinstance(value, int):
@@ -36,7 +40,7 @@ def _cell(value) -> str:
 
 
 def format_table(records: list, columns: list[str]) -> str:
-    rows = [[_cell(row.get(c)) for c in columns] for row in as_rows(records)]
+    rows = [[cell(row.get(c)) for c in columns] for row in as_rows(records)]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -45,7 +49,17 @@ def format_table(records: list, columns: list[str]) -> str:
 
 
 def plus_minus(value: float | None, stderr: float | None, digits: int = 3) -> str:
-    """'value ± stderr' for tables; blank when there is no value."""
-    if value is None:
+    """'value ± stderr' for tables; blank when there is no value (None or NaN), no '±' without a stderr."""
+    if value is None or math.isnan(value):
         return ""
-    return f"{value:.{digits}f}" if stderr is None else f"{value:.{digits}f} ± {stderr:.{digits}f}"
+    if stderr is None or math.isnan(stderr):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {stderr:.{digits}f}"
+
+
+def digits_for(value: float, stderr: float | None) -> int:
+    """Decimals that show two significant digits of the stderr (three of the value when there is none)."""
+    reference, significant = (stderr, 2) if stderr and math.isfinite(stderr) else (value, 3)
+    if not reference or not math.isfinite(reference):
+        return 0
+    return max(0, significant - 1 - math.floor(math.log10(abs(reference))))

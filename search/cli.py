@@ -24,6 +24,7 @@ COMMANDS = {  # name: (recipe module, config, what it does)
     "retrain": ("search.run_retrain", "retrain", "fully distil and score a search's best candidates"),
     "report": ("reports.run_report", "report", "leaderboard, plots and a page from run directories"),
     "pipeline": ("search.run_pipeline", "pipeline", "search -> retrain -> report in one run directory"),
+    "baselines": ("bench.search_vs_baselines", "baselines", "the search against simple choices, over seeds"),
 }
 POSITIONAL = {"retrain": "run_dir", "report": "run_dirs"}  # commands that take run directories as arguments
 USAGE = "usage: slimnas COMMAND [RUN_DIR ...] [key=value ...]\n\ncommands:\n" + "\n".join(

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from compress.runtime.errors import SlimnasError
 from compress.runtime.files import read_json, write_json
+from reports.tables import save_records
+from search.objectives import Objective, front_of
 
 RUN_FILE = "run.json"
 RECORD_FILE = "record.json"
@@ -81,6 +83,7 @@ class RetrainRecord:
     seconds: dict  # per stage
     command: str
     hardware: dict
+    heldout_other: dict = field(default_factory=dict)  # the same metrics on other held-out text (e.g. WikiText-2)
 
 
 def read_retrained(run_dir: Path) -> list[RetrainRecord]:
@@ -146,3 +149,13 @@ def table_row(record: TrialRecord) -> dict:
         | record.architecture
         | {column: values.get(column) for column in TABLE_COLUMNS[5:]}
     )
+
+
+def write_trial_tables(run_dir: Path, objectives: list[Objective], latency_ms: float | None) -> tuple[list, list[int]]:
+    """trials.* and pareto.* (csv, json, parquet), derived from the records on disk; returns records and front."""
+    records = read_records(run_dir)
+    front = front_of(records, objectives, latency_ms)
+    rows = [table_row(r) | {"pareto": r.trial in front} for r in records]
+    save_records(rows, run_dir / "trials")
+    save_records([row for row in rows if row["pareto"]], run_dir / "pareto")
+    return records, front

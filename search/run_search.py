@@ -12,24 +12,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from compress.arch import Architecture, param_count
 from compress.heldout import paired_difference
-from reports.tables import format_table, plus_minus, save_records
-from search.objectives import front_of
-from search.records import TrialRecord, read_records, table_row, update_run
-from search.setup import SearchSetup, build_setup, describe
+from reports.tables import format_table, plus_minus
+from search.records import TrialRecord, update_run, write_trial_tables
+from search.setup import build_setup, describe
 from search.study import run_study, summary_lines
 
 FRONT_COLUMNS = ["trial", "label", "params", "quality", "vs best", "perplexity", "kd_tokens", "reference"]
-
-
-def write_tables(setup: SearchSetup) -> tuple[list[TrialRecord], list[int]]:
-    """trials.* and pareto.*, derived from the records on disk (also after Ctrl-C)."""
-    records = read_records(setup.run_dir)
-    front = front_of(records, list(setup.objectives), setup.budget.latency_ms)
-    rows = [table_row(r) | {"pareto": r.trial in front} for r in records]
-    save_records(rows, setup.run_dir / "trials")
-    save_records([row for row in rows if row["pareto"]], setup.run_dir / "pareto")
-    return records, front
 
 
 def front_table(records: list[TrialRecord], front: list[int]) -> list[dict]:
@@ -63,7 +53,8 @@ def main(cfg: DictConfig) -> None:
     update_run(
         setup.run_dir,
         teacher=cfg.teacher,
-        teacher_params=setup.context.teacher.model.num_parameters(),
+        teacher_params=param_count(setup.context.teacher.model.config),
+        teacher_architecture=Architecture.of(setup.context.teacher.model.config).as_dict(),
         corpus=setup.context.corpus.describe(),
         importance=str(setup.context.importance_path),
         settings=OmegaConf.to_container(cfg, resolve=True),
@@ -77,7 +68,7 @@ def main(cfg: DictConfig) -> None:
         study = run_study(setup)
     finally:
         # 3. Tables derived from the records, also when interrupted: completed work is kept
-        records, front = write_tables(setup)
+        records, front = write_trial_tables(setup.run_dir, list(setup.objectives), setup.budget.latency_ms)
     seconds = time.perf_counter() - started
     update_run(setup.run_dir, wall_seconds={"search": seconds})
 

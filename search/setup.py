@@ -193,7 +193,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     # 5. Corpus, importance, the teacher's top-k logits for every KD row a trial can use, the selection rows
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir), importance, teacher)
     targets = make_teacher_targets(distill, teacher, context.corpus.train, cache_root(cfg.cache_dir))
-    targets.prepare(rung_steps[-1] * distill.tokens_per_step(data.seq_len) // data.seq_len)
+    targets.prepare(distill.rows_for(data.seq_len))
     selection = HeldoutSet("selection", context.corpus.selection, teacher.model, cfg.precision)
     suite = prepare_suite(list(quality.tasks), data.dir, run_dir / "tasks") if settings.score_trials else None
     return SearchSetup(

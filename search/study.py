@@ -25,7 +25,7 @@ from compress.prune import plan_pruning, prune_model
 from compress.runtime import interrupt
 from compress.runtime.errors import SlimnasError, one_line
 from compress.runtime.files import write_json
-from search.records import COMPLETE, FAILED, STOPPED, TrialRecord, trial_dir, write_record
+from search.records import COMPLETE, FAILED, STOPPED, TrialRecord, trial_dir, update_run, write_record
 from search.setup import SearchSetup
 from search.space import (
     DIMENSIONS,
@@ -184,6 +184,7 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
             if arch not in chosen:
                 study.enqueue_trial(arch.as_dict())
     study.set_user_attr("reference_notes", notes)
+    update_run(setup.run_dir, references=notes)
     study.set_user_attr("references_enqueued", True)
 
 

@@ -53,7 +53,7 @@ def test_kill_9_then_the_same_command_completes_the_killed_candidate(search_teac
     assert f"trial {killed.number}: worker" in output and "queued again" in output
 
 
-@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server (tests/with_postgres.sh starts one)")
+@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server (tests/with_services.sh starts one)")
 def test_four_workers_on_postgresql_one_killed_lose_nothing(search_teacher, tmp_path):
     run_dir = tmp_path / "run"
     name = f"four-{tmp_path.name}"

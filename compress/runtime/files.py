@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from compress.runtime.errors import SlimnasError
 
 
@@ -57,5 +55,6 @@ def hash_json(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def hash_tensor(tensor: torch.Tensor) -> str:
+def hash_tensor(tensor) -> str:
+    """sha256 of a torch tensor's bytes (torch is not imported here: reading records must stay light)."""
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Run a command with a throwaway PostgreSQL server on loopback, for the many-worker storage tests.
-# Installs Debian's postgresql package when missing (root only); exports SLIMNAS_TEST_POSTGRES_URL.
-# Without PostgreSQL (not root, no apt) the command runs anyway and those tests skip, except under CI.
+# Run a command with what the tests need from outside Python:
+#   - a throwaway PostgreSQL server on loopback, for the many-worker storage tests (exports SLIMNAS_TEST_POSTGRES_URL);
+#   - Debian's chromium and chromium-driver, for the report page opened in a headless browser.
+# Installs the missing Debian packages (root only). Without them (not root, no apt) the command runs anyway and
+# those tests skip, except under CI.
 set -euo pipefail
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
-if [ -z "$(pg_bin)" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "installing PostgreSQL (Debian package)"
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+missing=()
+[ -n "$(pg_bin)" ] || missing+=(postgresql)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing ${missing[*]} (Debian packages)"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 BIN=$(pg_bin)
 if [ -z "$BIN" ] || ! id postgres >/dev/null 2>&1; then

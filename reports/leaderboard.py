@@ -1,0 +1,261 @@
+"""The leaderboard: one row per model of one or more runs, built from the records, teacher first.
+
+Search rows and retrained rows are measured on different held-out rows of the corpus (selection rows
+choose, evaluation rows are never used to choose) and after different KD budgets, so every row says
+which: `heldout_split`, `kd_tokens` and `stage`. Flat rows for CSV; Markdown and HTML for reading.
+"""
+
+from reports.markup import table
+from reports.runs import Run
+from reports.tables import digits_for, plus_minus
+from search.records import RetrainRecord, TrialRecord
+
+ARCH_COLUMNS = {
+    "hidden": "hidden_size",
+    "ffn": "intermediate_size",
+    "heads": "num_attention_heads",
+    "kv": "num_key_value_heads",
+    "layers": "num_hidden_layers",
+}
+HEAD_COLUMNS = [
+    "run", "name", "stage", "reference", "label", *ARCH_COLUMNS, "params", "params_pct", "kd_tokens",
+    "heldout_split", "heldout_kl", "heldout_kl_stderr", "perplexity", "perplexity_stderr",
+]  # fmt: skip
+TAIL_COLUMNS = [
+    "summary", "summary_stderr", "teacher_score_kept_pct", "prefill_tokens_per_s", "decode_tokens_per_s",
+    "decode_speedup", "decode_speedup_stderr", "flops_ratio", "peak_memory_bytes",
+]  # fmt: skip
+TEACHER, RETRAINED = "teacher", "retrained"
+
+
+def stage_rank(stage: str) -> int:
+    """How far a trial got: prune < screen < kd_1 < kd_2 < ..."""
+    if stage.startswith("kd_"):
+        return 1 + int(stage.removeprefix("kd_"))
+    return {"prune": 0, "screen": 1}.get(stage, 0)
+
+
+def model_columns(run: Run, name: str, stage: str, record: TrialRecord | RetrainRecord | None) -> dict:
+    """What a row says about the model itself; the teacher of a search-only run is known by its size only."""
+    architecture = record.architecture if record else {}
+    params = record.params if record else run.teacher_params
+    return {
+        "run": run.name,
+        "name": name,
+        "stage": stage,
+        "reference": record.reference if record else None,
+        "label": record.label if record else None,
+        **{column: architecture.get(key) for column, key in ARCH_COLUMNS.items()},
+        "params": params,
+        "params_pct": 100 * params / run.teacher_params,
+    }
+
+
+def heldout_columns(heldout: dict, kd_tokens: int) -> dict:
+    return {
+        "kd_tokens": kd_tokens,
+        "heldout_split": heldout.get("split"),
+        "heldout_kl": heldout.get("kl"),
+        "heldout_kl_stderr": heldout.get("kl_stderr"),
+        "perplexity": heldout.get("perplexity"),
+        "perplexity_stderr": heldout.get("perplexity_stderr"),
+    }
+
+
+def score_columns(scores: list[dict]) -> dict:
+    """Every lm-eval metric as task/metric and task/metric_stderr, with the task's split."""
+    columns = {}
+    for score in scores:
+        task, metric = score["task"], score["metric"]
+        columns |= {
+            f"{task}/split": score["split"],
+            f"{task}/{metric}": score["value"],
+            f"{task}/{metric}_stderr": score["stderr"],
+        }
+    return columns
+
+
+def kept_pct(summary: float | None, teacher: RetrainRecord | None) -> float | None:
+    """The share of the teacher's above-chance score kept; blank without both, or when the teacher is at chance."""
+    if summary is None or teacher is None or teacher.summary is None or teacher.summary <= 0:
+        return None
+    return 100 * summary / teacher.summary
+
+
+def teacher_row(run: Run) -> dict:
+    teacher = run.teacher
+    if teacher is None:  # search-only: the teacher's KL to itself is 0 on the selection rows too
+        return (
+            model_columns(run, TEACHER, TEACHER, None)
+            | heldout_columns({"split": "selection", "kl": 0.0}, 0)
+            | {
+                "decode_speedup": 1.0,
+                "flops_ratio": 1.0,
+            }
+        )
+    return (
+        model_columns(run, TEACHER, TEACHER, teacher)
+        | heldout_columns(teacher.heldout, teacher.kd_tokens)
+        | score_columns(teacher.scores)
+        | {
+            "summary": teacher.summary,
+            "summary_stderr": teacher.summary_stderr,
+            "teacher_score_kept_pct": kept_pct(teacher.summary, teacher),
+            "prefill_tokens_per_s": teacher.speed.get("prefill_tokens_per_s"),
+            "decode_tokens_per_s": teacher.speed.get("decode_tokens_per_s"),
+            "decode_speedup": 1.0,
+            "flops_ratio": 1.0,
+            "peak_memory_bytes": teacher.memory.get("peak_bytes"),
+        }
+    )
+
+
+def retrained_row(run: Run, record: RetrainRecord) -> dict:
+    """A retrained candidate: its full-budget KD and its scores on the evaluation rows and lm-eval."""
+    speed = record.speed
+    return (
+        model_columns(run, str(record.trial), RETRAINED, record)
+        | heldout_columns(record.heldout, record.kd_tokens)
+        | score_columns(record.scores)
+        | {
+            "summary": record.summary,
+            "summary_stderr": record.summary_stderr,
+            "teacher_score_kept_pct": kept_pct(record.summary, run.teacher),
+            "prefill_tokens_per_s": speed["model"].get("prefill_tokens_per_s"),
+            "decode_tokens_per_s": speed["model"].get("decode_tokens_per_s"),
+            "decode_speedup": speed.get("decode_speedup"),
+            "decode_speedup_stderr": speed.get("decode_speedup_stderr"),
+            "flops_ratio": run.teacher.flops_per_token / record.flops_per_token,
+            "peak_memory_bytes": record.memory.get("peak_bytes"),
+        }
+    )
+
+
+def search_heldout(record: TrialRecord) -> dict:
+    """The final held-out metrics of a trial, with the split of the last stage that measured them."""
+    last = next((s["heldout"] for s in reversed(record.stages) if s.get("heldout")), {})
+    final = record.final
+    return {
+        "split": last.get("split"),
+        "kl": final.get("heldout_kl"),
+        "kl_stderr": final.get("heldout_kl_stderr"),
+        "perplexity": final.get("perplexity"),
+        "perplexity_stderr": final.get("perplexity_stderr"),
+    }
+
+
+def search_row(run: Run, record: TrialRecord) -> dict:
+    """A trial as the search left it. Its lm-eval scores (search.score_trials) are on fewer documents than the
+    teacher's, so no share of the teacher's score is claimed; the FLOPs ratio is the one its speed stage recorded."""
+    final, stages = record.final, {s["stage"]: s for s in record.stages}
+    return (
+        model_columns(run, str(record.trial), record.stage, record)
+        | heldout_columns(search_heldout(record), record.kd_tokens)
+        | score_columns(stages.get("score", {}).get("scores", []))
+        | {
+            "summary": final.get("summary"),
+            "summary_stderr": final.get("summary_stderr"),
+            "prefill_tokens_per_s": final.get("prefill_tokens_per_s"),
+            "decode_tokens_per_s": final.get("decode_tokens_per_s"),
+            "decode_speedup": final.get("decode_speedup"),
+            "decode_speedup_stderr": final.get("decode_speedup_stderr"),
+            "flops_ratio": stages.get("speed", {}).get("flops_reduction"),
+        }
+    )
+
+
+def run_rows(run: Run) -> list[dict]:
+    """Teacher, the retrained candidates (best held-out KL first), then the other trials by stage reached and
+    quality (failed trials are left out: the page counts them)."""
+    retrained = sorted(run.retrained, key=lambda r: r.heldout["kl"])
+    numbers = {r.trial for r in retrained}
+    searched = sorted(
+        (r for r in run.candidates if r.trial not in numbers),
+        key=lambda r: (-stage_rank(r.stage), -r.final.get("quality", float("-inf")), r.trial),
+    )
+    return [teacher_row(run), *(retrained_row(run, r) for r in retrained), *(search_row(run, r) for r in searched)]
+
+
+def leaderboard_rows(runs: list[Run]) -> list[dict]:
+    """Every run's rows, each row with every column (blank where a run or a stage has no value)."""
+    rows = [row for run in runs for row in run_rows(run)]
+    task_columns = list(dict.fromkeys(key for row in rows for key in row if "/" in key))
+    columns = HEAD_COLUMNS + task_columns + TAIL_COLUMNS
+    return [{column: row.get(column) for column in columns} for row in rows]
+
+
+# Reading: Markdown and HTML, values with their error bars and the rows they were measured on ---------------
+
+
+def task_metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    """(task, metric) pairs of the score columns, in column order."""
+    return [
+        tuple(column.split("/")) for column in rows[0] if "/" in column and not column.endswith(("/split", "_stderr"))
+    ]
+
+
+def pm(row: dict, column: str, suffix: str = "") -> str:
+    """A row's value with its stderr (two significant digits of it), blank when there is none."""
+    value, stderr = row[column], row.get(f"{column}_stderr")
+    text = plus_minus(value, stderr, digits_for(value, stderr)) if value is not None else ""
+    return f"{text}{suffix}" if text else ""
+
+
+def number(value: float | None, template: str) -> str:
+    return "" if value is None else template.format(value)
+
+
+def mib(value: int | None) -> str:
+    return "" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells; a 'run' column only when the rows come from several runs."""
+    several = len({row["run"] for row in rows}) > 1
+    tasks = task_metrics(rows)
+    splits = {task: "/".join(sorted({r[f"{task}/split"] for r in rows if r[f"{task}/split"]})) for task, _ in tasks}
+    headers = [
+        *(["run"] if several else []), "name", "stage", "reference", "label", "params", "KD tokens", "held-out rows",
+        "KL to teacher", "perplexity", *(f"{task} {metric} [{splits[task]}]" for task, metric in tasks), "summary",
+        "teacher score kept", "decode speed-up", "FLOPs ratio", "decode tok/s", "peak memory",
+    ]  # fmt: skip
+    cells = [
+        [
+            *([row["run"]] if several else []),
+            row["name"],
+            row["stage"],
+            row["reference"] or "",
+            row["label"] or "",
+            f"{row['params']:,} ({row['params_pct']:.1f}%)",
+            f"{row['kd_tokens']:,}",
+            row["heldout_split"] or "",
+            pm(row, "heldout_kl"),
+            pm(row, "perplexity"),
+            *(pm(row, f"{task}/{metric}") for task, metric in tasks),
+            pm(row, "summary"),
+            number(row["teacher_score_kept_pct"], "{:.0f}%"),
+            pm(row, "decode_speedup", "x"),
+            number(row["flops_ratio"], "{:.2f}x"),
+            number(row["decode_tokens_per_s"], "{:,.0f}"),
+            mib(row["peak_memory_bytes"]),
+        ]  # fmt: skip
+        for row in rows
+    ]
+    return headers, cells
+
+
+def markdown(rows: list[dict]) -> str:
+    """GitHub Markdown table of the leaderboard."""
+    headers, cells = display_table(rows)
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(rows: list[dict]) -> str:
+    """An HTML table fragment of the leaderboard (the page embeds it as it is)."""
+    headers, cells = display_table(rows)
+    return table(headers, cells, "leaderboard", [row["stage"] for row in rows])

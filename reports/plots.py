@@ -1,0 +1,312 @@
+"""The report's figures, drawn from one run's records: what the search found and what retraining bought.
+
+Every axis says what it plots and on which rows: search trials are scored on the selection rows after
+the KD tokens of the stage they reached; retrained candidates on the evaluation rows after the retrain
+budget. Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state)
+and are kept as PNG and SVG bytes, so nothing is written until the whole report is ready.
+"""
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from compress.runtime.files import atomic_path
+from reports.leaderboard import stage_rank
+from reports.runs import Run
+from search.records import COMPLETE, RetrainRecord, TrialRecord
+
+ACCURACY_METRICS = ("acc", "acc_norm")
+FRONT_LABEL = "Pareto front"
+Measure = Callable[[TrialRecord | RetrainRecord], float | None]  # where a record goes on an axis
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str  # file stem under plots/RUN/
+    title: str
+    png: bytes | None
+    svg: bytes | None
+    missing: str | None  # why it was not drawn
+
+
+# What the axes show ------------------------------------------------------------------------------------
+
+
+def quality_axis(run: Run) -> str:
+    rows = run.info.get("corpus", {}).get("rows", {}).get("selection")
+    if run.quality_metric == "summary":
+        return "quality = lm-eval summary score of the trial (accuracy above chance)"
+    return f"quality = -KL to teacher ({rows} selection rows)"
+
+
+def retrained_quality(run: Run, record: RetrainRecord) -> tuple[float | None, float | None]:
+    """A retrained candidate's quality in the search's terms, measured on the evaluation rows."""
+    if run.quality_metric == "summary":
+        return record.summary, record.summary_stderr
+    return -record.heldout["kl"], record.heldout["kl_stderr"]
+
+
+def retrained_label(run: Run) -> str:
+    what = "lm-eval summary score" if run.quality_metric == "summary" else "-KL on the evaluation rows"
+    return f"retrained: {what}, after {run.retrain_tokens} KD tokens"
+
+
+def teacher_quality(run: Run) -> float | None:
+    """The teacher's own quality: KL 0 to itself; its summary score only when retrain scored it."""
+    if run.quality_metric == "summary":
+        return run.teacher.summary if run.teacher else None
+    return 0.0
+
+
+def ranked(run: Run) -> list[TrialRecord]:
+    return [r for r in run.candidates if "quality" in r.final]
+
+
+def by_stage(trials: list[TrialRecord]) -> dict[str, list[TrialRecord]]:
+    """Trials grouped by the stage they reached, furthest first."""
+    stages = sorted({r.stage for r in trials}, key=stage_rank, reverse=True)
+    return {stage: [r for r in trials if r.stage == stage] for stage in stages}
+
+
+def stage_label(stage: str, trials: list[TrialRecord]) -> str:
+    return f"trials that reached {stage} ({trials[0].kd_tokens:,} KD tokens)"
+
+
+def stage_colors(run: Run) -> dict[str, tuple]:
+    stages = sorted({r.stage for r in run.candidates}, key=stage_rank)
+    cmap = colormaps["viridis"]
+    return {stage: cmap(0.85 * i / max(1, len(stages) - 1)) for i, stage in enumerate(stages)}
+
+
+def new_axes(figsize: tuple[float, float] = (8.0, 5.2)) -> tuple[Figure, Axes]:
+    figure = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.grid(True, alpha=0.3)
+    return figure, ax
+
+
+def legend_below(figure: Figure) -> None:
+    figure.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+
+
+# The series the quality plots share: trials by stage reached, reference names, retrained ones, the teacher --
+
+
+def draw_trials(ax: Axes, run: Run, trials: list[TrialRecord], x: Measure, xerr: Measure | None = None) -> None:
+    """Trials against their quality (± stderr), one colour per stage reached; references named."""
+    colors = stage_colors(run)
+    for stage, group in by_stage(trials).items():
+        ax.errorbar(
+            [x(r) for r in group], [r.final["quality"] for r in group],
+            yerr=[r.final.get("quality_stderr") or 0.0 for r in group],
+            xerr=[xerr(r) or 0.0 for r in group] if xerr else None,
+            fmt="o", color=colors[stage], alpha=0.8, label=stage_label(stage, group),
+        )  # fmt: skip
+    references = sorted((x(r), r.final["quality"], r.reference) for r in trials if r.reference)
+    for i, (at_x, at_y, name) in enumerate(references):  # alternately above and below: neighbours do not collide
+        offset = (6, 8) if i % 2 == 0 else (6, -14)
+        ax.annotate(name, (at_x, at_y), textcoords="offset points", xytext=offset, fontsize=8, color="0.25")
+
+
+def draw_retrained(ax: Axes, run: Run, x: Measure, xerr: Measure | None = None) -> None:
+    scored = [r for r in run.retrained if retrained_quality(run, r)[0] is not None]
+    if not scored:
+        return
+    qualities = [retrained_quality(run, r) for r in scored]
+    ax.errorbar(
+        [x(r) for r in scored], [quality for quality, _ in qualities], yerr=[stderr or 0.0 for _, stderr in qualities],
+        xerr=[xerr(r) or 0.0 for r in scored] if xerr else None, fmt="D", color="tab:red", label=retrained_label(run),
+    )  # fmt: skip
+
+
+def draw_teacher(ax: Axes, run: Run, x: float, label: str) -> None:
+    if (quality := teacher_quality(run)) is not None:
+        ax.plot([x], [quality], "*", color="tab:orange", markersize=14, label=label)
+
+
+# The plots ----------------------------------------------------------------------------------------------
+
+
+def front_points(run: Run) -> list[tuple[int, float]]:
+    """(params, quality) of the run's Pareto front, by size: the step line of the quality-vs-parameters plot."""
+    return sorted((r.params, r.final["quality"]) for r in run.front())
+
+
+def quality_vs_params(run: Run) -> Figure | None:
+    trials = ranked(run)
+    if not trials:
+        return None
+    figure, ax = new_axes()
+    draw_trials(ax, run, trials, lambda r: r.params)
+    if front := front_points(run):
+        objectives = ", ".join(run.info["settings"]["search"]["objectives"])
+        ax.plot(
+            *zip(*front, strict=True), drawstyle="steps-post", color="k", marker="s", markerfacecolor="none",
+            markersize=9, label=f"{FRONT_LABEL} ({objectives})",
+        )  # fmt: skip
+    draw_retrained(ax, run, lambda r: r.params)
+    draw_teacher(ax, run, run.teacher_params, "teacher")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set(xlabel="parameters", ylabel=quality_axis(run), title="Quality vs parameters")
+    legend_below(figure)
+    return figure
+
+
+def quality_vs_speedup(run: Run) -> Figure | None:
+    trials = [r for r in ranked(run) if r.final.get("decode_speedup") is not None]
+    if not trials and not run.retrained:
+        return None
+    figure, ax = new_axes()
+    draw_trials(ax, run, trials, lambda r: r.final["decode_speedup"], lambda r: r.final.get("decode_speedup_stderr"))
+    draw_retrained(ax, run, lambda r: r.speed["decode_speedup"], lambda r: r.speed.get("decode_speedup_stderr"))
+    draw_teacher(ax, run, 1.0, "teacher (1x)")
+    speed = run.info["settings"].get("speed", {})
+    ax.set(
+        xlabel=f"decode speed-up vs the teacher (timed in alternating pairs, batch {speed.get('batch_size')}, "
+        f"{speed.get('new_tokens')} new tokens, {run.info.get('hardware', {}).get('device')})",
+        ylabel=quality_axis(run),
+        title="Quality vs measured decode speed-up",
+    )
+    legend_below(figure)
+    return figure
+
+
+def best_so_far(trials: list[TrialRecord]) -> list[tuple[int, float]]:
+    """(trial number, best quality so far) among the trials that reached the last rung."""
+    points, best = [], float("-inf")
+    for record in sorted(trials, key=lambda r: r.trial):
+        if record.state == COMPLETE and record.final["quality"] > best:
+            best = record.final["quality"]
+            points.append((record.trial, best))
+    return points
+
+
+def search_history(run: Run) -> Figure | None:
+    trials = ranked(run)
+    if not trials:
+        return None
+    figure, ax = new_axes()
+    draw_trials(ax, run, trials, lambda r: r.trial)
+    if best := best_so_far(trials):
+        steps = [*best, (max(r.trial for r in trials), best[-1][1])]
+        ax.plot(*zip(*steps, strict=True), drawstyle="steps-post", color="k", label="best so far (last rung)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trial number", ylabel=quality_axis(run), title="Search history")
+    legend_below(figure)
+    return figure
+
+
+def kd_curves(run: Run) -> Figure | None:
+    curves = [(r, run.kd_curves.get(r.name, [])) for r in run.retrained]
+    if not any(points for _, points in curves):
+        return None
+    figure, ax = new_axes()
+    for record, points in curves:
+        tokens = [p["kd_tokens"] for p in points]
+        kl = [p["kl"] for p in points]
+        stderr = [p.get("kl_stderr") or 0.0 for p in points]
+        line = ax.plot(tokens, kl, "o-", markersize=3, label=f"trial {record.trial} {record.label}")[0]
+        low, high = [k - s for k, s in zip(kl, stderr, strict=True)], [k + s for k, s in zip(kl, stderr, strict=True)]
+        ax.fill_between(tokens, low, high, color=line.get_color(), alpha=0.15)
+    rows = run.info.get("corpus", {}).get("rows", {}).get("evaluation")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set(
+        xlabel="KD tokens (retraining)", ylabel=f"KL to teacher ({rows} evaluation rows)", title="Retraining: KD curves"
+    )
+    legend_below(figure)
+    return figure
+
+
+def accuracy_scores(record: RetrainRecord) -> dict[tuple[str, str], dict]:
+    return {(s["task"], s["metric"]): s for s in record.scores if s["metric"] in ACCURACY_METRICS}
+
+
+def tick_label(pair: tuple[str, str], scores: dict[str, dict]) -> str:
+    """task, metric, split and documents scored (the first model that has the pair tells split and n)."""
+    score = next(by_pair[pair] for by_pair in scores.values() if pair in by_pair)
+    return f"{pair[0]}\n{pair[1]} ({score['split']}, n={score['n']})"
+
+
+def task_scores(run: Run) -> Figure | None:
+    models = [("teacher", run.teacher)] if run.teacher else []
+    models += [(f"trial {r.trial} {r.label}", r) for r in run.retrained]
+    scores = {name: accuracy_scores(record) for name, record in models}
+    pairs = list(dict.fromkeys(pair for by_pair in scores.values() for pair in by_pair))
+    if not run.retrained or not pairs:
+        return None
+    figure, ax = new_axes((max(8.0, 3.0 + 0.5 * len(pairs) * len(models)), 5.2))
+    width = 0.8 / len(models)
+    for i, (name, by_pair) in enumerate(scores.items()):
+        found = [by_pair.get(pair) for pair in pairs]
+        ax.bar(
+            [j + (i - (len(models) - 1) / 2) * width for j in range(len(pairs))],
+            [s["value"] if s else float("nan") for s in found], width,
+            yerr=[(s["stderr"] or 0.0) if s else 0.0 for s in found], capsize=3, label=name,
+        )  # fmt: skip
+    ax.set_xticks(range(len(pairs)), [tick_label(pair, scores) for pair in pairs])
+    ax.set(ylabel="accuracy (lm-eval), ± stderr", ylim=(0, 1.05), title="Per-task accuracy vs the teacher")
+    legend_below(figure)
+    return figure
+
+
+# Rendering ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    title: str
+    draw: Callable[[Run], Figure | None]
+    missing: str  # said on the page when draw has nothing to draw
+
+
+SPECS = (
+    Spec("quality_vs_params", "Quality vs parameters", quality_vs_params, "no trial has a quality yet"),
+    Spec(
+        "quality_vs_speedup", "Quality vs decode speed-up", quality_vs_speedup,
+        "no speed-up was measured (search.measure_speed=false and never retrained)",
+    ),
+    Spec("search_history", "Search history", search_history, "no trial has a quality yet"),
+    Spec("kd_curves", "KD curves of the retrained candidates", kd_curves, "never retrained: no KD curves"),
+    Spec(
+        "task_scores", "Per-task scores vs the teacher", task_scores,
+        "no lm-eval accuracy of retrained candidates (never retrained, or quality.tasks had none)",
+    ),
+)  # fmt: skip
+
+
+def image(figure: Figure, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else {"Date": None})
+    return buffer.getvalue()
+
+
+def draw_plots(run: Run) -> list[Plot]:
+    plots = []
+    for spec in SPECS:
+        figure = spec.draw(run)
+        if figure is None:
+            plots.append(Plot(spec.name, spec.title, None, None, spec.missing))
+        else:
+            plots.append(Plot(spec.name, spec.title, image(figure, "png"), image(figure, "svg"), None))
+    return plots
+
+
+def write_plots(plots: list[Plot], folder: Path) -> None:
+    """PNG and SVG of each drawn plot; files of plots not drawn this time are removed."""
+    for plot in plots:
+        for suffix, data in ((".png", plot.png), (".svg", plot.svg)):
+            path = folder / f"{plot.name}{suffix}"
+            if data is None:
+                path.unlink(missing_ok=True)
+                continue
+            with atomic_path(path) as staging:
+                staging.write_bytes(data)

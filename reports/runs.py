@@ -1,0 +1,178 @@
+"""The run directories a report is made from, read and checked before anything is written.
+
+A report reads records only, never a model: run.json, the trial records, the retrain records, the KD
+curves of the retrained candidates, zero_shot.json, and proof/ when another tool left one there. Every
+problem with them is found here and said in one line, so a bad input never leaves half a report.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.runtime.errors import SlimnasError
+from compress.runtime.files import read_json
+from search.objectives import front_of, objectives_from_config
+from search.records import FAILED, RUN_FILE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run
+
+RUN_KEYS = ("teacher", "teacher_params", "settings")  # written by `slimnas search` before its first trial
+RANKED = ("complete", "stopped")  # trial states that carry a quality
+PROOF_FILE, PROOF_IMAGE = Path("proof") / "proof.json", Path("proof") / "proof.png"
+
+
+@dataclass(frozen=True)
+class Proof:
+    """proof/proof.json (the search against baselines, written by another tool) and its optional image."""
+
+    columns: list[str]
+    rows: list[dict]
+    paired_columns: list[str]
+    paired: list[dict]
+    notes: list[str]
+    image: bytes | None
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+    info: dict  # run.json
+    trials: list[TrialRecord]  # every trial record, failed ones included
+    teacher: RetrainRecord | None  # retrain/teacher: the teacher scored like the candidates
+    retrained: list[RetrainRecord]  # the retrained candidates
+    kd_curves: dict[str, list[dict]]  # retrained name -> held-out metrics (evaluation rows) and kd_tokens
+    zero_shot: list[dict]  # the candidates screened without KD for the zero-shot reference
+    unfinished: list[str]  # retrain/NAME directories with no record yet (retrain interrupted or running)
+    proof: Proof | None
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def kind(self) -> str:
+        """search (a search, maybe retrained) or baselines (the search-vs-baselines benchmark: its proof only)."""
+        return self.info.get("kind", "search")
+
+    @property
+    def teacher_params(self) -> int:
+        return self.info["teacher_params"]
+
+    @property
+    def candidates(self) -> list[TrialRecord]:
+        return [r for r in self.trials if r.state != FAILED]
+
+    @property
+    def failed(self) -> list[TrialRecord]:
+        return [r for r in self.trials if r.state == FAILED]
+
+    @property
+    def retrain_tokens(self) -> str:
+        """The retrained candidates' KD tokens as text: one budget, or each when the budget changed between runs."""
+        return " / ".join(f"{tokens:,}" for tokens in sorted({r.kd_tokens for r in self.retrained}))
+
+    @property
+    def quality_metric(self) -> str:
+        return self.info["settings"]["search"]["quality_metric"]
+
+    def front(self) -> list[TrialRecord]:
+        """The run's Pareto front over its objectives, as the search computed it (pareto.csv)."""
+        search = self.info["settings"]["search"]
+        objectives = objectives_from_config(list(search["objectives"]))
+        members = set(front_of(self.trials, objectives, search["budget"]["latency_ms"]))
+        return [r for r in self.trials if r.trial in members]
+
+
+def check_info(info: dict, run_dir: Path) -> None:
+    missing = [key for key in RUN_KEYS if key not in info]
+    if missing:
+        raise SlimnasError(f"{run_dir / RUN_FILE} lacks {', '.join(missing)}: the search never started properly")
+
+
+def check_trials(trials: list[TrialRecord], run_dir: Path) -> None:
+    if not trials:
+        raise SlimnasError(f"{run_dir} has no trial records (trials/NNNN/record.json): nothing to report")
+    for record in trials:
+        if record.state in RANKED and not (isinstance(record.final, dict) and "quality" in record.final):
+            raise SlimnasError(f"trial {record.trial} of {run_dir} is {record.state} but its record has no quality")
+
+
+def check_retrained(retrained: list[RetrainRecord], teacher: RetrainRecord | None, run: Run) -> None:
+    numbers = {r.trial for r in run.trials}
+    for record in retrained:
+        if record.trial not in numbers:
+            raise SlimnasError(
+                f"{run.dir}/retrain/{record.name}/record.json is of trial {record.trial}, which has no trial record"
+            )
+    if retrained and teacher is None:
+        raise SlimnasError(f"{run.dir}/retrain has candidates but no teacher record (retrain/teacher/record.json)")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SlimnasError(f"corrupt JSON lines file: {path} ({error})") from error
+
+
+def read_kd_curve(path: Path) -> list[dict]:
+    """The held-out points of a KD run's metrics.jsonl, in KD order (none when the file is absent)."""
+    if not path.is_file():
+        return []
+    return [{**line["heldout"], "kd_tokens": line["tokens"]} for line in read_jsonl(path) if "heldout" in line]
+
+
+def read_proof(run_dir: Path) -> Proof | None:
+    if not (run_dir / PROOF_FILE).is_file():
+        return None
+    proof = read_json(run_dir / PROOF_FILE)
+    if not isinstance(proof, dict) or not all(isinstance(proof.get(key), list) for key in ("columns", "rows")):
+        raise SlimnasError(f"{run_dir / PROOF_FILE} needs lists 'columns' and 'rows'")
+    image = run_dir / PROOF_IMAGE
+    return Proof(
+        columns=proof["columns"],
+        rows=proof["rows"],
+        paired_columns=proof.get("paired_columns", []),
+        paired=proof.get("paired", []),
+        notes=proof.get("notes", []),
+        image=image.read_bytes() if image.is_file() else None,
+    )
+
+
+def read_one(run_dir: Path) -> Run:
+    info = read_run(run_dir)
+    if info.get("kind") == "baselines":
+        proof = read_proof(run_dir)
+        if proof is None:
+            raise SlimnasError(f"{run_dir} is a baselines run with no {PROOF_FILE} yet: the benchmark has not finished")
+        return Run(run_dir, info, [], None, [], {}, [], [], proof)
+    check_info(info, run_dir)
+    trials = read_records(run_dir)
+    check_trials(trials, run_dir)
+    retrained = read_retrained(run_dir)
+    teacher = next((r for r in retrained if r.name == "teacher"), None)
+    candidates = [r for r in retrained if r.name != "teacher"]
+    recorded = {r.name for r in retrained}
+    run = Run(
+        dir=run_dir,
+        info=info,
+        trials=trials,
+        teacher=teacher,
+        retrained=candidates,
+        kd_curves={r.name: read_kd_curve(run_dir / "retrain" / r.name / "kd" / "metrics.jsonl") for r in candidates},
+        zero_shot=read_json(run_dir / "zero_shot.json") if (run_dir / "zero_shot.json").is_file() else [],
+        unfinished=sorted(p.name for p in (run_dir / "retrain").glob("*/kd") if p.parent.name not in recorded),
+        proof=read_proof(run_dir),
+    )
+    check_retrained(candidates, teacher, run)
+    return run
+
+
+def read_runs(run_dirs: list[Path]) -> list[Run]:
+    """Every run directory, read and checked; rows of the leaderboard are tagged by directory name."""
+    if not run_dirs:
+        raise SlimnasError("no run directory given: slimnas report RUN_DIR [RUN_DIR ...]")
+    runs = [read_one(Path(d).resolve()) for d in run_dirs]
+    names = [run.name for run in runs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SlimnasError(f"two run directories are named {repeated[0]}: rows are tagged by directory name")
+    return runs

@@ -1,0 +1,202 @@
+"""Retraining: one candidate distilled through the full budget, then scored exactly like the teacher.
+
+Used by `slimnas retrain` (a search's best candidates and references) and by the search-vs-baselines
+benchmark (each method's finalist). Every candidate of one `Retraining` gets the same KD tokens,
+corpus rows, order, schedule and seed, and the same scorer, so their numbers compare fairly.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.memory import measure_memory
+from bench.quality import QualitySettings, score_model, summary_score
+from bench.speed import SpeedSettings, compare_speed, measure_speed
+from bench.tasks import TaskSuite, prepare_suite
+from compress.arch import Architecture, flops_per_token, param_count
+from compress.context import TeacherContext
+from compress.distill import STATE_FILE, Distiller, DistillSettings, distill_to_budget, make_teacher_targets
+from compress.heldout import HeldoutSet
+from compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
+from compress.runtime.device import hardware
+from compress.runtime.errors import SlimnasError
+from compress.runtime.files import read_json, write_json
+from compress.teacher_targets import TeacherTargets
+from reports.model_card import model_card
+from search.records import RECORD_FILE, RetrainRecord
+
+
+def generate(model, tokenizer, prompts: list[str], new_tokens: int) -> list[dict]:
+    """Greedy continuations, for a side-by-side look at what the numbers mean."""
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        outputs.append({"prompt": prompt, "text": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)})
+    return outputs
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Scores any model the same way: evaluation rows (and other held-out text), lm-eval, continuations."""
+
+    tokenizer: object
+    evaluation: HeldoutSet
+    other_heldout: tuple[HeldoutSet, ...]
+    suite: TaskSuite | None
+    quality: QualitySettings
+    precision: str
+    prompts: tuple[str, ...]
+    new_tokens: int
+    seed: int
+    log_to: Path
+
+    def __call__(self, model, name: str) -> dict:
+        started = time.perf_counter()
+        part = {
+            "heldout": asdict(self.evaluation.evaluate(model)),
+            "heldout_other": {h.split: asdict(h.evaluate(model)) for h in self.other_heldout},
+            "scores": [],
+            "summary": None,
+            "summary_stderr": None,
+        }
+        seconds = {"heldout": time.perf_counter() - started}
+        if self.suite is not None:
+            started = time.perf_counter()
+            records = score_model(
+                model, self.tokenizer, self.suite, self.quality.limit, self.quality.batch_size, self.seed, name,
+                self.precision, self.quality.max_length, self.log_to,
+            )  # fmt: skip
+            part["scores"] = [asdict(r) for r in records]
+            if any(r.metric in ("acc", "acc_norm") for r in records):
+                part["summary"], part["summary_stderr"] = summary_score(records)
+            seconds["lm_eval"] = time.perf_counter() - started
+        part["generations"] = generate(model, self.tokenizer, list(self.prompts), self.new_tokens)
+        return part | {"seconds": seconds}
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """What every candidate of one retraining shares."""
+
+    context: TeacherContext
+    teacher_name: str
+    targets: TeacherTargets
+    distill: DistillSettings
+    scorer: Scorer
+    speed: SpeedSettings | None  # None: no timing and no memory measurement
+    command: str
+
+
+def prepare_retraining(
+    context: TeacherContext,
+    teacher_name: str,
+    distill: DistillSettings,
+    quality: QualitySettings,
+    speed: SpeedSettings | None,
+    data_dir: str | None,
+    work_dir: Path,
+    prompts: tuple[str, ...],
+    new_tokens: int,
+    cache_dir: Path,
+    command: str,
+    other_heldout: tuple[HeldoutSet, ...] = (),
+    subset_seed: int = 0,
+) -> Retraining:
+    """The teacher's logits for every KD row (filled once, up front), the task suite, the scorer."""
+    targets = make_teacher_targets(distill, context.teacher, context.corpus.train, cache_dir)
+    targets.prepare(distill.rows_for(context.corpus.seq_len))
+    scorer = Scorer(
+        tokenizer=context.teacher.tokenizer,
+        evaluation=HeldoutSet("evaluation", context.corpus.evaluation, context.teacher.model, distill.precision),
+        other_heldout=other_heldout,
+        suite=prepare_suite(list(quality.tasks), data_dir, work_dir / "tasks") if quality.tasks else None,
+        quality=quality,
+        precision=distill.precision,
+        prompts=tuple(prompts),
+        new_tokens=new_tokens,
+        seed=subset_seed,
+        log_to=work_dir / "log.txt",
+    )
+    return Retraining(context, teacher_name, targets, distill, scorer, speed, command)
+
+
+def finished(out: Path) -> RetrainRecord | None:
+    return RetrainRecord(**read_json(out / RECORD_FILE)) if (out / RECORD_FILE).is_file() else None
+
+
+def score_teacher(retraining: Retraining, out: Path) -> RetrainRecord:
+    """The teacher scored by the same scorer (once per directory)."""
+    if (record := finished(out)) is not None:
+        return record
+    teacher, speed = retraining.context.teacher.model, retraining.speed
+    arch = Architecture.of(teacher.config)
+    record = RetrainRecord(
+        name="teacher", trial=None, label=arch.label(), architecture=arch.as_dict(), params=param_count(teacher.config),
+        params_fraction=1.0, reference=None, kd_tokens=0, search={}, kd={},
+        speed=asdict(measure_speed(teacher, speed, "teacher")) if speed else {},
+        flops_per_token=flops_per_token(teacher.config, speed.prompt_len if speed else 128),
+        memory=asdict(measure_memory(retraining.teacher_name, speed, retraining.context.device)) if speed else {},
+        model_dir=None, command=retraining.command, hardware=hardware(retraining.context.device),
+        **retraining.scorer(teacher, "teacher"),
+    )  # fmt: skip
+    write_json(out / RECORD_FILE, asdict(record))
+    return record
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    arch: Architecture
+    policy: PrunePolicy
+    trial: int | None = None
+    reference: str | None = None
+    search: dict | None = None  # its search-time quality, when it came from a search
+    expected_plan: dict | None = None  # the cut the search made, to check the re-cut against
+
+
+def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: RetrainRecord) -> RetrainRecord:
+    """Re-prune, distil through the budget (resuming a killed run), save the checkpoint, score it."""
+    if (record := finished(out)) is not None:
+        return record
+    context = retraining.context
+    teacher_model = context.teacher.model
+    plan = plan_pruning(context.importance, teacher_model.config, candidate.arch, candidate.policy)
+    if candidate.expected_plan and plan.as_dict() != candidate.expected_plan:
+        raise SlimnasError(
+            f"re-pruning {candidate.name} gave another cut than the search did: the importance scores or settings "
+            f"changed since the search"
+        )
+    student = prune_model(teacher_model, plan, candidate.arch)
+    started = time.perf_counter()
+    kd = Distiller(student, retraining.targets, context.corpus.train, retraining.distill)
+    identity = {"plan": plan.as_dict(), "teacher": context.teacher.fingerprint, "corpus": context.corpus.fingerprint}
+    result = distill_to_budget(kd, retraining.scorer.evaluation, out / "kd", identity)
+    kd_seconds = time.perf_counter() - started
+    provenance = {"trial": candidate.trial, "kd_tokens": result.tokens, "plan": plan.as_dict()}
+    save_checkpoint(student, context.teacher.tokenizer, out / "model", provenance | {"command": retraining.command})
+    scored = retraining.scorer(student, candidate.arch.label())
+    scored["seconds"]["kd"] = kd_seconds
+    speed, memory = {}, {}
+    if retraining.speed is not None:
+        started = time.perf_counter()
+        comparison = compare_speed(student, teacher_model, retraining.speed, candidate.arch.label(), "teacher")
+        scored["seconds"]["speed"] = time.perf_counter() - started
+        speed = comparison.as_row() | {"model": asdict(comparison.model), "reference": asdict(comparison.reference)}
+        memory = asdict(measure_memory(str(out / "model"), retraining.speed, context.device))
+    params = param_count(teacher_model.config, candidate.arch)
+    record = RetrainRecord(
+        name=candidate.name, trial=candidate.trial, label=candidate.arch.label(), architecture=candidate.arch.as_dict(),
+        params=params, params_fraction=params / param_count(teacher_model.config), reference=candidate.reference,
+        kd_tokens=result.tokens, search=candidate.search or {}, kd=asdict(result), speed=speed,
+        flops_per_token=flops_per_token(student.config, retraining.speed.prompt_len if retraining.speed else 128),
+        memory=memory, model_dir=str(out / "model"), command=retraining.command,
+        hardware=hardware(context.device), **scored,
+    )  # fmt: skip
+    (out / "model" / "README.md").write_text(model_card(record, teacher, retraining.teacher_name))
+    write_json(out / RECORD_FILE, asdict(record))
+    (out / "kd" / STATE_FILE).unlink(missing_ok=True)  # finished: its optimizer state is not needed again
+    return record

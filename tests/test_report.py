@@ -1,0 +1,325 @@
+"""slimnas report on real runs of a tiny teacher: values traced back to the records, the Pareto front, several
+runs, a search-only run, bad input, and the page opened in a real headless browser."""
+
+import base64
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA, save_tiny_checkpoint, search_args
+from matplotlib.figure import Figure
+
+from reports.plots import FRONT_LABEL, quality_vs_params
+from reports.runs import read_runs
+from search.cli import main
+
+RETRAIN_FAST = [
+    "precision=fp32", "distill.batch_size=4", "retrain.budget_tokens=512", "distill.eval_every=2",
+    "quality.tasks=[piqa]", "quality.limit=4", "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1",
+    "speed.max_repeats=2", "retrain.new_tokens=4", "retrain.top_k=1",
+]  # fmt: skip
+PROOF = {
+    "columns": ["method", "params %", "held-out KL", "trials"],
+    "rows": [
+        {"method": "slimnas search", "params %": 68.5, "held-out KL": 0.0053, "trials": 4},
+        {"method": "random search", "params %": 70.1, "held-out KL": 0.0071, "trials": None},
+    ],
+    "paired_columns": ["pair", "KL difference"],
+    "paired": [{"pair": "search - random", "KL difference": -0.0018}],
+    "notes": ["same budget of KD tokens for both methods"],
+}
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SCREENSHOT_COPY = Path("/work/notes/report_screenshot.png")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("report")
+
+
+@pytest.fixture(scope="module")
+def searched(root) -> Path:
+    """A 4-trial search on a tiny teacher, never retrained."""
+    teacher = save_tiny_checkpoint(root / "teacher", max_position_embeddings=512)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMNAS_CACHE", str(root / "cache"))
+        assert main(search_args(teacher, root / "searched", "search.n_trials=4")) == 0
+    return root / "searched"
+
+
+@pytest.fixture(scope="module")
+def retrained(root, searched) -> Path:
+    """A copy of the search, retrained (the front's best and the references) and scored on piqa; with a proof/."""
+    if not (SHARED_DATA / "SOURCES.md").is_file():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    run_dir = root / "retrained"
+    shutil.copytree(searched, run_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMNAS_CACHE", str(root / "cache"))
+        assert main(["retrain", str(run_dir), *RETRAIN_FAST]) == 0
+    (run_dir / "proof").mkdir()
+    (run_dir / "proof" / "proof.json").write_text(json.dumps(PROOF))
+    (run_dir / "proof" / "proof.png").write_bytes(tiny_png())
+    return run_dir
+
+
+def tiny_png() -> bytes:
+    figure = Figure(figsize=(3, 2), layout="constrained")
+    figure.add_subplot().bar(["search", "random"], [0.0053, 0.0071])
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def trial_records(run_dir: Path) -> dict[int, dict]:
+    return {int(p.parent.name): read_json(p) for p in sorted((run_dir / "trials").glob("*/record.json"))}
+
+
+def retrain_records(run_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: read_json(p) for p in sorted((run_dir / "retrain").glob("*/record.json"))}
+
+
+def leaderboard(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "report" / "leaderboard.csv", dtype={"name": str})
+
+
+def test_the_leaderboard_values_are_the_records_values(retrained, capsys):
+    assert main(["report", str(retrained)]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(retrained / "report" / "index.html"))
+    table = leaderboard(retrained)
+    trials, retrain = trial_records(retrained), retrain_records(retrained)
+    run = read_json(retrained / "run.json")
+    teacher = retrain.pop("teacher")
+    assert table.name.tolist()[0] == "teacher" and len(table) == 1 + len(trials)  # no trial failed in this run
+
+    row = table.iloc[0]
+    assert row.params == run["teacher_params"] == teacher["params"] and row.heldout_kl == 0.0
+    assert (row.heldout_split, row.perplexity) == ("evaluation", pytest.approx(teacher["heldout"]["perplexity"]))
+    assert row.peak_memory_bytes == teacher["memory"]["peak_bytes"]
+
+    retrained_rows = table[table.stage == "retrained"]
+    assert retrained_rows.index.tolist() == list(range(1, 1 + len(retrain)))  # right after the teacher
+    assert retrained_rows.heldout_kl.is_monotonic_increasing
+    for _, row in retrained_rows.iterrows():
+        record = retrain[f"{int(row['name']):04d}"]
+        assert row.heldout_split == record["heldout"]["split"] == "evaluation"
+        assert row.heldout_kl == pytest.approx(record["heldout"]["kl"], rel=1e-12)
+        assert row.heldout_kl_stderr == pytest.approx(record["heldout"]["kl_stderr"], rel=1e-12)
+        assert row.perplexity == pytest.approx(record["heldout"]["perplexity"], rel=1e-12)
+        assert (row.params, row.kd_tokens) == (record["params"], record["kd_tokens"])
+        assert row.decode_speedup == pytest.approx(record["speed"]["decode_speedup"], rel=1e-12)
+        assert row.flops_ratio == pytest.approx(teacher["flops_per_token"] / record["flops_per_token"], rel=1e-12)
+        assert row.peak_memory_bytes == record["memory"]["peak_bytes"]
+        assert row.summary == pytest.approx(record["summary"], rel=1e-12)
+        assert row.teacher_score_kept_pct == pytest.approx(100 * record["summary"] / teacher["summary"], rel=1e-12)
+        for score in record["scores"]:
+            assert row[f"{score['task']}/{score['metric']}"] == pytest.approx(score["value"], rel=1e-12)
+            assert row[f"{score['task']}/{score['metric']}_stderr"] == pytest.approx(score["stderr"], rel=1e-12)
+            assert row[f"{score['task']}/split"] == score["split"]
+
+    searched_rows = table[~table.stage.isin(["teacher", "retrained"])]
+    assert {int(n) for n in searched_rows.name} == set(trials) - {r["trial"] for r in retrain.values()}
+    for _, row in searched_rows.iterrows():
+        record = trials[int(row["name"])]
+        assert (row.stage, row.kd_tokens, row.heldout_split) == (record["stage"], record["kd_tokens"], "selection")
+        assert row.heldout_kl == pytest.approx(record["final"]["heldout_kl"], rel=1e-12)
+        assert row.decode_speedup == pytest.approx(record["final"]["decode_speedup"], rel=1e-12)
+        assert np.isnan(row.summary) and np.isnan(row.peak_memory_bytes)  # blank: not measured by the search
+
+    markdown = (retrained / "report" / "leaderboard.md").read_text()
+    assert "evaluation" in markdown and "selection" in markdown and "±" in markdown and "nan" not in markdown
+
+
+def test_the_front_line_is_the_runs_pareto_front(retrained):
+    figure = quality_vs_params(read_runs([retrained])[0])
+    (line,) = [line for line in figure.axes[0].get_lines() if line.get_label().startswith(FRONT_LABEL)]
+    pareto = pd.read_csv(retrained / "pareto.csv").sort_values("params")
+    np.testing.assert_allclose(line.get_xydata(), pareto[["params", "quality"]].to_numpy(), rtol=1e-12)
+
+
+def test_several_runs_give_one_leaderboard_tagged_by_run(searched, retrained, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["report", str(retrained), str(searched), f"out={out}"]) == 0
+    table = pd.read_csv(out / "leaderboard.csv", dtype={"name": str})
+    assert table.run.unique().tolist() == ["retrained", "searched"]
+    for run_dir in (retrained, searched):
+        rows = table[table.run == run_dir.name]
+        assert rows.name.iloc[0] == "teacher" and len(rows) == 1 + len(trial_records(run_dir))
+    assert (out / "plots" / "retrained" / "kd_curves.png").is_file()
+    assert not (out / "plots" / "searched" / "kd_curves.png").exists()
+    assert "| run |" in (out / "leaderboard.md").read_text()
+
+
+def test_a_search_only_run_says_so_and_leaves_failed_trials_out(searched, tmp_path):
+    run_dir = shutil.copytree(searched, tmp_path / "search_only")
+    failed = {**read_json(run_dir / "trials" / "0000" / "record.json"), "trial": 99, "state": "failed"}
+    failed |= {"stage": "prune", "final": {}, "fail_reason": "OutOfMemoryError: hand-written for this test"}
+    (run_dir / "trials" / "0099").mkdir()
+    (run_dir / "trials" / "0099" / "record.json").write_text(json.dumps(failed))
+    assert main(["report", str(run_dir)]) == 0
+    table = leaderboard(run_dir)
+    assert "99" not in table.name.tolist() and len(table) == len(trial_records(searched)) + 1
+    teacher = table.iloc[0]
+    run = read_json(run_dir / "run.json")
+    assert (teacher["name"], teacher.params, teacher.heldout_kl) == ("teacher", run["teacher_params"], 0.0)
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "This run was never retrained: search-only report." in page
+    assert "1 failed trial(s) left out of the leaderboard (trial 99: OutOfMemoryError" in page
+    assert "KD curves of the retrained candidates: not drawn" in page
+    assert not (run_dir / "report" / "plots" / "search_only" / "kd_curves.png").exists()
+    assert (run_dir / "report" / "plots" / "search_only" / "quality_vs_params.svg").is_file()
+
+
+def not_a_run(tmp_path: Path, searched: Path) -> Path:
+    (tmp_path / "bad").mkdir()
+    return tmp_path / "bad"
+
+
+def no_records(tmp_path: Path, searched: Path) -> Path:
+    (tmp_path / "bad").mkdir()
+    shutil.copy(searched / "run.json", tmp_path / "bad" / "run.json")
+    return tmp_path / "bad"
+
+
+def corrupt_record(tmp_path: Path, searched: Path) -> Path:
+    run_dir = shutil.copytree(searched, tmp_path / "bad")
+    path = run_dir / "trials" / "0001" / "record.json"
+    path.write_text(path.read_text()[:200])
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (not_a_run, "is not a slimnas run directory (no run.json)"),
+        (no_records, "has no trial records"),
+        (corrupt_record, "corrupt JSON file"),
+    ],
+)
+def test_bad_input_ends_in_one_line_and_writes_nothing(searched, tmp_path, capsys, make, message):
+    run_dir = make(tmp_path, searched)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text("an earlier report")
+    assert main(["report", str(run_dir), f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("slimnas: error: ") and message in err
+    assert [p.name for p in out.iterdir()] == ["index.html"] and (out / "index.html").read_text() == "an earlier report"
+    assert not (run_dir / "report").exists()
+
+
+def test_a_retrained_candidate_without_its_trial_record_is_refused(retrained, tmp_path, capsys):
+    run_dir = shutil.copytree(retrained, tmp_path / "bad", ignore=shutil.ignore_patterns("report", "model"))
+    trial = next(r["trial"] for name, r in retrain_records(run_dir).items() if name != "teacher")
+    (run_dir / "trials" / f"{trial:04d}" / "record.json").unlink()
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is of trial {trial}, which has no trial record" in err
+    assert not (run_dir / "report").exists()
+
+
+def test_the_proof_tables_notes_and_image_are_on_the_page(retrained):
+    assert main(["report", str(retrained)]) == 0
+    page = (retrained / "report" / "index.html").read_text()
+    section = page[page.index("<h2>Search vs baselines") :]
+    for header in PROOF["columns"] + PROOF["paired_columns"]:
+        assert f"<th>{header}</th>" in section
+    assert "<td>random search</td><td>70.1</td><td>0.0071</td><td></td>" in section  # None is a blank cell
+    assert "<td>search - random</td><td>-0.0018</td>" in section
+    assert PROOF["notes"][0] in section and 'alt="search vs baselines"' in section
+
+
+# The page in a real browser ------------------------------------------------------------------------------
+
+
+def chrome():
+    """Debian's chromium driven by its chromedriver; skipped without them (failed under CI)."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing.append("the selenium package (pip install -e .[test])")
+    if missing:
+        reason = f"no headless browser: {', '.join(missing)} missing (tests/with_services.sh installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1400,1000")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    console_errors: list[str]
+    requests: list[str]  # every URL the page asked for, except data: URIs
+    images: list[dict]  # alt, naturalWidth
+    leaderboard_rows: int
+
+
+def load(driver, page: Path) -> Loaded:
+    driver.get(page.as_uri())  # returns once the load event fired: every image loaded or failed
+    events = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
+    requests = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+    return Loaded(
+        console_errors=[e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"],
+        requests=[url for url in requests if not url.startswith("data:")],
+        images=driver.execute_script("return [...document.images].map(i => ({alt: i.alt, width: i.naturalWidth}))"),
+        leaderboard_rows=driver.execute_script("return document.querySelectorAll('table.leaderboard tbody tr').length"),
+    )
+
+
+def screenshot(driver, path: Path) -> None:
+    """The whole page, not only the window: the viewport made as tall as the content."""
+    height = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"]
+    size = {"width": 1400, "height": math.ceil(height), "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
+    path.write_bytes(base64.b64decode(driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})["data"]))
+
+
+def test_the_page_opens_offline_in_a_browser_with_every_image(retrained, tmp_path):
+    assert main(["report", str(retrained)]) == 0
+    page = retrained / "report" / "index.html"
+    driver = chrome()
+    try:
+        loaded = load(driver, page)
+        screenshot(driver, tmp_path / "report.png")
+    finally:
+        driver.quit()
+    assert loaded.console_errors == []
+    assert loaded.requests == [page.as_uri()]
+    assert len(loaded.images) == 6 and all(image["width"] > 0 for image in loaded.images)  # 5 plots and the proof's
+    assert loaded.leaderboard_rows == 1 + len(trial_records(retrained))
+    if SCREENSHOT_COPY.parent.is_dir():
+        shutil.copy(tmp_path / "report.png", SCREENSHOT_COPY)
+
+
+def test_the_browser_checks_see_requests_console_errors_and_broken_images(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img src="http://127.0.0.1:9/x.png" alt="remote"><script>console.error("broken")</script></body></html>'
+    )
+    driver = chrome()
+    try:
+        loaded = load(driver, page)
+    finally:
+        driver.quit()
+    assert "http://127.0.0.1:9/x.png" in loaded.requests
+    assert any("broken" in message for message in loaded.console_errors)
+    assert loaded.images == [{"alt": "remote", "width": 0}]

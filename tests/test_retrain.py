@@ -1,0 +1,121 @@
+"""slimnas retrain on a tiny teacher: fair full distillation, resumable per candidate, HF checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+from conftest import save_tiny_checkpoint, search_args, slimnas_process, wait_until
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from search.cli import main
+from search.records import read_records, read_retrained, read_run
+from search.run_retrain import choose_candidates
+
+RETRAIN = [
+    "precision=fp32", "distill.batch_size=4", "distill.eval_every=64", "distill.save_every=16",
+    "quality.tasks=[]", "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1", "speed.max_repeats=2",
+    "retrain.new_tokens=4", "retrain.top_k=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A finished 3-trial search, copied by each test that retrains it."""
+    root = tmp_path_factory.mktemp("retrain")
+    teacher = save_tiny_checkpoint(root / "teacher", max_position_embeddings=512)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMNAS_CACHE", str(root / "cache"))
+        args = search_args(
+            teacher, root / "run", "search.n_trials=3", "search.sampler=random", "search.measure_speed=false"
+        )
+        assert main(args) == 0
+    return root
+
+
+def copy_run(searched, tmp_path, monkeypatch):
+    shutil.copytree(searched / "run", tmp_path / "run")
+    monkeypatch.setenv("SLIMNAS_CACHE", str(searched / "cache"))
+    return tmp_path / "run"
+
+
+def test_retrain_gives_every_candidate_the_same_budget_and_a_loadable_checkpoint(searched, tmp_path, monkeypatch):
+    run_dir = copy_run(searched, tmp_path, monkeypatch)
+    assert main(["retrain", str(run_dir), *RETRAIN, "retrain.budget_tokens=1024"]) == 0
+    retrained = {r.name: r for r in read_retrained(run_dir)}
+    records = {r.trial: r for r in read_records(run_dir)}
+    references = {n for n, r in records.items() if r.reference and r.state == "complete"}
+    candidates = [r for name, r in retrained.items() if name != "teacher"]
+    assert {r.trial for r in candidates} >= references and len(candidates) == len(references | {candidates[0].trial})
+    assert {r.kd_tokens for r in candidates} == {1024} and retrained["teacher"].kd_tokens == 0
+    for record in candidates:
+        model = AutoModelForCausalLM.from_pretrained(record.model_dir)
+        assert model.config.num_hidden_layers == record.architecture["num_hidden_layers"]
+        assert record.heldout["split"] == "evaluation" and record.heldout["kl_stderr"] > 0
+        assert record.kd["final"]["kl"] == pytest.approx(record.heldout["kl"], rel=1e-5)
+        assert record.memory["peak_bytes"] > 0 and record.speed["decode_speedup"] > 0
+        assert len(record.generations) == 3 and all(g["text"] for g in record.generations)
+        card = (run_dir / "retrain" / record.name / "model" / "README.md").read_text()
+        assert record.label in card and "KD tokens" in card and record.command in card
+        assert not (run_dir / "retrain" / record.name / "kd" / "train_state.safetensors").exists()
+        slimnas = json.loads((run_dir / "retrain" / record.name / "model" / "slimnas.json").read_text())
+        assert slimnas["plan"] == records[record.trial].plan  # re-pruned exactly as searched
+
+
+def test_kill_9_mid_candidate_then_rerun_gives_the_weights_of_an_uninterrupted_run(searched, tmp_path, monkeypatch):
+    straight = copy_run(searched, tmp_path / "a", monkeypatch)
+    resumed = copy_run(searched, tmp_path / "b", monkeypatch)
+    settings = [*RETRAIN, "retrain.budget_tokens=49152"]
+    assert main(["retrain", str(straight), *settings]) == 0
+
+    process = slimnas_process("retrain", str(resumed), *settings)
+    order = choose_candidates(read_records(straight), read_run(straight), top_k=1, references=True)
+    first, second = (f"{c.trial:04d}" for c in order[:2])
+
+    def mid_second_candidate():
+        state = resumed / "retrain" / second / "kd" / "train_state.safetensors"
+        return (resumed / "retrain" / first / "record.json").exists() and state.exists()
+
+    wait_until(mid_second_candidate, process, what="retrain never reached its second candidate")
+    os.kill(process.pid, signal.SIGKILL)
+    process.finish()
+    finished = (resumed / "retrain" / first / "record.json").read_text()
+    finished_mtime = (resumed / "retrain" / first / "model" / "model.safetensors").stat().st_mtime
+    assert not (resumed / "retrain" / second / "record.json").exists()
+
+    returncode, output = slimnas_process("retrain", str(resumed), *settings).finish()
+    assert returncode == 0, output
+    assert "retrained before, kept" in output
+    assert (resumed / "retrain" / first / "record.json").read_text() == finished
+    assert (resumed / "retrain" / first / "model" / "model.safetensors").stat().st_mtime == finished_mtime
+    expected = load_file(straight / "retrain" / second / "model" / "model.safetensors")
+    actual = load_file(resumed / "retrain" / second / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys() and all((expected[k] == actual[k]).all() for k in expected)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("not_a_run", "is not a slimnas run directory"),
+        ("no_trials", "no trial that reached the last rung"),
+        ("top_k", "larger than the run's front"),
+        ("corrupt", "corrupt JSON file"),
+    ],
+)
+def test_bad_input_is_one_line_and_overwrites_nothing(searched, tmp_path, monkeypatch, capsys, setup, message):
+    run_dir = copy_run(searched, tmp_path, monkeypatch)
+    extra = []
+    if setup == "not_a_run":
+        run_dir = tmp_path / "elsewhere"
+        run_dir.mkdir()
+    elif setup == "no_trials":
+        shutil.rmtree(run_dir / "trials")
+    elif setup == "top_k":
+        extra = ["retrain.top_k=99"]
+    else:
+        next((run_dir / "trials").glob("*/record.json")).write_text("{not json")
+    assert main(["retrain", str(run_dir), *RETRAIN, *extra]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (run_dir / "retrain").exists()
