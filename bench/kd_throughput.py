@@ -13,6 +13,7 @@ import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +26,39 @@ from compress.importance import ImportanceSettings, compute_importance
 from compress.models import DEFAULT_TEACHER, load_model
 from compress.prune import plan_pruning, prune_model
 from compress.runtime.device import autocast, pick_device, synchronize
+from compress.runtime.stats import mean_and_stderr
+
+Steps = Callable[[int], object]  # runs n training steps
+
+
+def kd_steps(mode: str, student, teacher, rows: torch.Tensor, args, scratch: Path) -> Steps:
+    """n KD steps of a copy of the student, with the teacher live or read from a filled top-k cache."""
+    tokens_per_step = args.batch * args.seq_len
+    settings = DistillSettings(
+        budget_tokens=tokens_per_step * (1 + args.rounds * args.steps), batch_size=args.batch, teacher_mode=mode,
+        top_k=args.top_k, precision=args.precision,
+    )  # fmt: skip
+    kd = Distiller(copy.deepcopy(student), make_teacher_targets(settings, teacher, rows, scratch), rows, settings)
+    kd.teacher_targets.prepare(kd.n_rows)  # the cache fill is not part of a KD step
+    return lambda n: kd.train_until(kd.step + n)
+
+
+def plain_steps(student, rows: torch.Tensor, args) -> Steps:
+    """n steps of the same student on next-token cross-entropy alone: the cost KD is compared against."""
+    plain = copy.deepcopy(student).train()
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5)
+    device = next(plain.parameters()).device
+
+    def run(n: int) -> None:
+        for i in range(n):
+            batch = rows[i * args.batch : (i + 1) * args.batch].to(device)
+            with autocast(device, args.precision):
+                logits = plain(input_ids=batch, use_cache=False).logits
+            F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return run
 
 
 def main() -> None:
@@ -38,52 +72,31 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
 
+    # 1. The teacher and a student cut to two thirds of its depth and FFN
     device = pick_device()
     teacher = load_model(args.teacher, device)
-    corpus = load_corpus(teacher.tokenizer, DataSettings(corpus="builtin", seq_len=args.seq_len))
-    importance = compute_importance(teacher.model, corpus.train, ImportanceSettings(n_samples=16))
-    shape = Architecture.of(teacher.model.config)
-    target = Architecture(
-        **{**shape.as_dict(), "num_hidden_layers": shape.num_hidden_layers * 2 // 3},
-    )
-    target = Architecture(**{**target.as_dict(), "intermediate_size": shape.intermediate_size * 2 // 3})
+    rows = load_corpus(teacher.tokenizer, DataSettings(corpus="builtin", seq_len=args.seq_len)).train
+    importance = compute_importance(teacher.model, rows, ImportanceSettings(n_samples=16))
+    shape = Architecture.of(teacher.model.config).as_dict()
+    target = Architecture(**shape | {"num_hidden_layers": shape["num_hidden_layers"] * 2 // 3,
+                                     "intermediate_size": shape["intermediate_size"] * 2 // 3})  # fmt: skip
     student = prune_model(teacher.model, plan_pruning(importance, teacher.model.config, target), target)
     tokens_per_step = args.batch * args.seq_len
-    total_steps = 1 + args.rounds * args.steps
     print(
         f"device {device}, precision {args.precision}, batch {args.batch} x {args.seq_len} = {tokens_per_step} tokens"
     )
     print(f"teacher {param_count(teacher.model.config):,} params -> student {param_count(student.config):,} params")
 
-    steppers = {}
+    # 2. The three kinds of step, warmed up, then timed in alternating rounds
     with tempfile.TemporaryDirectory() as scratch:
-        for mode in ("live", "cache"):
-            settings = DistillSettings(
-                budget_tokens=tokens_per_step * total_steps, batch_size=args.batch, teacher_mode=mode,
-                top_k=args.top_k, precision=args.precision,
-            )  # fmt: skip
-            targets = make_teacher_targets(settings, teacher, corpus.train, Path(scratch))
-            kd = Distiller(copy.deepcopy(student), targets, corpus.train, settings)
-            kd.teacher_targets.prepare(kd.n_rows)  # the cache fill is not part of a KD step
-            steppers[mode] = lambda n, kd=kd: kd.train_until(kd.step + n)
-
-        plain = copy.deepcopy(student).train()
-        optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5)
-
-        def plain_steps(n: int) -> None:
-            for i in range(n):
-                batch = corpus.train[i * args.batch : (i + 1) * args.batch].to(device)
-                with autocast(device, args.precision):
-                    logits = plain(input_ids=batch, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        steppers["plain"] = plain_steps
-        seconds: dict[str, list[float]] = {mode: [] for mode in steppers}
+        steppers = {
+            "live": kd_steps("live", student, teacher, rows, args, Path(scratch)),
+            "cache": kd_steps("cache", student, teacher, rows, args, Path(scratch)),
+            "plain": plain_steps(student, rows, args),
+        }
         for step in steppers.values():
-            step(1)  # warm-up
+            step(1)
+        seconds: dict[str, list[float]] = {mode: [] for mode in steppers}
         for _ in range(args.rounds):
             for mode, step in steppers.items():
                 synchronize(device)
@@ -92,13 +105,13 @@ def main() -> None:
                 synchronize(device)
                 seconds[mode].append((time.perf_counter() - started) / args.steps)
 
+    # 3. Tokens/s and each mode's speed as a share of the plain step's, round by round
     labels = {"live": "KD, live teacher", "cache": f"KD, top-{args.top_k} cache", "plain": "student fwd+bwd (CE)"}
     print(f"{'step':<24}{'s/step':>10}{'tokens/s':>12}{'vs plain':>18}")
     for mode, values in seconds.items():
-        ratios = [p / v for p, v in zip(seconds["plain"], values, strict=True)]
-        mean, spread = statistics.fmean(ratios), statistics.stdev(ratios) / len(ratios) ** 0.5
+        ratio, stderr = mean_and_stderr([p / v for p, v in zip(seconds["plain"], values, strict=True)])
         per_step = statistics.median(values)
-        print(f"{labels[mode]:<24}{per_step:>10.2f}{tokens_per_step / per_step:>12.1f}{mean:>12.2f} ± {spread:.2f}")
+        print(f"{labels[mode]:<24}{per_step:>10.2f}{tokens_per_step / per_step:>12.1f}{ratio:>12.2f} ± {stderr:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.tasks import CHANCE, TaskSuite
+from bench.tasks import CHANCE, SUMMARY_METRIC, TaskSuite
 from compress.runtime.device import autocast, model_device
 from compress.runtime.errors import SlimnasError
 
-SUMMARY_METRIC = {"piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm"}
 BINARY_METRICS = ("acc", "acc_norm")
 
 
@@ -122,11 +121,12 @@ def summary_score(records: list[ScoreRecord]) -> tuple[float, float]:
     """
     values, variances = [], []
     for task, chance in CHANCE.items():
-        metric = SUMMARY_METRIC.get(task, "acc")
+        metric = SUMMARY_METRIC[task]
         found = [r for r in records if r.task == task and r.metric == metric]
         if found:
             values.append((found[0].value - chance) / (1 - chance))
-            variances.append(((found[0].stderr or 0.0) / (1 - chance)) ** 2)
+            stderr = math.nan if found[0].stderr is None else found[0].stderr  # unknown stays unknown
+            variances.append((stderr / (1 - chance)) ** 2)
     if not values:
         raise SlimnasError("no accuracy task among the scored tasks: the summary score needs one")
     return sum(values) / len(values), math.sqrt(sum(variances)) / len(values)
@@ -134,8 +134,21 @@ def summary_score(records: list[ScoreRecord]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class QualitySettings:
-    tasks: tuple[str, ...] = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "wikitext")
+    tasks: tuple[str, ...] = ("piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag", "lambada_openai", "wikitext")
     limit: int | None = 200  # documents per task for final scores (bench, retrain): a fixed seeded subset
     trial_limit: int | None = 40  # documents per task when a search trial is scored
+    seed: int = 0  # which documents form the subsets
     batch_size: int = 8
     max_length: int | None = 2048  # context window (rolling windows for wikitext); memory grows with it
+
+    def __post_init__(self):
+        for name in ("limit", "trial_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SlimnasError(f"quality.{name} must be at least 1, or null for the whole split")
+        if self.batch_size < 1:
+            raise SlimnasError("quality.batch_size must be at least 1")
+
+    def check_summary(self) -> None:
+        """The summary score needs at least one accuracy task."""
+        if not set(self.tasks) & set(CHANCE):
+            raise SlimnasError(f"the summary score needs an accuracy task among quality.tasks ({', '.join(CHANCE)})")

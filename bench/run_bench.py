@@ -17,7 +17,7 @@ from compress.corpus import DataSettings
 from compress.heldout import HeldoutSet
 from compress.models import cache_root, load_model
 from compress.runtime.config import settings_from
-from reports.tables import format_table, save_records
+from compress.runtime.tables import format_table, save_records
 
 SCORE_COLUMNS = ["model", "task", "split", "metric", "value", "stderr", "n", "seconds"]
 SPEED_COLUMNS = ["model", "params", "prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms", "cpu_load"]
@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     data = settings_from(DataSettings, cfg.data, "data")
     speed = settings_from(SpeedSettings, cfg.speed, "speed", precision=cfg.precision)
     out = Path(cfg.out)
-    suite = prepare_suite(list(cfg.quality.tasks), data.dir, out / "tasks") if cfg.quality.tasks else None
+    suite = prepare_suite(list(cfg.quality.tasks), data.dir) if cfg.quality.tasks else None
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir))
     teacher = context.teacher
     name = cfg.model or cfg.teacher

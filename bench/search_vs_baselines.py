@@ -17,7 +17,6 @@ seed by seed (paired). Results go to RUN_DIR/proof/, where `slimnas report RUN_D
 """
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,27 +24,28 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from scipy.stats import t as student_t
 
 from bench.quality import QualitySettings
+from bench.tasks import prepare_suite
 from compress.arch import Architecture, param_count
-from compress.corpus import DataSettings, find_data_dir
+from compress.corpus import DataSettings
 from compress.distill import DistillSettings
 from compress.heldout import HeldoutSet
-from compress.models import cache_root
 from compress.prune import PrunePolicy
 from compress.runtime.config import settings_from
+from compress.runtime.data import find_data_dir
 from compress.runtime.errors import SlimnasError
-from compress.runtime.files import write_json
-from reports.tables import plus_minus, save_records
-from search.records import COMPLETE, RetrainRecord, update_run, write_trial_tables
-from search.retraining import Candidate, prepare_retraining, retrain, score_teacher
+from compress.runtime.files import atomic_write_text, write_json
+from compress.runtime.stats import mean_ci95
+from compress.runtime.tables import plus_minus, save_records
+from search.records import COMPLETE, RetrainRecord, update_run
+from search.references import find_reference
+from search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
 from search.setup import build_setup
-from search.space import depth_only_reference, uniform_reference, width_only_reference
-from search.study import run_study, zero_shot_reference
+from search.study import run_study
+from search.tables import write_trial_tables
 
 METHODS = ("search", "random", "zero_shot", "uniform", "depth_only", "width_only")
-SEARCHED = {"search": None, "random": "random"}  # method -> sampler (None: the configured default)
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,23 @@ def text_rows(path: Path, tokenizer, seq_len: int, n_rows: int) -> torch.Tensor:
     return torch.tensor(ids).view(n_rows, seq_len)
 
 
-def seeded(cfg: DictConfig, run_dir: Path, seed: int, sampler: str | None) -> DictConfig:
+def seeded(cfg: DictConfig, run_dir: Path, seed: int, sampler: str) -> DictConfig:
     """One search of the comparison: its own run directory, the seed for sampler and KD order, no references."""
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.run_dir, run_cfg.search.seed, run_cfg.distill.seed = str(run_dir), seed, seed
         run_cfg.search.references.kinds = []
-        if sampler:
-            run_cfg.search.sampler = sampler
+        run_cfg.search.sampler = sampler
     return run_cfg
 
 
-def search_best(cfg: DictConfig, run_dir: Path, seed: int, sampler: str | None) -> tuple[Architecture, dict]:
+def search_sampler(configured: str) -> str:
+    """The search as users run it; auto and enumerate would evaluate every candidate of a small space, so the
+    comparison pins TPE there: the search and random search then get the same number of trials."""
+    return "tpe" if configured in ("auto", "enumerate") else configured
+
+
+def search_best(cfg: DictConfig, run_dir: Path, seed: int, sampler: str) -> tuple[Architecture, dict]:
     """Run (or resume) one search; its best trial by selection quality, and what it cost."""
     run_cfg = seeded(cfg, run_dir, seed, sampler)
     started = time.perf_counter()
@@ -97,18 +102,13 @@ def search_best(cfg: DictConfig, run_dir: Path, seed: int, sampler: str | None) 
     return Architecture(**best.architecture), cost
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval over seeds."""
-    mean = statistics.fmean(values)
-    return mean, float(student_t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 METRICS = {  # what the table reports per finalist: name -> how to read it from a retrain record
     "kl": lambda r: r.heldout["kl"],
     "perplexity": lambda r: r.heldout["perplexity"],
     "text_perplexity": lambda r: next(iter(r.heldout_other.values()))["perplexity"] if r.heldout_other else None,
     "text_kl": lambda r: next(iter(r.heldout_other.values()))["kl"] if r.heldout_other else None,
     "summary": lambda r: r.summary,
+    "summary_stderr": lambda r: r.summary_stderr,
 }
 
 
@@ -120,7 +120,7 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
         for metric in (*METRICS, "params", "kd_tokens", "search_kd_tokens", "seconds"):
             values = [per_seed[s][metric] for s in seeds if per_seed[s].get(metric) is not None]
             if len(values) == len(seeds):
-                row[metric], row[f"{metric}_ci95"] = mean_ci(values)
+                row[metric], row[f"{metric}_ci95"] = mean_ci95(values)
         rows.append(row)
         if method == "search":
             continue
@@ -131,7 +131,7 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
                 if results[method][s].get(metric) is not None and results["search"][s].get(metric) is not None
             ]
             if len(differences) == len(seeds):
-                difference, half_width = mean_ci(differences)
+                difference, half_width = mean_ci95(differences)
                 paired.append(
                     {"method": method, "metric": metric, "minus_search": difference, "ci95": half_width,
                      "significant": abs(difference) > half_width}
@@ -169,13 +169,15 @@ def plot(rows: list[dict], results: dict[str, dict[int, dict]], path: Path) -> N
 
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    # 1. Settings, checked before any compute
+    # 1. Settings, task files and the unseen text, checked before any compute
     run_dir = Path(cfg.run_dir)
     settings = settings_from(BaselineSettings, cfg.baselines, "baselines")
     data = settings_from(DataSettings, cfg.data, "data")
     distill = settings_from(DistillSettings, cfg.distill, "distill", precision=cfg.precision)
     quality = settings_from(QualitySettings, cfg.quality, "quality")
+    retrain_settings = RetrainSettings(budget_tokens=cfg.retrain.budget_tokens, prompts=())  # no continuations
     policy = settings_from(PrunePolicy, cfg.pruning, "pruning")
+    suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
     text_path = None
     if settings.heldout_text:
         data_dir = find_data_dir(data.dir)
@@ -183,55 +185,48 @@ def main(cfg: DictConfig) -> None:
         if text_path is None or not text_path.is_file():
             raise SlimnasError(f"baselines.heldout_text {settings.heldout_text} not found under data.dir ({data_dir})")
     seeds = list(settings.seeds)
+    samplers = {"search": search_sampler(cfg.search.sampler), "random": "random"}
     print(
         f"baselines: {', '.join(settings.methods)} at {cfg.search.budget.params} ± {cfg.search.budget.window} of the "
         f"teacher's parameters; seeds {seeds}; searches of {cfg.search.n_trials} trials (rungs "
-        f"{list(cfg.search.fidelity.rung_tokens)}); every finalist retrained with {cfg.retrain.budget_tokens:,} "
-        "KD tokens"
+        f"{list(cfg.search.fidelity.rung_tokens)}, sampler {samplers['search']}); every finalist retrained with "
+        f"{retrain_settings.budget_tokens:,} KD tokens"
     )
 
-    # 2. The fixed baselines, from the first search's set-up: feasible set, zero-shot screen of every candidate
-    with open_dict(cfg):
-        cfg.search.references.zero_shot_candidates = 10**9  # screen every feasible candidate
-    first_search = run_dir / f"seed_{seeds[0]}" / "search"
-    first_setup = build_setup(seeded(cfg, first_search, seeds[0], None))
+    # 2. The fixed baselines, from the first search's set-up (its feasible set; the zero-shot screen sees all of it)
+    screen_all = seeded(cfg, run_dir / f"seed_{seeds[0]}" / "search", seeds[0], samplers["search"])
+    with open_dict(screen_all):
+        screen_all.search.references.zero_shot_candidates = 10**9
+    first_setup = build_setup(screen_all)
     context, teacher_config = first_setup.context, first_setup.context.teacher.model.config
-    feasible, budget = list(first_setup.feasible), first_setup.budget
     fixed: dict[str, tuple[Architecture, PrunePolicy, dict]] = {}
-    finders = {
-        "zero_shot": lambda: zero_shot_reference(first_setup),
-        "uniform": lambda: uniform_reference(feasible, teacher_config, budget, cfg.search.references.uniform_tolerance),
-        "depth_only": lambda: depth_only_reference(feasible, teacher_config, budget),
-        "width_only": lambda: width_only_reference(feasible, teacher_config, budget),
-    }
     notes = []
-    for method in [m for m in settings.methods if m in finders]:
+    for method in [m for m in settings.methods if m not in samplers]:
         screen_started = time.perf_counter()
-        reference, note = finders[method]()
+        reference, note = find_reference(method, first_setup)
         notes.append(note)
         print(f"{method}: {note}")
         if reference is not None:
-            strategy = reference.depth_strategy or policy.depth_strategy
+            method_policy = replace(policy, depth_strategy=reference.depth_strategy or policy.depth_strategy)
             cost = {"search_kd_tokens": 0, "search_seconds": time.perf_counter() - screen_started}
-            fixed[method] = (reference.arch, replace(policy, depth_strategy=strategy), cost)
+            fixed[method] = (reference.arch, method_policy, cost)
 
     # 3. Per seed: the two searches, then every finalist retrained alike and scored on unseen text
     heldout_text = ()
     if text_path is not None:
         rows = text_rows(text_path, context.teacher.tokenizer, data.seq_len, settings.heldout_text_rows)
         heldout_text = (HeldoutSet(text_path.stem, rows, context.teacher.model, cfg.precision),)
-    methods = [m for m in settings.methods if m in SEARCHED or m in fixed]
+    methods = [m for m in settings.methods if m in samplers or m in fixed]
     results: dict[str, dict[int, dict]] = {method: {} for method in methods}
     teacher = None
     for seed in seeds:
         chosen = dict(fixed)
-        for method in [m for m in settings.methods if m in SEARCHED]:
-            arch, cost = search_best(cfg, run_dir / f"seed_{seed}" / method, seed, SEARCHED[method])
+        for method in [m for m in settings.methods if m in samplers]:
+            arch, cost = search_best(cfg, run_dir / f"seed_{seed}" / method, seed, samplers[method])
             chosen[method] = (arch, policy, cost)
         retraining = prepare_retraining(
-            context, cfg.teacher, replace(distill, budget_tokens=cfg.retrain.budget_tokens, seed=seed), quality, None,
-            data.dir, run_dir / f"seed_{seed}", (), 0, cache_root(cfg.cache_dir), cfg.command,
-            other_heldout=heldout_text, subset_seed=data.seed,
+            context, cfg.teacher, replace(distill, seed=seed), retrain_settings, quality, suite, speed=None,
+            log_to=run_dir / "log.txt", command=cfg.command, other_heldout=heldout_text,
         )  # fmt: skip
         teacher = teacher or score_teacher(retraining, run_dir / "teacher")  # the scale every row is read against
         picks = {}
@@ -258,11 +253,18 @@ def main(cfg: DictConfig) -> None:
         f"lm-eval summary {plus_minus(teacher.summary, teacher.summary_stderr)}",
         "a paired difference is significant when its 95% interval over seeds excludes zero",
     ]
+    summary_errors = [row["summary_stderr"] for row in rows if "summary_stderr" in row]
+    if summary_errors:
+        typical = sum(summary_errors) / len(summary_errors)
+        notes.append(
+            f"lm-eval: one finalist's summary score has a standard error of about {typical:.3f} ({quality.limit} "
+            "documents per task), so a single seed cannot separate gaps smaller than about twice that"
+        )
     write_json(proof_dir / "proof.json", {"columns": columns, "rows": rows, "paired_columns": paired_columns,
                                          "paired": paired, "notes": notes, "per_seed": results})  # fmt: skip
     save_records(rows, proof_dir / "methods")
     save_records(paired, proof_dir / "paired")
-    (proof_dir / "proof.md").write_text(_markdown(rows, paired, notes))
+    atomic_write_text(proof_dir / "proof.md", _markdown(rows, paired, notes))
     plot(rows, results, proof_dir / "proof")
     update_run(run_dir, kind="baselines", teacher=cfg.teacher, settings=OmegaConf.to_container(cfg, resolve=True),
                wall_seconds={"baselines": time.perf_counter() - started})  # fmt: skip

@@ -9,7 +9,6 @@ ratio's relative error is below `target_rel_stderr` (or `max_repeats`). The CPU 
 recorded with every measurement.
 """
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from transformers import PreTrainedModel
 from compress.arch import flops_per_token, param_count
 from compress.runtime.device import autocast, cpu_load, model_device, synchronize
 from compress.runtime.errors import SlimnasError
+from compress.runtime.stats import mean_and_stderr
 
 
 @dataclass(frozen=True)
@@ -163,11 +163,6 @@ def measure_speed(model: PreTrainedModel, settings: SpeedSettings, name: str = "
     return timings.record(load)
 
 
-def _mean_stderr(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("inf"))
-
-
 def compare_speed(
     model: PreTrainedModel,
     reference: PreTrainedModel,
@@ -185,12 +180,12 @@ def compare_speed(
         decode_ratios.append(sum(baseline.steps[-1]) / sum(timed.steps[-1]))
         prefill_ratios.append(baseline.prefill[-1] / timed.prefill[-1])
         if len(decode_ratios) >= settings.repeats:
-            mean, stderr = _mean_stderr(decode_ratios)
+            mean, stderr = mean_and_stderr(decode_ratios)
             if stderr <= settings.target_rel_stderr * mean:
                 break
     record, reference_record = timed.record(load), baseline.record(load)
-    decode, decode_stderr = _mean_stderr(decode_ratios)
-    prefill, prefill_stderr = _mean_stderr(prefill_ratios)
+    decode, decode_stderr = mean_and_stderr(decode_ratios)
+    prefill, prefill_stderr = mean_and_stderr(prefill_ratios)
     return SpeedComparison(
         record,
         reference_record,

@@ -16,23 +16,21 @@ from pathlib import Path
 
 import yaml
 
-from compress.corpus import find_data_dir
+from compress.models import cache_root
+from compress.runtime.data import find_data_dir
 from compress.runtime.errors import SlimnasError
+from compress.runtime.files import atomic_write_text, hash_json, read_jsonl
 
 LOCAL_PREFIX = "slimnas_"
 OFFLINE_FLAGS = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _lambada(files: list[Path]) -> list[dict]:
-    return _read_jsonl(files[0])
+    return read_jsonl(files[0])
 
 
 def _piqa(files: list[Path]) -> list[dict]:
-    questions, labels = _read_jsonl(files[0]), files[1].read_text().split()
+    questions, labels = read_jsonl(files[0]), files[1].read_text().split()
     if len(labels) != len(questions):
         raise SlimnasError(f"PIQA has {len(questions)} questions but {len(labels)} labels in {files[1]}")
     return [{**q, "label": int(label)} for q, label in zip(questions, labels, strict=True)]
@@ -40,7 +38,7 @@ def _piqa(files: list[Path]) -> list[dict]:
 
 def _arc(files: list[Path]) -> list[dict]:
     docs = []
-    for row in _read_jsonl(files[0]):
+    for row in read_jsonl(files[0]):
         choices = row["question"]["choices"]
         docs.append(
             {
@@ -83,39 +81,47 @@ def _wikitext(files: list[Path]) -> list[dict]:
 
 @dataclass(frozen=True)
 class LocalTask:
-    name: str  # the lm-eval task it is
-    lm_eval_yaml: str  # that task's YAML inside lm_eval/tasks
+    """One task of the suite: lm-eval's own definition, scored on a named split of a public file."""
+
+    name: str  # says the split where it differs from the standard task's (arc_easy_dev: ARC's dev split)
+    lm_eval_yaml: str  # the standard task's YAML inside lm_eval/tasks
     files: tuple[str, ...]  # under the data directory
     split: str  # the benchmark split the files hold: comparisons are only valid on the same split
     read: Callable[[list[Path]], list[dict]]  # files -> documents in the fields lm-eval's YAML reads
     chance: float | None = None  # accuracy of guessing (None: not an accuracy task)
+    summary_metric: str = "acc"  # the accuracy the summary score uses
+    hub_split: str | None = None  # without local files: the hub dataset's split to score (None: the task's own)
 
 
 SUITE = {
     task.name: task
     for task in (
         LocalTask(
-            "lambada_openai", "lambada/lambada_openai.yaml", ("lambada/lambada_test.jsonl",), "test", _lambada, 0.0
-        ),
-        LocalTask("piqa", "piqa/piqa.yaml", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation", _piqa, 0.5),
-        LocalTask("arc_easy", "arc/arc_easy.yaml", ("arc/ARC-Easy-Dev.jsonl",), "validation", _arc, 0.25),
-        LocalTask(
-            "arc_challenge", "arc/arc_challenge.yaml", ("arc/ARC-Challenge-Dev.jsonl",), "validation", _arc, 0.25
+            "lambada_openai", "lambada/lambada_openai.yaml", ("lambada/lambada_test.jsonl",), "test", _lambada, 0.0,
         ),
         LocalTask(
-            "hellaswag",
-            "hellaswag/hellaswag.yaml",
-            ("hellaswag/derived-llama-cpp-text/hellaswag_val_full.txt",),
-            "validation (llama.cpp text)",
-            _hellaswag,
-            0.25,
+            "piqa", "piqa/piqa.yaml", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation", _piqa, 0.5,
+            "acc_norm",
         ),
         LocalTask(
-            "wikitext", "wikitext/wikitext.yaml", ("wikitext2/wiki.test.tokens",), "test (tokenised v1)", _wikitext
+            "arc_easy_dev", "arc/arc_easy.yaml", ("arc/ARC-Easy-Dev.jsonl",), "validation", _arc, 0.25, "acc_norm",
+            "validation",
+        ),
+        LocalTask(
+            "arc_challenge_dev", "arc/arc_challenge.yaml", ("arc/ARC-Challenge-Dev.jsonl",), "validation", _arc, 0.25,
+            "acc_norm", "validation",
+        ),
+        LocalTask(
+            "hellaswag", "hellaswag/hellaswag.yaml", ("hellaswag/derived-llama-cpp-text/hellaswag_val_full.txt",),
+            "validation (llama.cpp text)", _hellaswag, 0.25, "acc_norm",
+        ),
+        LocalTask(
+            "wikitext", "wikitext/wikitext.yaml", ("wikitext2/wiki.test.tokens",), "test (tokenised v1)", _wikitext,
         ),
     )
-}
+}  # fmt: skip
 CHANCE = {name: task.chance for name, task in SUITE.items() if task.chance is not None}
+SUMMARY_METRIC = {name: task.summary_metric for name, task in SUITE.items() if task.chance is not None}
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -156,7 +162,7 @@ def _hub_split(task: str) -> str:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     config = load_yaml(lm_eval_tasks_dir() / SUITE[task].lm_eval_yaml, resolve_func=False)
-    return config.get("test_split") or config.get("validation_split") or "?"
+    return SUITE[task].hub_split or config.get("test_split") or config.get("validation_split") or "?"
 
 
 def check_local_files(data_dir: Path, tasks: list[str]) -> None:
@@ -170,13 +176,40 @@ def check_local_files(data_dir: Path, tasks: list[str]) -> None:
         )
 
 
-def prepare_suite(tasks: list[str], data_dir_setting: str | None, work_dir: Path) -> TaskSuite:
-    """Write each local task's data and YAML under work_dir; hub tasks when there is no data directory."""
+def _task_yaml(task: str, data_file: Path | None) -> dict:
+    """lm-eval's YAML for the task, included, with only its data source (local file or hub split) replaced."""
+    config = {"include": str(lm_eval_tasks_dir() / SUITE[task].lm_eval_yaml), "task": LOCAL_PREFIX + task, "tag": []}
+    if data_file is not None:
+        config |= {
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+            "training_split": None,
+            "validation_split": None,
+            "test_split": "test",
+            "fewshot_split": None,
+        }
+    elif SUITE[task].hub_split:
+        config |= {"test_split": SUITE[task].hub_split}
+    return config
+
+
+def prepare_suite(tasks: list[str], data_dir_setting: str | None) -> TaskSuite:
+    """Write each suite task's YAML (and local data) into the cache, and index them with lm-eval's once.
+
+    With a data directory, suite tasks read its files and everything runs offline; without one (a user
+    elsewhere), they read the hub datasets on the same splits. Any other name is passed to lm-eval as is.
+    Nothing is written beside the user's runs: a bad task name fails before any run directory exists.
+    """
     data_dir = find_data_dir(data_dir_setting)
-    local = [t for t in tasks if t in SUITE and data_dir is not None]
+    import lm_eval
+
+    key = hash_json([sorted(tasks), str(data_dir), lm_eval.__version__])[:16]
+    work_dir = cache_root() / "lm-eval-tasks" / key
     if data_dir is not None:
-        check_local_files(data_dir, local)
-        go_offline()
+        check_local_files(data_dir, tasks)
+        if all(t in SUITE for t in tasks):
+            go_offline()
     elif any(t in SUITE for t in tasks):
         print("note: no benchmark data directory (data.dir, $SLIMNAS_DATA or shared/data): using lm-eval's hub tasks")
     from lm_eval.tasks import TaskManager
@@ -184,31 +217,22 @@ def prepare_suite(tasks: list[str], data_dir_setting: str | None, work_dir: Path
     sizes: dict[str, int | None] = {}
     splits = {}
     work_dir.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        if task in local:
+    for task in [t for t in tasks if t in SUITE]:
+        data_file = None
+        if data_dir is not None:
             docs = SUITE[task].read([data_dir / f for f in SUITE[task].files])
             data_file = (work_dir / f"{task}.jsonl").resolve()
-            data_file.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-            config = {
-                "include": str(lm_eval_tasks_dir() / SUITE[task].lm_eval_yaml),
-                "task": LOCAL_PREFIX + task,
-                "tag": [],
-                "dataset_path": "json",
-                "dataset_name": None,
-                "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-                "training_split": None,
-                "validation_split": None,
-                "test_split": "test",
-                "fewshot_split": None,
-            }
-            (work_dir / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(data_file, "".join(json.dumps(doc) + "\n" for doc in docs))
             sizes[task], splits[task] = len(docs), SUITE[task].split
         else:
-            sizes[task], splits[task] = None, _hub_split(task) if task in SUITE else "lm-eval default"
-    manager = TaskManager(include_path=str(work_dir) if local else None)
+            sizes[task], splits[task] = None, _hub_split(task)
+        atomic_write_text(work_dir / f"{task}.yaml", yaml.safe_dump(_task_yaml(task, data_file), sort_keys=False))
+    manager = TaskManager(include_path=str(work_dir))
     unknown = [t for t in tasks if t not in SUITE and not manager.match_tasks([t])]
     if unknown:
-        raise SlimnasError(f"unknown task(s): {', '.join(unknown)} (offline suite: {', '.join(SUITE)})")
-    names = {t: LOCAL_PREFIX + t if t in local else t for t in tasks}
-    source = str(data_dir) if local else "lm-eval hub"
+        raise SlimnasError(f"unknown task(s): {', '.join(unknown)} (the suite: {', '.join(SUITE)})")
+    for task in [t for t in tasks if t not in SUITE]:
+        sizes[task], splits[task] = None, "lm-eval default"
+    names = {t: LOCAL_PREFIX + t if t in SUITE else t for t in tasks}
+    source = str(data_dir) if data_dir is not None else "lm-eval hub"
     return TaskSuite(tasks, names, splits, sizes, source, manager)

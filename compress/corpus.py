@@ -11,8 +11,6 @@ fresh offline install always has real English prose), a local .txt or .jsonl fil
 "hf:NAME[:CONFIG[:SPLIT]]" for a Hugging Face dataset when the hub is reachable.
 """
 
-import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +18,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from compress.runtime.data import find_data_dir
 from compress.runtime.errors import SlimnasError, first_line
-from compress.runtime.files import hash_json, hash_tensor
+from compress.runtime.files import hash_json, hash_tensor, read_jsonl
 
 AUTO, BUILTIN = "auto", "builtin"
-DATA_DIR_ENV = "SLIMNAS_DATA"
-CHECKOUT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI_CORPUS = Path("corpus") / "wiki_en_core.jsonl"
 SPLITS = ("train", "selection", "evaluation")
-
-
-def find_data_dir(explicit: str | None = None) -> Path | None:
-    """data.dir if given, else $SLIMNAS_DATA, else shared/data beside the checkout; None when none exists."""
-    for origin, value in (("data.dir", explicit), (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV))):
-        if value:
-            path = Path(value).expanduser()
-            if not path.is_dir():
-                raise SlimnasError(f"{origin} points to {path}, which is not a directory")
-            return path
-    return CHECKOUT_DATA_DIR if CHECKOUT_DATA_DIR.is_dir() else None
 
 
 def resolve_corpus(name: str, data_dir: Path | None) -> str:
@@ -57,7 +43,7 @@ class DataSettings:
     seq_len: int = 128
     selection_fraction: float = 0.05  # share of the text (by characters) held out to rank candidates
     evaluation_fraction: float = 0.05  # share held out for reported numbers
-    selection_rows: int = 16  # rows of the selection split each candidate is ranked on
+    selection_rows: int = 32  # rows of the selection split each candidate is ranked on
     evaluation_rows: int = 64  # rows of the evaluation split behind reported numbers
     seed: int = 0  # which documents land in which split
 
@@ -115,15 +101,10 @@ def load_documents(source: str) -> list[str]:
 
 
 def _jsonl_documents(path: Path) -> list[str]:
-    documents = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            documents.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise SlimnasError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from error
-    return documents
+    try:
+        return [row["text"] for row in read_jsonl(path)]
+    except (KeyError, TypeError) as error:
+        raise SlimnasError(f"{path}: each line must be a JSON object with a 'text' field") from error
 
 
 def _hub_documents(spec: str) -> list[str]:

@@ -30,7 +30,7 @@ from compress.models import LoadedModel
 from compress.runtime import interrupt
 from compress.runtime.device import autocast, model_device
 from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_path, hash_json
+from compress.runtime.files import atomic_path, atomic_write_text, hash_json
 from compress.teacher_targets import (
     CachedTeacherTargets,
     LiveTeacherTargets,
@@ -77,6 +77,8 @@ class DistillSettings:
                 raise SlimnasError(f"distill.{name} must be at least 1, not {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
             raise SlimnasError("distill.lr must be > 0, min_lr_ratio in [0, 1] and warmup_fraction in [0, 1)")
+        if not self.temperature > 0:
+            raise SlimnasError(f"distill.temperature must be > 0, not {self.temperature}")
 
     def tokens_per_step(self, seq_len: int) -> int:
         return self.batch_size * self.grad_accum * seq_len
@@ -164,7 +166,9 @@ def make_teacher_targets(
         layers = [t for _, t in hidden_match.pairs] if hidden_match else []
         return LiveTeacherTargets(teacher.model, settings.precision, layers)
     vocab = teacher.model.config.vocab_size
-    cache = TopKLogitCache.open(cache_dir, teacher.fingerprint, train_rows, settings.top_k, settings.temperature, vocab)
+    cache = TopKLogitCache.open(
+        cache_dir, teacher.fingerprint, train_rows, settings.top_k, settings.temperature, vocab, settings.precision
+    )
     return CachedTeacherTargets(cache, teacher.model, settings.precision)
 
 
@@ -311,9 +315,17 @@ class DistillResult:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """Keep the log lines up to the resumed step (a line half-written when the run was killed goes too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _log(path: Path, records: list[dict]) -> None:

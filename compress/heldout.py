@@ -7,7 +7,6 @@ students scored on the same rows can be compared pairwise.
 """
 
 import math
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ from transformers import PreTrainedModel
 
 from compress.kd_loss import IGNORE, LiveTarget, next_token_labels, token_losses
 from compress.runtime.device import autocast, model_device
+from compress.runtime.stats import mean_and_stderr
 
 
 @dataclass
@@ -32,11 +32,6 @@ class HeldoutMetrics:
     def summary(self) -> dict:
         """The numbers without the per-row lists, for tables and progress lines."""
         return {k: v for k, v in self.__dict__.items() if not k.endswith("_per_row")}
-
-
-def mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
 
 
 class HeldoutSet:
@@ -81,10 +76,3 @@ class HeldoutSet:
             kl_per_row=kl_rows,
             nll_per_row=nll_rows,
         )
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over the same rows, with the standard error of that mean (tighter than two error bars)."""
-    if len(a) != len(b):
-        raise ValueError(f"paired rows differ in number: {len(a)} and {len(b)}")
-    return mean_and_stderr([x - y for x, y in zip(a, b, strict=True)])

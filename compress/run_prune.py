@@ -17,12 +17,16 @@ from compress.models import cache_root, load_model
 from compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
 from compress.runtime.config import settings_from
 from compress.runtime.device import pick_device
+from compress.runtime.errors import SlimnasError
 
 
 def target_architecture(target: DictConfig, teacher_config) -> Architecture:
     """The target's sizes, the teacher's where a size is null."""
     teacher = Architecture.of(teacher_config).as_dict()
     chosen = {k: (v if v is not None else teacher[k]) for k, v in OmegaConf.to_container(target).items()}
+    wrong = [f"{k}={v!r}" for k, v in chosen.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if wrong:
+        raise SlimnasError(f"invalid target: {', '.join(wrong)} (whole numbers only)")
     return Architecture(**chosen)
 
 

@@ -76,14 +76,22 @@ class TopKLogitCache:
         self.directory, self.rows, self.top_k, self.temperature = directory, rows, top_k, temperature
         self.index_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
         directory.mkdir(parents=True, exist_ok=True)
-        self.capacity = 0
+        self._open: tuple[int, dict[str, np.memmap]] | None = None  # (rows filled, arrays) as last read
 
     @classmethod
     def open(
-        cls, cache_dir: Path, teacher_fingerprint: str, rows: torch.Tensor, top_k: int, temperature: float, vocab: int
+        cls,
+        cache_dir: Path,
+        teacher_fingerprint: str,
+        rows: torch.Tensor,
+        top_k: int,
+        temperature: float,
+        vocab: int,
+        precision: str,
     ) -> "TopKLogitCache":
+        """The cache of these rows: logits the teacher computed under another precision are another cache."""
         top_k = min(top_k, vocab)
-        key = hash_json([teacher_fingerprint, hash_tensor(rows), top_k, temperature])[:24]
+        key = hash_json([teacher_fingerprint, hash_tensor(rows), top_k, temperature, precision])[:24]
         return cls(cache_dir / "teacher-logits" / key, rows, top_k, temperature, vocab)
 
     def bytes_for(self, n_rows: int) -> int:
@@ -164,9 +172,12 @@ class TopKLogitCache:
 
     def target(self, row_indices: torch.Tensor) -> TopKTarget:
         """The cached targets of these rows, flattened to [rows x seq_len, k] like the student's positions."""
-        if int(row_indices.max()) >= self.filled:
-            raise IndexError(f"row {int(row_indices.max())} is not cached yet ({self.filled} rows filled)")
-        arrays = self._arrays()
+        needed = int(row_indices.max())
+        if self._open is None or needed >= self._open[0]:  # read the files again only when rows are missing
+            self._open = (self.filled, self._arrays())
+            if needed >= self._open[0]:
+                raise IndexError(f"row {needed} is not cached yet ({self._open[0]} rows filled)")
+        arrays = self._open[1]
         picked = row_indices.numpy()
         return TopKTarget(
             values=torch.from_numpy(arrays["values"][picked].astype(np.float32)).flatten(0, 1),

@@ -5,10 +5,11 @@ choose, evaluation rows are never used to choose) and after different KD budgets
 which: `heldout_split`, `kd_tokens` and `stage`. Flat rows for CSV; Markdown and HTML for reading.
 """
 
+from compress.runtime.stats import paired_difference
+from compress.runtime.tables import digits_for, plus_minus
 from reports.markup import table
 from reports.runs import Run
-from reports.tables import digits_for, plus_minus
-from search.records import RetrainRecord, TrialRecord
+from search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ARCH_COLUMNS = {
     "hidden": "hidden_size",
@@ -19,7 +20,8 @@ ARCH_COLUMNS = {
 }
 HEAD_COLUMNS = [
     "run", "name", "stage", "reference", "label", *ARCH_COLUMNS, "params", "params_pct", "kd_tokens",
-    "heldout_split", "heldout_kl", "heldout_kl_stderr", "perplexity", "perplexity_stderr",
+    "heldout_split", "heldout_kl", "heldout_kl_stderr", "kl_vs_best", "kl_vs_best_stderr", "within_noise_of_best",
+    "perplexity", "perplexity_stderr",
 ]  # fmt: skip
 TAIL_COLUMNS = [
     "summary", "summary_stderr", "teacher_score_kept_pct", "prefill_tokens_per_s", "decode_tokens_per_s",
@@ -164,6 +166,22 @@ def search_row(run: Run, record: TrialRecord) -> dict:
     )
 
 
+def against_best(rows: list[dict], per_row: list[list[float]]) -> None:
+    """KL minus the best row's, paired over the same held-out rows; within noise when under two standard errors.
+
+    Only rows measured on the same rows after the same KD budget are compared: the retrained candidates among
+    themselves, and the trials that reached the last rung among themselves.
+    """
+    best = min(range(len(rows)), key=lambda i: rows[i]["heldout_kl"], default=None)
+    for row, values in zip(rows, per_row, strict=True):
+        difference, stderr = paired_difference(values, per_row[best])
+        row |= {
+            "kl_vs_best": difference,
+            "kl_vs_best_stderr": stderr,
+            "within_noise_of_best": bool(abs(difference) <= 2 * stderr) if stderr == stderr else None,
+        }
+
+
 def run_rows(run: Run) -> list[dict]:
     """Teacher, the retrained candidates (best held-out KL first), then the other trials by stage reached and
     quality (failed trials are left out: the page counts them)."""
@@ -173,7 +191,12 @@ def run_rows(run: Run) -> list[dict]:
         (r for r in run.candidates if r.trial not in numbers),
         key=lambda r: (-stage_rank(r.stage), -r.final.get("quality", float("-inf")), r.trial),
     )
-    return [teacher_row(run), *(retrained_row(run, r) for r in retrained), *(search_row(run, r) for r in searched)]
+    retrained_rows = [retrained_row(run, r) for r in retrained]
+    against_best(retrained_rows, [r.heldout["kl_per_row"] for r in retrained])
+    searched_rows = [search_row(run, r) for r in searched]
+    complete = [(row, r) for row, r in zip(searched_rows, searched, strict=True) if r.state == COMPLETE]
+    against_best([row for row, _ in complete], [r.final["kl_per_row"] for _, r in complete])
+    return [teacher_row(run), *retrained_rows, *searched_rows]
 
 
 def leaderboard_rows(runs: list[Run]) -> list[dict]:
@@ -189,8 +212,9 @@ def leaderboard_rows(runs: list[Run]) -> list[dict]:
 
 def task_metrics(rows: list[dict]) -> list[tuple[str, str]]:
     """(task, metric) pairs of the score columns, in column order."""
+    columns = rows[0] if rows else {}
     return [
-        tuple(column.split("/")) for column in rows[0] if "/" in column and not column.endswith(("/split", "_stderr"))
+        tuple(column.split("/")) for column in columns if "/" in column and not column.endswith(("/split", "_stderr"))
     ]
 
 
@@ -199,6 +223,15 @@ def pm(row: dict, column: str, suffix: str = "") -> str:
     value, stderr = row[column], row.get(f"{column}_stderr")
     text = plus_minus(value, stderr, digits_for(value, stderr)) if value is not None else ""
     return f"{text}{suffix}" if text else ""
+
+
+def vs_best(row: dict) -> str:
+    """'best', or the paired difference to the best with '(within noise)' when under two standard errors."""
+    if row.get("kl_vs_best") is None:
+        return ""
+    if row["kl_vs_best"] == 0 and not row["kl_vs_best_stderr"]:
+        return "best"
+    return pm(row, "kl_vs_best", " (within noise)" if row["within_noise_of_best"] else "")
 
 
 def number(value: float | None, template: str) -> str:
@@ -216,7 +249,8 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     splits = {task: "/".join(sorted({r[f"{task}/split"] for r in rows if r[f"{task}/split"]})) for task, _ in tasks}
     headers = [
         *(["run"] if several else []), "name", "stage", "reference", "label", "params", "KD tokens", "held-out rows",
-        "KL to teacher", "perplexity", *(f"{task} {metric} [{splits[task]}]" for task, metric in tasks), "summary",
+        "KL to teacher", "KL vs best (paired)", "perplexity",
+        *(f"{task} {metric} [{splits[task]}]" for task, metric in tasks), "summary",
         "teacher score kept", "decode speed-up", "FLOPs ratio", "decode tok/s", "peak memory",
     ]  # fmt: skip
     cells = [
@@ -230,6 +264,7 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             f"{row['kd_tokens']:,}",
             row["heldout_split"] or "",
             pm(row, "heldout_kl"),
+            vs_best(row),
             pm(row, "perplexity"),
             *(pm(row, f"{task}/{metric}") for task, metric in tasks),
             pm(row, "summary"),

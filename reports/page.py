@@ -10,12 +10,12 @@ from collections import Counter
 from collections.abc import Callable
 from html import escape
 
+from compress.runtime.tables import cell
 from reports.leaderboard import html_table, pm
 from reports.markup import bullets, paragraph, png_image, section, table
 from reports.plots import Plot
 from reports.runs import Run
-from reports.tables import cell
-from search.records import COMPLETE, STOPPED
+from search.records import COMPLETE, outcome_text
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1500px;
@@ -112,16 +112,8 @@ def generations(run: Run) -> str:
     )
 
 
-def trial_outcome(state: str, stage: str) -> str:
-    if state == COMPLETE:
-        return f"reached the last rung ({stage})"
-    if state == STOPPED:
-        return f"stopped by halving after {stage}"
-    return state
-
-
 def search_summary(run: Run) -> str:
-    counts = Counter(trial_outcome(r.state, r.stage) for r in run.trials)
+    counts = Counter(outcome_text(r.state, r.stage) for r in run.trials)
     body = table(["trials", "count"], [[outcome, str(n)] for outcome, n in counts.most_common()])
     retries = [f"trial {r.trial} retried trial {r.retry_of}" for r in run.trials if r.retry_of is not None]
     if retries:

@@ -20,6 +20,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 from compress.runtime.files import atomic_path
 from reports.leaderboard import stage_rank
 from reports.runs import Run
+from search.objectives import pareto_front
 from search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ACCURACY_METRICS = ("acc", "acc_norm")
@@ -166,6 +167,11 @@ def quality_vs_speedup(run: Run) -> Figure | None:
         return None
     figure, ax = new_axes()
     draw_trials(ax, run, trials, lambda r: r.final["decode_speedup"], lambda r: r.final.get("decode_speedup_stderr"))
+    complete = {r.trial: r for r in trials if r.state == COMPLETE}
+    points = {n: [r.final["quality"], r.final["decode_speedup"]] for n, r in complete.items()}
+    if front := sorted((points[n][1], points[n][0]) for n in pareto_front(points, ["maximize", "maximize"])):
+        ax.plot(*zip(*front, strict=True), drawstyle="steps-pre", color="k", marker="s", markerfacecolor="none",
+                markersize=9, label=f"{FRONT_LABEL} (quality, speed-up)")  # fmt: skip
     draw_retrained(ax, run, lambda r: r.speed["decode_speedup"], lambda r: r.speed.get("decode_speedup_stderr"))
     draw_teacher(ax, run, 1.0, "teacher (1x)")
     speed = run.info["settings"].get("speed", {})

@@ -13,11 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from compress.runtime.files import atomic_write_text
+from compress.runtime.tables import format_table, save_records
 from reports.leaderboard import html_table, leaderboard_rows, markdown
 from reports.page import page
 from reports.plots import draw_plots, write_plots
 from reports.runs import read_runs
-from reports.tables import format_table, save_records
 
 TEXT_COLUMNS = [
     "name", "stage", "reference", "label", "params_pct", "kd_tokens", "heldout_split", "heldout_kl", "summary",
@@ -38,9 +38,10 @@ def main(cfg: DictConfig) -> None:
     plots = {run.name: draw_plots(run) for run in searches}
 
     # 4. Written: leaderboard.{csv,json,parquet,md,html}, plots/RUN/NAME.{png,svg}, index.html
-    save_records(rows, out / "leaderboard")
-    atomic_write_text(out / "leaderboard.md", markdown(rows))
-    atomic_write_text(out / "leaderboard.html", html_table(rows))
+    if rows:  # a benchmark run (proof only) has no leaderboard
+        save_records(rows, out / "leaderboard")
+        atomic_write_text(out / "leaderboard.md", markdown(rows))
+        atomic_write_text(out / "leaderboard.html", html_table(rows))
     for name, run_plots in plots.items():
         write_plots(run_plots, out / "plots" / name)
     atomic_write_text(out / "index.html", page(runs, rows, plots))

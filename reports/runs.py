@@ -5,14 +5,13 @@ curves of the retrained candidates, zero_shot.json, and proof/ when another tool
 problem with them is found here and said in one line, so a bad input never leaves half a report.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from compress.runtime.errors import SlimnasError
-from compress.runtime.files import read_json
-from search.objectives import front_of, objectives_from_config
+from compress.runtime.files import read_json, read_jsonl
 from search.records import FAILED, RUN_FILE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run
+from search.tables import run_front
 
 RUN_KEYS = ("teacher", "teacher_params", "settings")  # written by `slimnas search` before its first trial
 RANKED = ("complete", "stopped")  # trial states that carry a quality
@@ -75,9 +74,7 @@ class Run:
 
     def front(self) -> list[TrialRecord]:
         """The run's Pareto front over its objectives, as the search computed it (pareto.csv)."""
-        search = self.info["settings"]["search"]
-        objectives = objectives_from_config(list(search["objectives"]))
-        members = set(front_of(self.trials, objectives, search["budget"]["latency_ms"]))
+        members = set(run_front(self.info, self.trials))
         return [r for r in self.trials if r.trial in members]
 
 
@@ -104,13 +101,6 @@ def check_retrained(retrained: list[RetrainRecord], teacher: RetrainRecord | Non
             )
     if retrained and teacher is None:
         raise SlimnasError(f"{run.dir}/retrain has candidates but no teacher record (retrain/teacher/record.json)")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SlimnasError(f"corrupt JSON lines file: {path} ({error})") from error
 
 
 def read_kd_curve(path: Path) -> list[dict]:

@@ -85,9 +85,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg.command = " ".join(["slimnas", *argv])
         if "precision" in cfg:
             check_precision(cfg.precision)
+        if cfg.get("cache_dir"):  # every cache (converted teacher, importance, teacher logits) follows it
+            os.environ["SLIMNAS_CACHE"] = str(Path(cfg.cache_dir).expanduser().resolve())
         importlib.import_module(module_name).main(cfg)
     except (SlimnasError, HydraException, OmegaConfBaseException) as error:
         print(f"slimnas: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as error:  # an unwritable directory, a full disk, no memory left
+        print(f"slimnas: error: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
+        print(f"slimnas: error: out of memory: {one_line(error)[:300]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         interrupted = True

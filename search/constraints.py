@@ -10,7 +10,7 @@ from compress.runtime.errors import SlimnasError
 
 @dataclass(frozen=True)
 class Budget:
-    params: float | None = None  # target: a fraction of the teacher's parameters (<= 1) or a count
+    params: float | None = 0.6  # target: a fraction of the teacher's parameters (<= 1) or a count; None: no target
     window: float = 0.1  # accepted relative distance from the target (0.1 = +-10%)
     weight_memory_mb: float | None = None  # bf16 weight bytes at most
     latency_ms: float | None = None  # measured p50 decode latency at most (checked after measuring)

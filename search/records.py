@@ -12,13 +12,13 @@ the sampler need (parameters, objective values, rung values, states), written fr
     RUN_DIR/retrain/NAME/record.json   a retrained candidate (and retrain/teacher: the teacher's scores)
 """
 
+import fcntl
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.runtime.errors import SlimnasError
 from compress.runtime.files import read_json, write_json
-from reports.tables import save_records
-from search.objectives import Objective, front_of
 
 RUN_FILE = "run.json"
 RECORD_FILE = "record.json"
@@ -84,6 +84,7 @@ class RetrainRecord:
     command: str
     hardware: dict
     heldout_other: dict = field(default_factory=dict)  # the same metrics on other held-out text (e.g. WikiText-2)
+    corpus: dict = field(default_factory=dict)  # the corpus the KD rows and the evaluation rows came from
 
 
 def read_retrained(run_dir: Path) -> list[RetrainRecord]:
@@ -95,6 +96,20 @@ def read_retrained(run_dir: Path) -> list[RetrainRecord]:
         except TypeError as error:
             raise SlimnasError(f"{path} is not a retrain record of this slimnas version ({error})") from error
     return records
+
+
+def outcome_text(state: str, stage: str) -> str:
+    """What became of a trial, in the words of the search's summary and the report."""
+    if state == COMPLETE:
+        return "reached the last rung"
+    if state == STOPPED:
+        return f"stopped by halving after {stage}"
+    return state
+
+
+def rung_of(stage: str) -> int:
+    """The successive-halving rung a stage ends: the zero-KD screen is rung 0, kd_N is rung N."""
+    return 0 if stage == "screen" else int(stage.removeprefix("kd_"))
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -124,38 +139,28 @@ def read_run(run_dir: Path) -> dict:
     return read_json(run_dir / RUN_FILE)
 
 
+@contextmanager
+def _locked(run_dir: Path):
+    """Workers sharing a run directory take turns with run.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def update_run(run_dir: Path, **values) -> dict:
-    """Merge values into run.json (created on first use)."""
-    run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
-    for key, value in values.items():
-        run[key] = {**run.get(key, {}), **value} if isinstance(value, dict) and key in run else value
-    write_json(run_dir / RUN_FILE, run)
+    """Merge values into run.json (created on first use); dictionaries are merged key by key."""
+    with _locked(run_dir):
+        run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
+        for key, value in values.items():
+            run[key] = {**run.get(key, {}), **value} if isinstance(value, dict) and key in run else value
+        write_json(run_dir / RUN_FILE, run)
     return run
 
 
-TABLE_COLUMNS = [
-    "trial", "state", "stage", "reference", "label", "params", "params_fraction", "kd_tokens",
-    "quality", "quality_stderr", "heldout_kl", "heldout_kl_stderr", "perplexity", "perplexity_stderr",
-    "summary", "summary_stderr", "decode_speedup", "decode_speedup_stderr", "decode_tokens_per_s",
-    "latency_p50_ms", "seconds", "retry_of", "fail_reason",
-]  # fmt: skip
-
-
-def table_row(record: TrialRecord) -> dict:
-    """One flat row of the trials table (no per-row lists)."""
-    values = {**record.as_dict(), **record.architecture, **record.final}
-    return (
-        {column: values.get(column) for column in TABLE_COLUMNS[:5]}
-        | record.architecture
-        | {column: values.get(column) for column in TABLE_COLUMNS[5:]}
-    )
-
-
-def write_trial_tables(run_dir: Path, objectives: list[Objective], latency_ms: float | None) -> tuple[list, list[int]]:
-    """trials.* and pareto.* (csv, json, parquet), derived from the records on disk; returns records and front."""
-    records = read_records(run_dir)
-    front = front_of(records, objectives, latency_ms)
-    rows = [table_row(r) | {"pareto": r.trial in front} for r in records]
-    save_records(rows, run_dir / "trials")
-    save_records([row for row in rows if row["pareto"]], run_dir / "pareto")
-    return records, front
+def add_wall_seconds(run_dir: Path, stage: str, seconds: float) -> None:
+    """Wall time per stage, summed over the runs of a command (a resumed search adds to the first run's)."""
+    with _locked(run_dir):
+        run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
+        run.setdefault("wall_seconds", {})[stage] = run.get("wall_seconds", {}).get(stage, 0.0) + seconds
+        write_json(run_dir / RUN_FILE, run)

@@ -6,7 +6,7 @@ corpus rows, order, schedule and seed, and the same scorer, so their numbers com
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,17 +14,25 @@ import torch
 from bench.memory import measure_memory
 from bench.quality import QualitySettings, score_model, summary_score
 from bench.speed import SpeedSettings, compare_speed, measure_speed
-from bench.tasks import TaskSuite, prepare_suite
+from bench.tasks import TaskSuite
 from compress.arch import Architecture, flops_per_token, param_count
 from compress.context import TeacherContext
-from compress.distill import STATE_FILE, Distiller, DistillSettings, distill_to_budget, make_teacher_targets
+from compress.distill import (
+    STATE_FILE,
+    Distiller,
+    DistillSettings,
+    HiddenStateMatch,
+    distill_to_budget,
+    make_teacher_targets,
+)
 from compress.heldout import HeldoutSet
+from compress.models import cache_root
 from compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
 from compress.runtime.device import hardware
 from compress.runtime.errors import SlimnasError
-from compress.runtime.files import read_json, write_json
+from compress.runtime.files import atomic_write_text, read_json, write_json
 from compress.teacher_targets import TeacherTargets
-from reports.model_card import model_card
+from search.model_card import model_card
 from search.records import RECORD_FILE, RetrainRecord
 
 
@@ -79,6 +87,25 @@ class Scorer:
 
 
 @dataclass(frozen=True)
+class RetrainSettings:
+    top_k: int = 2  # best trials of the front by quality
+    references: bool = True  # and the reference trials
+    budget_tokens: int = 400_000  # KD tokens for every candidate
+    prompts: tuple[str, ...] = (  # greedy continuations shown beside the teacher's
+        "The capital of France is",
+        "Photosynthesis is the process by which",
+        "In 1969, the first humans",
+    )
+    new_tokens: int = 24
+
+    def __post_init__(self):
+        if self.top_k < 0 or self.budget_tokens < 1 or self.new_tokens < 0:
+            raise SlimnasError("retrain.top_k must be >= 0, retrain.budget_tokens >= 1 and retrain.new_tokens >= 0")
+        if self.top_k == 0 and not self.references:
+            raise SlimnasError("retrain.top_k=0 and retrain.references=false leave nothing to retrain")
+
+
+@dataclass(frozen=True)
 class Retraining:
     """What every candidate of one retraining shares."""
 
@@ -95,31 +122,29 @@ def prepare_retraining(
     context: TeacherContext,
     teacher_name: str,
     distill: DistillSettings,
+    settings: RetrainSettings,
     quality: QualitySettings,
+    suite: TaskSuite | None,
     speed: SpeedSettings | None,
-    data_dir: str | None,
-    work_dir: Path,
-    prompts: tuple[str, ...],
-    new_tokens: int,
-    cache_dir: Path,
+    log_to: Path,
     command: str,
     other_heldout: tuple[HeldoutSet, ...] = (),
-    subset_seed: int = 0,
 ) -> Retraining:
-    """The teacher's logits for every KD row (filled once, up front), the task suite, the scorer."""
-    targets = make_teacher_targets(distill, context.teacher, context.corpus.train, cache_dir)
+    """The teacher's logits for every KD row (filled once, up front) and the scorer."""
+    distill = replace(distill, budget_tokens=settings.budget_tokens)
+    targets = make_teacher_targets(distill, context.teacher, context.corpus.train, cache_root())
     targets.prepare(distill.rows_for(context.corpus.seq_len))
     scorer = Scorer(
         tokenizer=context.teacher.tokenizer,
         evaluation=HeldoutSet("evaluation", context.corpus.evaluation, context.teacher.model, distill.precision),
         other_heldout=other_heldout,
-        suite=prepare_suite(list(quality.tasks), data_dir, work_dir / "tasks") if quality.tasks else None,
+        suite=suite,
         quality=quality,
         precision=distill.precision,
-        prompts=tuple(prompts),
-        new_tokens=new_tokens,
-        seed=subset_seed,
-        log_to=work_dir / "log.txt",
+        prompts=settings.prompts,
+        new_tokens=settings.new_tokens,
+        seed=quality.seed,
+        log_to=log_to,
     )
     return Retraining(context, teacher_name, targets, distill, scorer, speed, command)
 
@@ -141,7 +166,7 @@ def score_teacher(retraining: Retraining, out: Path) -> RetrainRecord:
         flops_per_token=flops_per_token(teacher.config, speed.prompt_len if speed else 128),
         memory=asdict(measure_memory(retraining.teacher_name, speed, retraining.context.device)) if speed else {},
         model_dir=None, command=retraining.command, hardware=hardware(retraining.context.device),
-        **retraining.scorer(teacher, "teacher"),
+        corpus=retraining.context.corpus.describe(), **retraining.scorer(teacher, "teacher"),
     )  # fmt: skip
     write_json(out / RECORD_FILE, asdict(record))
     return record
@@ -172,11 +197,17 @@ def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: Re
         )
     student = prune_model(teacher_model, plan, candidate.arch)
     started = time.perf_counter()
-    kd = Distiller(student, retraining.targets, context.corpus.train, retraining.distill)
+    match, targets = None, retraining.targets
+    if retraining.distill.hidden_weight > 0:  # the teacher layers to match depend on the candidate's cut
+        hidden = teacher_model.config.hidden_size
+        match = HiddenStateMatch.build(retraining.distill.hidden_layers, plan.layers, plan.channels, hidden)
+        targets = make_teacher_targets(retraining.distill, context.teacher, context.corpus.train, cache_root(), match)
+    kd = Distiller(student, targets, context.corpus.train, retraining.distill, match)
     identity = {"plan": plan.as_dict(), "teacher": context.teacher.fingerprint, "corpus": context.corpus.fingerprint}
     result = distill_to_budget(kd, retraining.scorer.evaluation, out / "kd", identity)
     kd_seconds = time.perf_counter() - started
-    provenance = {"trial": candidate.trial, "kd_tokens": result.tokens, "plan": plan.as_dict()}
+    provenance = {"trial": candidate.trial, "kd_tokens": result.tokens, "plan": plan.as_dict(),
+                  "corpus": context.corpus.describe()}  # fmt: skip
     save_checkpoint(student, context.teacher.tokenizer, out / "model", provenance | {"command": retraining.command})
     scored = retraining.scorer(student, candidate.arch.label())
     scored["seconds"]["kd"] = kd_seconds
@@ -194,9 +225,9 @@ def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: Re
         kd_tokens=result.tokens, search=candidate.search or {}, kd=asdict(result), speed=speed,
         flops_per_token=flops_per_token(student.config, retraining.speed.prompt_len if retraining.speed else 128),
         memory=memory, model_dir=str(out / "model"), command=retraining.command,
-        hardware=hardware(context.device), **scored,
+        hardware=hardware(context.device), corpus=context.corpus.describe(), **scored,
     )  # fmt: skip
-    (out / "model" / "README.md").write_text(model_card(record, teacher, retraining.teacher_name))
+    atomic_write_text(out / "model" / "README.md", model_card(record, teacher, retraining.teacher_name))
     write_json(out / RECORD_FILE, asdict(record))
     (out / "kd" / STATE_FILE).unlink(missing_ok=True)  # finished: its optimizer state is not needed again
     return record

@@ -10,8 +10,12 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from bench.quality import QualitySettings
+from bench.tasks import prepare_suite
+from compress.runtime.config import settings_from
 from reports import run_report
 from search import run_retrain, run_search
+from search.retraining import RetrainSettings
 
 
 def budgets(cfg: DictConfig) -> list[str]:
@@ -32,8 +36,13 @@ def budgets(cfg: DictConfig) -> list[str]:
 
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
+    # 0. The later stages' own settings, checked before the search spends anything (the search checks its own)
+    settings_from(RetrainSettings, cfg.retrain, "retrain")
+    quality = settings_from(QualitySettings, cfg.quality, "quality")
+    if quality.tasks:
+        prepare_suite(list(quality.tasks), cfg.data.dir)
     print("\n".join(budgets(cfg)))
-    print("\n== 1. search")
+    print("\n== 1. search")  # the three stages are the three commands on one configuration
     run_search.main(cfg)
     print("\n== 2. retrain")
     run_retrain.main(cfg)

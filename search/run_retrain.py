@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.quality import QualitySettings
 from bench.speed import SpeedSettings
+from bench.tasks import prepare_suite
 from compress.arch import Architecture
 from compress.context import load_teacher_context
 from compress.corpus import DataSettings
@@ -27,10 +28,19 @@ from compress.models import cache_root
 from compress.prune import PrunePolicy
 from compress.runtime.config import settings_from
 from compress.runtime.errors import SlimnasError
-from reports.tables import format_table, plus_minus
-from search.objectives import front_of, objectives_from_config
-from search.records import COMPLETE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run, update_run
-from search.retraining import Candidate, prepare_retraining, retrain, score_teacher
+from compress.runtime.tables import format_table, plus_minus
+from search.records import (
+    COMPLETE,
+    RetrainRecord,
+    TrialRecord,
+    add_wall_seconds,
+    read_records,
+    read_retrained,
+    read_run,
+    update_run,
+)
+from search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
+from search.tables import run_front
 
 RETRAIN_COLUMNS = ["name", "label", "params %", "KD tokens", "held-out KL", "perplexity", "summary", "decode speed-up"]
 
@@ -40,9 +50,7 @@ def choose_candidates(records: list[TrialRecord], run: dict, top_k: int, referen
     complete = [r for r in records if r.state == COMPLETE]
     if not complete:
         raise SlimnasError("the run has no trial that reached the last rung: nothing to retrain")
-    search = run["settings"]["search"]
-    objectives = objectives_from_config(list(search["objectives"]))
-    on_front = set(front_of(records, objectives, search["budget"]["latency_ms"]))
+    on_front = set(run_front(run, records))
     front = [r for r in complete if r.trial in on_front]
     if top_k > len(front):
         raise SlimnasError(f"retrain.top_k={top_k} is larger than the run's front ({len(front)} trials)")
@@ -51,10 +59,11 @@ def choose_candidates(records: list[TrialRecord], run: dict, top_k: int, referen
 
 
 def effective_config(cfg: DictConfig, run: dict) -> DictConfig:
-    """The run's teacher, corpus, importance and pruning (candidates are re-cut exactly as searched), with
-    retrain's own distillation, scoring and timing settings."""
+    """The run's teacher, corpus, importance, pruning and precision (candidates are re-cut exactly as they were
+    searched), with retrain's own distillation, scoring and timing settings."""
     searched = OmegaConf.create(run["settings"])
-    return OmegaConf.merge(cfg, {key: searched[key] for key in ("teacher", "data", "importance", "pruning")})
+    keys = ("teacher", "data", "importance", "pruning", "precision")
+    return OmegaConf.merge(cfg, {key: searched[key] for key in keys})
 
 
 def retrain_row(r: RetrainRecord) -> dict:
@@ -72,33 +81,31 @@ def retrain_row(r: RetrainRecord) -> dict:
 
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    # 1. The run and its candidates, checked before any compute
+    # 1. The run, its candidates and every setting, checked before any compute or any write
     run_dir = Path(cfg.run_dir)
     run = read_run(run_dir)
     cfg = effective_config(cfg, run)
-    candidates = choose_candidates(read_records(run_dir), run, cfg.retrain.top_k, cfg.retrain.references)
+    settings = settings_from(RetrainSettings, cfg.retrain, "retrain")
+    candidates = choose_candidates(read_records(run_dir), run, settings.top_k, settings.references)
     data = settings_from(DataSettings, cfg.data, "data")
     distill = settings_from(DistillSettings, cfg.distill, "distill", precision=cfg.precision)
-    distill = replace(distill, budget_tokens=cfg.retrain.budget_tokens)
     quality = settings_from(QualitySettings, cfg.quality, "quality")
     speed = settings_from(SpeedSettings, cfg.speed, "speed", precision=cfg.precision)
     importance = settings_from(ImportanceSettings, cfg.importance, "importance", precision=cfg.precision)
     policy = settings_from(PrunePolicy, cfg.pruning, "pruning")
+    suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
     print(
         f"retrain: {len(candidates)} candidates of {run_dir} (trials {', '.join(str(c.trial) for c in candidates)}), "
-        f"{distill.budget_tokens:,} KD tokens each; scored on {data.evaluation_rows} evaluation rows"
-        + (f" and {', '.join(quality.tasks)} ({quality.limit} documents each)" if quality.tasks else "")
+        f"{settings.budget_tokens:,} KD tokens each; scored on {data.evaluation_rows} evaluation rows"
+        + (f" and {suite.describe()}, {quality.limit} documents each" if suite else "")
     )
-
-    update_run(run_dir, retrain={"command": cfg.command, "budget_tokens": distill.budget_tokens})
+    update_run(run_dir, retrain={"command": cfg.command, "budget_tokens": settings.budget_tokens})
 
     # 2. Teacher, corpus, importance (the search's, from the cache), the teacher's logits, the scorer
-    cache_dir = cache_root(cfg.cache_dir)
-    context = load_teacher_context(cfg.teacher, cfg.device, data, cache_dir, importance)
+    context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(), importance)
     retraining = prepare_retraining(
-        context, cfg.teacher, distill, quality, speed, data.dir, run_dir / "retrain", tuple(cfg.retrain.prompts),
-        cfg.retrain.new_tokens, cache_dir, cfg.command, subset_seed=data.seed,
-    )  # fmt: skip
+        context, cfg.teacher, distill, settings, quality, suite, speed, log_to=run_dir / "log.txt", command=cfg.command
+    )
 
     # 3. The teacher, scored the same way (once)
     print("teacher: scoring")
@@ -123,5 +130,5 @@ def main(cfg: DictConfig) -> None:
         retrain(retraining, candidate, out, teacher)
 
     # 5. The retrained candidates beside the teacher
-    update_run(run_dir, wall_seconds={"retrain": time.perf_counter() - started})
+    add_wall_seconds(run_dir, "retrain", time.perf_counter() - started)
     print(format_table([retrain_row(r) for r in read_retrained(run_dir)], RETRAIN_COLUMNS))

@@ -13,11 +13,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from compress.arch import Architecture, param_count
-from compress.heldout import paired_difference
-from reports.tables import format_table, plus_minus
-from search.records import TrialRecord, update_run, write_trial_tables
+from compress.runtime.stats import paired_difference
+from compress.runtime.tables import format_table, plus_minus
+from search.records import TrialRecord, add_wall_seconds, update_run
 from search.setup import build_setup, describe
 from search.study import run_study, summary_lines
+from search.tables import write_trial_tables
 
 FRONT_COLUMNS = ["trial", "label", "params", "quality", "vs best", "perplexity", "kd_tokens", "reference"]
 
@@ -70,11 +71,11 @@ def main(cfg: DictConfig) -> None:
         # 3. Tables derived from the records, also when interrupted: completed work is kept
         records, front = write_trial_tables(setup.run_dir, list(setup.objectives), setup.budget.latency_ms)
     seconds = time.perf_counter() - started
-    update_run(setup.run_dir, wall_seconds={"search": seconds})
+    add_wall_seconds(setup.run_dir, "search", seconds)
 
     # 4. What happened, and the front
     print("\ntrials:")
-    print("\n".join(summary_lines(study)))
+    print("\n".join(summary_lines(study, setup)))
     print("\nPareto front (quality = -held-out KL on the selection rows; 'vs best' paired over the same rows):")
     print(format_table(front_table(records, front), FRONT_COLUMNS) if front else "no trial reached the last rung")
     print(

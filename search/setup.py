@@ -14,10 +14,10 @@ from optuna.storages import RDBStorage
 
 from bench.quality import QualitySettings
 from bench.speed import SpeedSettings
-from bench.tasks import TaskSuite, check_local_files, prepare_suite
+from bench.tasks import TaskSuite, prepare_suite
 from compress.arch import Architecture
 from compress.context import TeacherContext, load_teacher_context
-from compress.corpus import DataSettings, find_data_dir
+from compress.corpus import DataSettings
 from compress.distill import DistillSettings, make_teacher_targets
 from compress.heldout import HeldoutSet
 from compress.importance import ImportanceSettings
@@ -36,6 +36,7 @@ from search.storage import open_storage, storage_url
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "enumerate", "auto")
 NESTED_SECTIONS = ("budget", "space", "fidelity", "references", "storage")  # search.* records of their own
 SCREEN_ROLES = ("rank", "stop")
+REFERENCE_KINDS = ("uniform", "depth_only", "width_only", "zero_shot")
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,12 @@ class Fidelity:
 
 @dataclass(frozen=True)
 class ReferenceSettings:
-    kinds: tuple[str, ...] = ("uniform", "depth_only", "width_only", "zero_shot")
+    kinds: tuple[str, ...] = REFERENCE_KINDS
     zero_shot_candidates: int = 16  # candidates screened without KD for the zero-shot pick
     uniform_tolerance: float = 0.2  # largest spread of per-dimension ratios still called uniform
 
     def __post_init__(self):
-        unknown = set(self.kinds) - {"uniform", "depth_only", "width_only", "zero_shot"}
+        unknown = set(self.kinds) - set(REFERENCE_KINDS)
         if unknown:
             raise SlimnasError(f"unknown reference kind(s) {sorted(unknown)}")
 
@@ -109,6 +110,7 @@ class SearchSetup:
     objectives: tuple[Objective, ...]
     space: SearchSpace
     feasible: tuple[Architecture, ...]
+    ffn_bands: dict  # (hidden, heads, KV heads, layers) -> the feasible FFN sizes, ascending
     sampler: str  # resolved: auto became enumerate or tpe
     policy: PrunePolicy
     distill: DistillSettings  # budget = the last rung
@@ -121,7 +123,7 @@ class SearchSetup:
     selection: HeldoutSet
     suite: TaskSuite | None
     hardware: dict
-    fingerprint: str
+    settings_hash: str  # every setting that changes a trial's result: a study holds trials of one hash only
     command: str
     log_file: Path
 
@@ -130,13 +132,15 @@ class SearchSetup:
         return any(o.measured for o in self.objectives) or self.budget.latency_ms is not None
 
 
-def _fingerprint(cfg: DictConfig, teacher_fingerprint: str) -> str:
+def _settings_hash(cfg: DictConfig, teacher_fingerprint: str) -> str:
     """What makes two trials comparable: every setting that changes a trial's result."""
     values = OmegaConf.to_container(cfg, resolve=True)
     search = {k: v for k, v in values["search"].items() if k not in ("n_trials", "storage", "keep_checkpoints")}
-    shared = {k: values[k] for k in ("data", "importance", "distill", "pruning", "precision")}
+    shared = {k: values[k] for k in ("data", "importance", "distill", "pruning", "precision", "device")}
     if values["search"]["score_trials"]:
         shared["quality"] = values["quality"]
+    if values["search"]["measure_speed"] or set(values["search"]["objectives"]) & {"throughput", "latency"}:
+        shared["speed"] = values["speed"]
     return hash_json([teacher_fingerprint, search, shared])
 
 
@@ -180,9 +184,10 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     if sampler == "auto":
         sampler = "enumerate" if len(feasible) <= settings.enumerate_max else "tpe"
 
-    # 3. Benchmark files, when trials are scored
-    if settings.score_trials and (data_dir := find_data_dir(data.dir)) is not None:
-        check_local_files(data_dir, list(quality.tasks))
+    # 3. The task suite, when trials are scored (task names and files checked; prepared in the cache)
+    suite = prepare_suite(list(quality.tasks), data.dir) if settings.score_trials else None
+    if settings.quality_metric == "summary":
+        quality.check_summary()
 
     # 4. The study's storage: a server nobody listens on fails here, before minutes of compute
     run_dir = Path(cfg.run_dir)
@@ -195,7 +200,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     targets = make_teacher_targets(distill, teacher, context.corpus.train, cache_root(cfg.cache_dir))
     targets.prepare(distill.rows_for(data.seq_len))
     selection = HeldoutSet("selection", context.corpus.selection, teacher.model, cfg.precision)
-    suite = prepare_suite(list(quality.tasks), data.dir, run_dir / "tasks") if settings.score_trials else None
+
     return SearchSetup(
         run_dir=run_dir,
         settings=settings,
@@ -205,6 +210,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         objectives=objectives,
         space=space,
         feasible=feasible,
+        ffn_bands=space.ffn_bands(list(feasible)),
         sampler=sampler,
         policy=policy,
         distill=distill,
@@ -217,7 +223,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         selection=selection,
         suite=suite,
         hardware=hardware(device),
-        fingerprint=_fingerprint(cfg, teacher.fingerprint),
+        settings_hash=_settings_hash(cfg, teacher.fingerprint),
         command=cfg.command,
         log_file=run_dir / "log.txt",
     )

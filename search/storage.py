@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compress.runtime.errors import SlimnasError, first_line
 
-FINGERPRINT_KEY = "slimnas_fingerprint"  # the study's settings: other settings on the same study are refused
+SETTINGS_KEY = "slimnas_settings_hash"  # the study's settings: other settings on the same study are refused
 HARDWARE_KEY = "slimnas_hardware"  # where the study's timings were taken
 RETRIED_ATTRS = ("reference", "reference_note", "depth_strategy")  # what a retry keeps of the trial it replaces
 
@@ -54,14 +54,14 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, attempts:
     raise AssertionError("unreachable")
 
 
-def open_study(storage: RDBStorage, name: str, directions: list[str], fingerprint: str) -> optuna.Study:
+def open_study(storage: RDBStorage, name: str, directions: list[str], settings_hash: str) -> optuna.Study:
     """Create the study, or load it when the same command runs again (refusing other settings)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
-    existing = study.user_attrs.get(FINGERPRINT_KEY)
+    existing = study.user_attrs.get(SETTINGS_KEY)
     if existing is None:
-        study.set_user_attr(FINGERPRINT_KEY, fingerprint)
-    elif existing != fingerprint:
+        study.set_user_attr(SETTINGS_KEY, settings_hash)
+    elif existing != settings_hash:
         raise SlimnasError(f"study '{name}' was created with other search settings: use another run_dir or study_name")
     return study
 
@@ -78,6 +78,22 @@ def check_hardware(study: optuna.Study, hardware: dict, timings_rank: bool) -> N
         )
 
 
+# Optuna's storage internals, in one place: the study loop needs a trial's id (heartbeats), its frozen state
+# while it runs, and the trials whose heartbeat went stale.
+
+
+def trial_id(trial: optuna.Trial) -> int:
+    return trial._trial_id
+
+
+def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    return study._storage.get_trial(trial._trial_id)
+
+
+def stale_by_heartbeat(study: optuna.Study, storage: RDBStorage) -> set[int]:
+    return set(storage._get_stale_trial_ids(study._study_id))
+
+
 def _process_start(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -85,15 +101,22 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class Worker:
-    host: str
+    host: str  # the host name and, after '/', the pid namespace: containers may share a host name
     pid: int
     started: str  # the process's start time (clock ticks after boot): a reused pid is another process
 
     @classmethod
     def current(cls) -> "Worker":
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "")
+        return cls(f"{socket.gethostname()}/{_pid_namespace()}", os.getpid(), _process_start(os.getpid()) or "")
 
     @property
     def id(self) -> str:
@@ -105,8 +128,8 @@ class Worker:
         return cls(host, int(pid), started)
 
     def gone(self) -> bool:
-        """True when this worker ran on this host and its process no longer exists."""
-        return self.host == socket.gethostname() and _process_start(self.pid) != self.started
+        """True when this worker ran here (same host and pid namespace) and its process no longer exists."""
+        return self.host == Worker.current().host and _process_start(self.pid) != self.started
 
 
 class Heartbeat:
@@ -137,27 +160,31 @@ class Heartbeat:
 def retry(study: optuna.Study, failed: FrozenTrial) -> None:
     """Queue the failed trial's candidate again, keeping what it was (a reference) but none of its results."""
     attrs = {key: failed.user_attrs[key] for key in RETRIED_ATTRS if key in failed.user_attrs}
-    study.enqueue_trial(failed.params, user_attrs={**attrs, "retry_of": failed.number}, skip_if_exists=False)
+    attrs |= {"retry_of": failed.number, "proposed_by": "retry"}
+    study.enqueue_trial(failed.params, user_attrs=attrs, skip_if_exists=False)
 
 
-def _stale_reason(trial: FrozenTrial, stale_by_heartbeat: set[int], grace_period: int) -> str | None:
+UNCLAIMED_SECONDS = 60  # a RUNNING trial with no worker recorded this long after it started was killed in ask()
+
+
+def _stale_reason(trial: FrozenTrial, stale_ids: set[int], grace_period: int) -> str | None:
     worker = trial.user_attrs.get("worker")
     if worker is not None and Worker.parse(worker).gone():
         return f"worker {worker} died"
-    if trial._trial_id in stale_by_heartbeat:
+    if trial._trial_id in stale_ids:
         return f"worker {worker} sent no heartbeat for {grace_period} s"
-    if worker is None and trial.datetime_start is not None:  # killed between ask and its first line
-        if (datetime.now() - trial.datetime_start).total_seconds() > grace_period:
-            return "worker died before recording itself"
+    if worker is None and trial.datetime_start is not None:
+        if (datetime.now() - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS:
+            return "its worker died while asking the sampler"
     return None
 
 
-def recover_stale_trials(study: optuna.Study, storage: RDBStorage) -> list[tuple[int, str]]:
+def recover_stale_trials(study: optuna.Study, storage: RDBStorage) -> list[tuple[FrozenTrial, str]]:
     """Fail every RUNNING trial whose worker is gone and queue its candidate again; returns (trial, reason)."""
-    stale_by_heartbeat = set(storage._get_stale_trial_ids(study._study_id))
     recovered = []
+    stale_ids = stale_by_heartbeat(study, storage)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = _stale_reason(trial, stale_by_heartbeat, storage.grace_period)
+        reason = _stale_reason(trial, stale_ids, storage.grace_period)
         if reason is None:
             continue
         try:
@@ -165,8 +192,10 @@ def recover_stale_trials(study: optuna.Study, storage: RDBStorage) -> list[tuple
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker recovered it first
-        retry(study, storage.get_trial(trial._trial_id))
-        recovered.append((trial.number, reason))
+        failed = storage.get_trial(trial._trial_id)
+        if failed.params:
+            retry(study, failed)
+        recovered.append((failed, reason))
     return recovered
 
 

@@ -3,41 +3,59 @@
     recover killed workers' trials -> ask -> reject (infeasible, duplicate, given up) or run the
     trial -> write its record -> tell Optuna
 
-The sampler learns only from evidence: rejected proposals are told as FAIL (samplers skip those);
-candidates stopped by successive halving are told with their values at the rung they reached and a
-violated "stopped" constraint, so they rank below every candidate that went on. Reference candidates
-(uniform, depth-only, width-only, zero-shot pick) are queued once per study and always run to the
-last rung; a retried or interrupted candidate is queued again, so neither is ever lost.
+Proposals are made feasible by construction where the budget allows it: the sampler chooses hidden
+size, heads, KV heads and layers, and a position in the band of FFN sizes that the parameter budget
+leaves for that shape. The sampler learns only from evidence: rejected proposals are told as FAIL
+(samplers skip those); candidates stopped by successive halving are told with their values at the
+rung they reached and a violated constraint (the number of rungs they missed), so they rank below
+every candidate that went on. Reference candidates are queued once per study and always run to the
+last rung; the candidate of a killed, interrupted or stale trial is queued again, so none is lost.
 """
 
 import math
 import random
 import warnings
+from collections import Counter
 from dataclasses import asdict
 from itertools import pairwise
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from compress.arch import Architecture, param_count, weight_bytes
-from compress.prune import plan_pruning, prune_model
 from compress.runtime import interrupt
 from compress.runtime.errors import SlimnasError, one_line
-from compress.runtime.files import write_json
-from search.records import COMPLETE, FAILED, STOPPED, TrialRecord, trial_dir, update_run, write_record
-from search.setup import SearchSetup
-from search.space import (
-    DIMENSIONS,
-    Reference,
-    depth_only_reference,
-    uniform_reference,
-    width_only_reference,
+from compress.runtime.files import hash_json
+from search.records import (
+    COMPLETE,
+    FAILED,
+    TrialRecord,
+    outcome_text,
+    rung_of,
+    trial_dir,
+    update_run,
+    write_record,
 )
-from search.storage import Heartbeat, Worker, check_hardware, open_study, others_running, recover_stale_trials, retry
+from search.references import Reference, find_reference
+from search.setup import SearchSetup
+from search.space import DIMENSIONS, shape_key
+from search.storage import (
+    Heartbeat,
+    Worker,
+    check_hardware,
+    frozen,
+    open_study,
+    others_running,
+    recover_stale_trials,
+    retry,
+    trial_id,
+)
 from search.trial import run_trial
 
 REJECTED = "rejected"  # user attr of a proposal dropped before any compute
+FFN_POSITION = "intermediate_size_position"  # where in the shape's feasible band of FFN sizes (0 = smallest)
 REJECTIONS_BEFORE_FALLBACK = 20  # then a random unevaluated feasible candidate is queued instead
 NOT_THE_CANDIDATES_FAULT = ("interrupted",)  # failures that do not count towards search.max_attempts
 
@@ -53,44 +71,71 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)  # random, and enumerate (everything is queued)
 
 
-def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture:
+def sampler_seed(setup: SearchSetup, n_trials: int, others: list[FrozenTrial], worker: Worker) -> int:
+    """Reproducible for one worker; distinct between workers asking at the same moment."""
+    parts = [setup.settings.seed, n_trials] + ([worker.id] if others else [])
+    return int(hash_json(parts)[:8], 16)
+
+
+def params_of(arch: Architecture, setup: SearchSetup) -> dict:
+    """The sampler's parameters that stand for an architecture (to queue references, retries, fallbacks)."""
+    band = setup.ffn_bands[shape_key(arch)]
+    position = band.index(arch.intermediate_size) / (len(band) - 1) if len(band) > 1 else 0.0
+    return {**{k: v for k, v in arch.as_dict().items() if k != "intermediate_size"}, FFN_POSITION: position}
+
+
+def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture | None:
+    """The proposed architecture; None when its shape leaves no FFN size within the budget."""
     values = {}
     for name in DIMENSIONS:
+        if name == "intermediate_size":
+            continue
         choices = setup.space.values[name]
         steps = {b - a for a, b in pairwise(choices)}
         if len(steps) <= 1:
             values[name] = trial.suggest_int(name, choices[0], choices[-1], step=steps.pop() if steps else 1)
         else:
             values[name] = trial.suggest_categorical(name, choices)
-    return Architecture(**values)
+    position = trial.suggest_float(FFN_POSITION, 0.0, 1.0)
+    band = setup.ffn_bands.get(
+        (
+            values["hidden_size"],
+            values["num_attention_heads"],
+            values["num_key_value_heads"],
+            values["num_hidden_layers"],
+        )
+    )
+    if not band:
+        return None
+    return Architecture(**values, intermediate_size=band[round(position * (len(band) - 1))])
 
 
-def candidate_key(trial: FrozenTrial) -> tuple:
+def candidate_key(trial: FrozenTrial) -> tuple | None:
     """A candidate is its architecture and how its layers are chosen (depth-only cuts one block)."""
-    return tuple(sorted(trial.params.items())), trial.user_attrs.get("depth_strategy")
+    arch = trial.user_attrs.get("architecture")
+    return None if arch is None else (tuple(sorted(arch.items())), trial.user_attrs.get("depth_strategy"))
 
 
-def attempts(trials: list[FrozenTrial], key: tuple) -> int:
-    return sum(
-        1
+def failed_attempts(trials: list[FrozenTrial]) -> Counter:
+    """Failed runs per candidate (rejections and interruptions are not the candidate's fault)."""
+    return Counter(
+        candidate_key(t)
         for t in trials
         if t.state == TrialState.FAIL
         and REJECTED not in t.user_attrs
         and t.user_attrs.get("fail_reason") not in NOT_THE_CANDIDATES_FAULT
-        and candidate_key(t) == key
     )
 
 
 def evaluated_keys(trials: list[FrozenTrial], max_attempts: int, exclude: int | None = None) -> dict[tuple, int]:
     """Candidates that count as evaluated (done, running, queued or given up), with one trial of each."""
+    attempts = failed_attempts(trials)
     taken = {}
     for t in trials:
-        if t.number == exclude:
-            continue
         key = candidate_key(t)
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING):
-            taken.setdefault(key, t.number)
-        elif t.state == TrialState.FAIL and attempts(trials, key) >= max_attempts:
+        if t.number == exclude or key is None or REJECTED in t.user_attrs:
+            continue
+        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING) or attempts[key] >= max_attempts:
             taken.setdefault(key, t.number)
     return taken
 
@@ -116,7 +161,8 @@ class Promotion:
     def __call__(self, rung: int, value: float) -> bool:
         key = f"rung_{rung}"
         self.trial.set_user_attr(key, value)
-        if self.always or (rung == 0 and self.setup.fidelity.screen == "rank"):
+        last = rung == len(self.setup.rung_steps)  # recorded for the rank agreement; nothing lies beyond it
+        if last or self.always or (rung == 0 and self.setup.fidelity.screen == "rank"):
             return True
         peers = [
             t.user_attrs[key]
@@ -126,46 +172,17 @@ class Promotion:
         return promoted(value, peers, self.setup.fidelity.eta, self.setup.fidelity.min_peers)
 
 
-# References ------------------------------------------------------------------------------------------
-
-
-def zero_shot_reference(setup: SearchSetup) -> tuple[Reference | None, str]:
-    """The best of a seeded sample of feasible candidates by selection KL right after pruning (ModelOpt's pick)."""
-    teacher = setup.context.teacher.model
-    candidates = list(setup.feasible)
-    random.Random(setup.settings.seed).shuffle(candidates)
-    scores = []
-    for arch in tqdm(candidates[: setup.references.zero_shot_candidates], desc="zero-shot screen", leave=False):
-        student = prune_model(teacher, plan_pruning(setup.context.importance, teacher.config, arch, setup.policy), arch)
-        metrics = setup.selection.evaluate(student)
-        scores.append({**arch.as_dict(), "label": arch.label(), "heldout_kl": metrics.kl, "stderr": metrics.kl_stderr})
-    scores.sort(key=lambda s: s["heldout_kl"])
-    write_json(setup.run_dir / "zero_shot.json", scores)
-    if not scores:
-        return None, "zero_shot: no candidate screened"
-    best = scores[0]
-    arch = Architecture(**{k: best[k] for k in DIMENSIONS})
-    note = f"best of {len(scores)} by selection KL without KD ({best['heldout_kl']:.3f} ± {best['stderr']:.3f})"
-    return Reference("zero_shot", arch, note), f"zero_shot: {arch.label()}, {note}"
-
-
 def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
-    """Queue the references (and, when enumerating, every feasible candidate) once per study."""
+    """Queue the references (and, when enumerating, every feasible candidate) once per study.
+
+    Two workers starting together may both queue them; the second copies are rejected as duplicates.
+    """
     if study.user_attrs.get("references_enqueued"):
         return
-    teacher_config = setup.context.teacher.model.config
-    finders = {
-        "uniform": lambda: uniform_reference(
-            list(setup.feasible), teacher_config, setup.budget, setup.references.uniform_tolerance
-        ),
-        "depth_only": lambda: depth_only_reference(list(setup.feasible), teacher_config, setup.budget),
-        "width_only": lambda: width_only_reference(list(setup.feasible), teacher_config, setup.budget),
-        "zero_shot": lambda: zero_shot_reference(setup),
-    }
     merged: dict[tuple, list[Reference]] = {}
     notes = []
     for kind in setup.references.kinds:
-        reference, note = finders[kind]()
+        reference, note = find_reference(kind, setup)
         notes.append(note)
         print(f"reference {note}")
         if reference is not None:
@@ -174,15 +191,16 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
         attrs = {
             "reference": "+".join(r.kind for r in references),
             "reference_note": "; ".join(r.note for r in references),
+            "proposed_by": "reference",
         }
         if depth_strategy:
             attrs["depth_strategy"] = depth_strategy
-        study.enqueue_trial(arch.as_dict(), user_attrs=attrs)
+        study.enqueue_trial(params_of(arch, setup), user_attrs=attrs)
     if setup.sampler == "enumerate":
         chosen = {arch for arch, strategy in merged if strategy is None}
         for arch in setup.feasible:
             if arch not in chosen:
-                study.enqueue_trial(arch.as_dict())
+                study.enqueue_trial(params_of(arch, setup), user_attrs={"proposed_by": "enumerate"})
     study.set_user_attr("reference_notes", notes)
     update_run(setup.run_dir, references=notes)
     study.set_user_attr("references_enqueued", True)
@@ -191,29 +209,29 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
 # The loop --------------------------------------------------------------------------------------------
 
 
-def _rejection(trials: list[FrozenTrial], trial: optuna.Trial, arch: Architecture, setup: SearchSetup) -> str | None:
-    if arch not in setup.feasible:
+def _rejection(trials: list[FrozenTrial], trial: FrozenTrial, arch: Architecture | None, setup: SearchSetup):
+    if arch is None or arch not in setup.feasible:
         return "infeasible under the budget"
-    frozen = next(t for t in trials if t.number == trial.number)
-    key = candidate_key(frozen)
+    key = candidate_key(trial)
     taken = evaluated_keys(trials, setup.settings.max_attempts, exclude=trial.number)
-    if key in taken:
-        given_up = attempts(trials, key) >= setup.settings.max_attempts
-        return (
-            f"given up after {attempts(trials, key)} failed attempts"
-            if given_up
-            else f"duplicate of trial {taken[key]}"
-        )
-    return None
+    if key not in taken:
+        return None
+    attempts = failed_attempts(trials)[key]
+    return (
+        f"given up after {attempts} failed attempts"
+        if attempts >= setup.settings.max_attempts
+        else (f"duplicate of trial {taken[key]}")
+    )
 
 
 def _queue_unevaluated(study: optuna.Study, setup: SearchSetup, trials: list[FrozenTrial]) -> bool:
     """Queue a random feasible candidate nobody evaluated (when the sampler keeps proposing rejects)."""
-    taken = {key for key in evaluated_keys(trials, setup.settings.max_attempts)}
+    taken = evaluated_keys(trials, setup.settings.max_attempts)
     left = [a for a in setup.feasible if (tuple(sorted(a.as_dict().items())), None) not in taken]
     if not left:
         return False
-    study.enqueue_trial(random.Random(len(trials)).choice(left).as_dict())
+    choice = random.Random(hash_json([setup.settings.seed, len(trials)])).choice(left)
+    study.enqueue_trial(params_of(choice, setup), user_attrs={"proposed_by": "fallback"})
     return True
 
 
@@ -232,112 +250,52 @@ def _tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, setup: 
         study.tell(trial, state=TrialState.FAIL)
         return
     if setup.budget.latency_ms is not None:  # Optuna constraints: <= 0 is satisfied
-        trial.set_constraint(
-            "latency_over_budget_ms", record.final.get("latency_p50_ms", 0.0) - setup.budget.latency_ms
-        )
-    trial.set_constraint("stopped_by_halving", 1.0 if record.state == STOPPED else 0.0)
+        trial.set_constraint("latency_over_budget_ms", record.final["latency_p50_ms"] - setup.budget.latency_ms)
+    trial.set_constraint("rungs_missed", float(len(setup.rung_steps) - rung_of(record.stage)))
     trial.set_user_attr("state", record.state)
     trial.set_user_attr("stage", record.stage)
     study.tell(trial, [record.final[o.metric] for o in setup.objectives])
 
 
-def run_study(setup: SearchSetup) -> optuna.Study:
-    study = open_study(
-        setup.storage, setup.settings.study_name, [o.direction for o in setup.objectives], setup.fingerprint
+def _failed_record(trial: FrozenTrial, reason: str, setup: SearchSetup, worker: str) -> TrialRecord:
+    """A failed trial's record has the shape of any other, with what is known of it."""
+    arch = Architecture(**trial.user_attrs["architecture"])
+    config = setup.context.teacher.model.config
+    return TrialRecord(
+        trial=trial.number,
+        architecture=arch.as_dict(),
+        label=arch.label(),
+        params=param_count(config, arch),
+        params_fraction=param_count(config, arch) / param_count(config),
+        weight_bytes_bf16=weight_bytes(config, arch=arch),
+        pruning=asdict(setup.policy),
+        reference=trial.user_attrs.get("reference"),
+        reference_note=trial.user_attrs.get("reference_note"),
+        retry_of=trial.user_attrs.get("retry_of"),
+        state=FAILED,
+        fail_reason=reason,
+        worker=worker,
+        command=setup.command,
+        hardware=setup.hardware,
     )
-    check_hardware(study, setup.hardware, setup.timings_rank)
-    me = Worker.current()
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    enqueue_references(study, setup)
-    failures_in_a_row = rejections_in_a_row = 0
-    progress = tqdm(total=setup.settings.n_trials, desc="trials", unit="trial")
-    try:
-        while True:
-            interrupt.check()
-            for number, reason in recover_stale_trials(study, setup.storage):
-                tqdm.write(f"trial {number}: {reason}; its candidate is queued again")
-            trials = study.get_trials(deepcopy=False)
-            if (reached := min(sum(reached_last_rung(t) for t in trials), setup.settings.n_trials)) != progress.n:
-                progress.update(reached - progress.n)
-            if _finished(trials, setup):
-                break
-            study.sampler = make_sampler(setup.sampler, (setup.settings.seed * 1_000_003 + len(trials)) % 2**31)
-            trial = study.ask()
-            try:
-                with Heartbeat(setup.storage, trial._trial_id):
-                    trial.set_user_attr("worker", me.id)
-                    arch = suggest(trial, setup)
-                    trials = study.get_trials(deepcopy=False)
-                    reason = _rejection(trials, trial, arch, setup)
-                    if reason is not None:
-                        trial.set_user_attr(REJECTED, reason)
-                        study.tell(trial, state=TrialState.FAIL)
-                        rejections_in_a_row += 1
-                        if rejections_in_a_row >= REJECTIONS_BEFORE_FALLBACK:
-                            rejections_in_a_row = 0
-                            if not _queue_unevaluated(study, setup, trials) and not others_running(study, me):
-                                break
-                        continue
-                    rejections_in_a_row = 0
-                    record = _run(study, trial, arch, setup, me)
-            except KeyboardInterrupt:
-                _fail_interrupted(study, trial, setup, me)
-                raise
-            failures_in_a_row = failures_in_a_row + 1 if record.state == FAILED else 0
-            if failures_in_a_row >= setup.settings.max_failures_in_a_row:
-                raise SlimnasError(
-                    f"{failures_in_a_row} trials in a row failed, the last with: {record.fail_reason} "
-                    f"(see {trial_dir(setup.run_dir, record.trial)}/record.json)"
-                )
-    finally:
-        progress.close()
-    for trial in others_running(study, me):
-        tqdm.write(
-            f"note: trial {trial.number} is still running on worker {trial.user_attrs.get('worker')}: that worker "
-            f"finishes it; if it dies, the next run of this command retries it (at once on the same host, "
-            f"after {setup.storage.grace_period} s without heartbeat elsewhere)"
-        )
-    return study
 
 
-def _reference(trial: optuna.Trial, arch: Architecture) -> Reference | None:
+def _reference(trial: FrozenTrial, arch: Architecture) -> Reference | None:
     attrs = trial.user_attrs
     if "reference" not in attrs:
         return None
     return Reference(attrs["reference"], arch, attrs.get("reference_note", ""), attrs.get("depth_strategy"))
 
 
-def _failed_record(trial: optuna.Trial, arch: Architecture, reason: str, setup: SearchSetup, me: Worker) -> TrialRecord:
-    """A failed trial's record has the shape of any other, with what it knew."""
-    reference = _reference(trial, arch)
-    return TrialRecord(
-        trial=trial.number,
-        architecture=arch.as_dict(),
-        label=arch.label(),
-        params=param_count(setup.context.teacher.model.config, arch),
-        params_fraction=param_count(setup.context.teacher.model.config, arch)
-        / param_count(setup.context.teacher.model.config),
-        weight_bytes_bf16=weight_bytes(setup.context.teacher.model.config, arch=arch),
-        pruning=asdict(setup.policy),
-        reference=reference.kind if reference else None,
-        reference_note=reference.note if reference else None,
-        retry_of=trial.user_attrs.get("retry_of"),
-        state=FAILED,
-        fail_reason=reason,
-        worker=me.id,
-        command=setup.command,
-        hardware=setup.hardware,
-    )
-
-
-def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: SearchSetup, me: Worker) -> TrialRecord:
+def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: SearchSetup, worker: Worker):
     """Run one accepted candidate, write its record and tell the study; a failure is recorded and the search goes on."""
-    reference = _reference(trial, arch)
+    state = frozen(study, trial)
+    reference = _reference(state, arch)
     promote = Promotion(study, trial, setup, always=reference is not None)
     try:
-        record = run_trial(setup, trial.number, arch, promote, reference, trial.user_attrs.get("retry_of"), me.id)
+        record = run_trial(setup, trial.number, arch, promote, reference, state.user_attrs.get("retry_of"), worker.id)
     except Exception as error:  # an OOM, a NaN, anything
-        record = _failed_record(trial, arch, f"{type(error).__name__}: {one_line(error)}", setup, me)
+        record = _failed_record(state, f"{type(error).__name__}: {one_line(error)}", setup, worker.id)
         trial.set_user_attr("fail_reason", record.fail_reason)
     write_record(setup.run_dir, record)
     try:
@@ -347,43 +305,123 @@ def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: Se
     return record
 
 
-def _fail_interrupted(study: optuna.Study, trial: optuna.Trial, setup: SearchSetup, me: Worker) -> None:
+def _fail_interrupted(study: optuna.Study, trial: optuna.Trial, setup: SearchSetup, worker: Worker) -> None:
     """Ctrl-C: the running trial is recorded as interrupted and its candidate queued again for the next run."""
-    frozen = study._storage.get_trial(trial._trial_id)
-    if frozen.state != TrialState.RUNNING:
+    state = frozen(study, trial)
+    if state.state != TrialState.RUNNING:
         return
     trial.set_user_attr("fail_reason", "interrupted")
-    if REJECTED not in frozen.user_attrs and len(frozen.params) == len(DIMENSIONS):
-        arch = Architecture(**frozen.params)
-        write_record(setup.run_dir, _failed_record(trial, arch, "interrupted", setup, me))
-        study.tell(trial, state=TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
-    else:
-        study.tell(trial, state=TrialState.FAIL)
+    accepted = REJECTED not in state.user_attrs and "architecture" in state.user_attrs
+    if accepted:
+        write_record(setup.run_dir, _failed_record(state, "interrupted", setup, worker.id))
+    study.tell(trial, state=TrialState.FAIL)
+    if accepted:
+        retry(study, frozen(study, trial))
 
 
-def summary_lines(study: optuna.Study) -> list[str]:
-    """Trials by state, so a user sees at once that nothing was lost."""
+def run_study(setup: SearchSetup) -> optuna.Study:
+    directions = [o.direction for o in setup.objectives]
+    study = open_study(setup.storage, setup.settings.study_name, directions, setup.settings_hash)
+    check_hardware(study, setup.hardware, setup.timings_rank)
+    worker = Worker.current()
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    enqueue_references(study, setup)
+    failures_in_a_row = rejections_in_a_row = 0
+    progress = tqdm(total=setup.settings.n_trials, desc="trials", unit="trial")
+    try:
+        while True:
+            interrupt.check()
+            for stale, reason in recover_stale_trials(study, setup.storage):
+                tqdm.write(f"trial {stale.number}: {reason}; its candidate is queued again")
+                if "architecture" in stale.user_attrs:  # its record (maybe a "complete" one written before the kill)
+                    write_record(setup.run_dir, _failed_record(stale, reason, setup, stale.user_attrs["worker"]))
+            trials = study.get_trials(deepcopy=False)
+            if (reached := min(sum(reached_last_rung(t) for t in trials), setup.settings.n_trials)) != progress.n:
+                progress.update(reached - progress.n)
+            if _finished(trials, setup):
+                break
+            study.sampler = make_sampler(
+                setup.sampler, sampler_seed(setup, len(trials), others_running(study, worker), worker)
+            )
+            trial = study.ask()
+            try:
+                with Heartbeat(setup.storage, trial_id(trial)):
+                    trial.set_user_attr("worker", worker.id)
+                    arch = suggest(trial, setup)
+                    if arch is not None:
+                        trial.set_user_attr("architecture", arch.as_dict())
+                    if "proposed_by" not in frozen(study, trial).user_attrs:
+                        trial.set_user_attr("proposed_by", "sampler")
+                    reason = _rejection(study.get_trials(deepcopy=False), frozen(study, trial), arch, setup)
+                    if reason is not None:
+                        trial.set_user_attr(REJECTED, reason)
+                        study.tell(trial, state=TrialState.FAIL)
+                        rejections_in_a_row += 1
+                        if rejections_in_a_row >= REJECTIONS_BEFORE_FALLBACK:
+                            rejections_in_a_row = 0
+                            if not _queue_unevaluated(study, setup, trials) and not others_running(study, worker):
+                                break
+                        continue
+                    rejections_in_a_row = 0
+                    record = _run(study, trial, arch, setup, worker)
+            except KeyboardInterrupt:
+                _fail_interrupted(study, trial, setup, worker)
+                raise
+            failures_in_a_row = failures_in_a_row + 1 if record.state == FAILED else 0
+            if failures_in_a_row >= setup.settings.max_failures_in_a_row:
+                raise SlimnasError(
+                    f"{failures_in_a_row} trials in a row failed, the last with: {record.fail_reason} "
+                    f"(see {trial_dir(setup.run_dir, record.trial)}/record.json)"
+                )
+    finally:
+        progress.close()
+    for trial in others_running(study, worker):
+        tqdm.write(
+            f"note: trial {trial.number} is still running on worker {trial.user_attrs.get('worker')}: that worker "
+            f"finishes it; if it dies, the next run of this command retries it (at once on the same host, "
+            f"after {setup.storage.grace_period} s without heartbeat elsewhere)"
+        )
+    return study
+
+
+def outcome(trial: FrozenTrial) -> str:
+    """What became of a trial, in the words the summary and the report use."""
+    if trial.state == TrialState.COMPLETE:
+        return outcome_text(trial.user_attrs.get("state", COMPLETE), trial.user_attrs.get("stage", ""))
+    if trial.state == TrialState.FAIL:
+        if REJECTED in trial.user_attrs:
+            return f"rejected ({trial.user_attrs[REJECTED].split(' of ')[0]})"
+        return f"failed: {trial.user_attrs.get('fail_reason', 'unknown')}"
+    return trial.state.name.lower()
+
+
+def rank_agreement(trials: list[FrozenTrial], n_rungs: int) -> dict[int, tuple[float, int]]:
+    """Spearman correlation of each earlier rung's quality with the last rung's, over the trials that reached it.
+
+    How far the cheap early ranking predicts the final one: the evidence for stopping candidates early.
+    """
+    final = [t for t in trials if reached_last_rung(t)]
+    agreement = {}
+    for rung in range(n_rungs):
+        last = f"rung_{n_rungs}"
+        pairs = [(t.user_attrs[f"rung_{rung}"], t.user_attrs[last]) for t in final if f"rung_{rung}" in t.user_attrs]
+        if len(pairs) >= 3:
+            agreement[rung] = (float(spearmanr(*zip(*pairs, strict=True)).statistic), len(pairs))
+    return agreement
+
+
+def summary_lines(study: optuna.Study, setup: SearchSetup) -> list[str]:
+    """Trials by state and by who proposed them, so a user sees at once that nothing was lost."""
     trials = study.get_trials(deepcopy=False)
-    counts: dict[str, int] = {}
-    for t in trials:
-        if t.state == TrialState.COMPLETE:
-            key = (
-                "reached the last rung"
-                if reached_last_rung(t)
-                else f"stopped by halving after {t.user_attrs.get('stage')}"
-            )
-        elif t.state == TrialState.FAIL:
-            key = (
-                f"rejected ({t.user_attrs[REJECTED].split(' of ')[0]})"
-                if REJECTED in t.user_attrs
-                else (f"failed: {t.user_attrs.get('fail_reason', 'unknown')}")
-            )
-        else:
-            key = t.state.name.lower()
-        counts[key] = counts.get(key, 0) + 1
-    retried = [t.number for t in trials if t.user_attrs.get("retry_of") is not None]
-    lines = [f"{n:>4}  {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    lines = [f"{n:>4}  {key}" for key, n in Counter(outcome(t) for t in trials).most_common()]
+    evaluated = Counter(t.user_attrs.get("proposed_by", "sampler") for t in trials if REJECTED not in t.user_attrs)
+    lines.append("      evaluated candidates proposed by: " + ", ".join(f"{k} {n}" for k, n in evaluated.most_common()))
+    retried = [
+        f"{t.number} (of {t.user_attrs['retry_of']})" for t in trials if t.user_attrs.get("retry_of") is not None
+    ]
     if retried:
-        lines.append(f"      retries of killed or interrupted trials: {', '.join(map(str, retried))}")
+        lines.append(f"      retries of killed or interrupted trials: {', '.join(retried)}")
+    for rung, (rho, n) in rank_agreement(trials, len(setup.rung_steps)).items():
+        name = "zero-KD screen" if rung == 0 else f"rung {rung}"
+        lines.append(f"      rank agreement of the {name} with the last rung: Spearman {rho:.2f} over {n} trials")
     return lines

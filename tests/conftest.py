@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compress.corpus import CHECKOUT_DATA_DIR
+from compress.runtime.data import CHECKOUT_DATA_DIR
 
 SHARED_DATA = CHECKOUT_DATA_DIR
 needs_data = pytest.mark.skipif(

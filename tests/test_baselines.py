@@ -4,22 +4,25 @@ import json
 import statistics
 
 import pytest
-from conftest import SEARCH_FAST, SEARCH_SPACE, needs_data
+from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA
 from scipy.stats import t as student_t
 from transformers import AutoConfig
 
 from compress.arch import Architecture, param_count
 from search.cli import main
+from search.records import read_records
+
+HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()
+WITH_DATA = ["baselines.heldout_text_rows=4", "quality.tasks=[piqa]", "quality.limit=4"]
+WITHOUT_DATA = ["baselines.heldout_text=null", "quality.tasks=[]"]
 
 
-@needs_data
 def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equals_the_records(search_teacher, tmp_path):
     run_dir = tmp_path / "baselines"
     args = [
         "baselines", f"teacher={search_teacher}", f"run_dir={run_dir}", *SEARCH_SPACE, *SEARCH_FAST,
         "search.budget.params=0.7", "search.budget.window=0.3", "search.n_trials=3", "retrain.budget_tokens=512",
-        "baselines.seeds=[0,1]", "baselines.heldout_text_rows=4", "quality.tasks=[piqa]", "quality.limit=4",
-        "search.measure_speed=false",
+        "baselines.seeds=[0,1]", "search.measure_speed=false", *(WITH_DATA if HAS_DATA else WITHOUT_DATA),
     ]  # fmt: skip
     assert main(args) == 0
     proof = json.loads((run_dir / "proof" / "proof.json").read_text())
@@ -27,19 +30,26 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
     target = 0.7 * param_count(config)
     rows = {row["method"]: row for row in proof["rows"]}
     assert {"search", "random", "zero_shot", "depth_only", "width_only"} <= set(rows)
-    finalists = {}
+    finalists, records = {}, {}
     for seed in (0, 1):
         for method, pick in json.loads((run_dir / f"seed_{seed}" / "methods.json").read_text()).items():
-            record = json.loads((run_dir / f"seed_{seed}" / "finalists" / pick["finalist"] / "record.json").read_text())
-            finalists.setdefault(method, {})[seed] = record
+            path = run_dir / f"seed_{seed}" / "finalists" / pick["finalist"] / "record.json"
+            record = json.loads(path.read_text())
+            finalists.setdefault(method, {})[seed], records[path] = record, path.stat().st_mtime
             assert abs(param_count(config, Architecture(**record["architecture"])) - target) <= 0.3 * target
+            if method in ("search", "random"):  # what the search spent: every KD token of every trial
+                spent = sum(r.kd_tokens for r in read_records(run_dir / f"seed_{seed}" / method))
+                assert pick["search_kd_tokens"] == spent > 0
+            else:
+                assert pick["search_kd_tokens"] == 0
     assert {record["kd_tokens"] for seeds in finalists.values() for record in seeds.values()} == {512}
     for method, seeds in finalists.items():
         kls = [seeds[s]["heldout"]["kl"] for s in (0, 1)]
-        texts = [seeds[s]["heldout_other"]["wiki.valid"]["perplexity"] for s in (0, 1)]
         assert rows[method]["kl"] == pytest.approx(statistics.fmean(kls))
         assert rows[method]["kl_ci95"] == pytest.approx(student_t.ppf(0.975, 1) * statistics.stdev(kls) / 2**0.5)
-        assert rows[method]["text_perplexity"] == pytest.approx(statistics.fmean(texts))
+        if HAS_DATA:
+            texts = [seeds[s]["heldout_other"]["wiki.valid"]["perplexity"] for s in (0, 1)]
+            assert rows[method]["text_perplexity"] == pytest.approx(statistics.fmean(texts))
     for pair in proof["paired"]:
         if pair["metric"] == "kl":
             differences = [finalists[pair["method"]][s]["heldout"]["kl"] - finalists["search"][s]["heldout"]["kl"]
@@ -47,4 +57,8 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
             assert pair["minus_search"] == pytest.approx(statistics.fmean(differences))
             assert pair["significant"] == (abs(pair["minus_search"]) > pair["ci95"])
     assert (run_dir / "proof" / "proof.png").stat().st_size > 0 and (run_dir / "proof" / "proof.md").is_file()
-    assert main(args) == 0  # the same command again resumes: nothing is retrained twice
+
+    assert main(args) == 0  # the same command again resumes: nothing is searched or retrained twice
+    assert all(path.stat().st_mtime == mtime for path, mtime in records.items())
+    assert main(["report", str(run_dir)]) == 0  # the report shows the benchmark's table
+    assert "Search vs baselines" in (run_dir / "report" / "index.html").read_text()

@@ -1,5 +1,6 @@
 import json
 import socket
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ from bench.tasks import SUITE, lm_eval_tasks_dir, prepare_suite
 from compress.runtime.errors import SlimnasError
 from search.cli import main
 
-MULTIPLE_CHOICE = ["piqa", "arc_easy", "arc_challenge", "hellaswag"]
+MULTIPLE_CHOICE = ["piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag"]
 
 
 @pytest.fixture
@@ -30,14 +31,15 @@ def no_network(monkeypatch):
 def suite(tmp_path_factory):
     if not (SHARED_DATA / "SOURCES.md").is_file():
         pytest.skip(f"benchmark data not found at {SHARED_DATA}")
-    return prepare_suite(list(SUITE), str(SHARED_DATA), tmp_path_factory.mktemp("tasks"))
+    return prepare_suite(list(SUITE), str(SHARED_DATA))
 
 
 def test_prepared_local_data_matches_the_published_splits(suite):
     assert suite.sizes == {
-        "lambada_openai": 5153, "piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "wikitext": 62,
+        "lambada_openai": 5153, "piqa": 1838, "arc_easy_dev": 570, "arc_challenge_dev": 299, "hellaswag": 10042,
+        "wikitext": 62,
     }  # fmt: skip
-    assert suite.splits["arc_easy"] == "validation" and suite.splits["lambada_openai"] == "test"
+    assert suite.splits["arc_easy_dev"] == "validation" and suite.splits["lambada_openai"] == "test"
     assert suite.lm_eval_names["piqa"] == "slimnas_piqa" and suite.source == str(SHARED_DATA)
 
 
@@ -53,6 +55,20 @@ def test_local_tasks_are_lm_evals_own_definitions(suite):
         for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "output_type", "process_docs"):
             assert local.get(key) == official.get(key), (task, key)
         assert local["dataset_path"] == "json" and official["dataset_path"] != "json"
+
+
+def test_a_local_document_reads_as_lm_evals_template_renders_it(suite):
+    """What lm-eval builds from our ARC file equals its own template applied to the same document."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.utils import apply_template
+
+    name = suite.lm_eval_names["arc_easy_dev"]
+    task = suite.manager.load([name])["tasks"][name]
+    doc = next(iter(task.test_docs()))
+    official = load_yaml(lm_eval_tasks_dir() / SUITE["arc_easy_dev"].lm_eval_yaml, resolve_func=False)
+    assert task.doc_to_text(doc) == apply_template(official["doc_to_text"], doc)
+    assert task.doc_to_choice(doc) == doc["choices"]["text"]
+    assert task.doc_to_target(doc) == doc["choices"]["label"].index(doc["answerKey"])
 
 
 def test_hellaswag_documents_become_lm_evals_queries(suite):
@@ -73,7 +89,7 @@ def test_whole_suite_scores_a_tiny_model_with_sockets_blocked(suite, tmp_path, n
             assert record.split == suite.splits[task]
     assert by_key[("lambada_openai", "perplexity")].value > 1
     assert by_key[("wikitext", "word_perplexity")].value > 1 and by_key[("wikitext", "bits_per_byte")].value > 0
-    assert "Building contexts" in (tmp_path / "log").read_text() or (tmp_path / "log").stat().st_size > 0
+    assert (tmp_path / "log").stat().st_size > 0  # lm-eval's own output went to the log, not the screen
 
 
 def test_subsets_are_fixed_by_seed():
@@ -85,7 +101,7 @@ def test_subsets_are_fixed_by_seed():
 def test_summary_score_normalises_by_chance_with_an_error_bar():
     records = [
         ScoreRecord("m", "piqa", "validation", "acc_norm", 0.75, 0.05, 10, 1.0),  # (0.75 - 0.5) / 0.5 = 0.5
-        ScoreRecord("m", "arc_easy", "validation", "acc_norm", 0.25, 0.03, 10, 1.0),  # chance: 0
+        ScoreRecord("m", "arc_easy_dev", "validation", "acc_norm", 0.25, 0.03, 10, 1.0),  # chance: 0
         ScoreRecord("m", "lambada_openai", "test", "acc", 0.4, 0.04, 10, 1.0),  # chance 0: 0.4
     ]
     value, stderr = summary_score(records)
@@ -97,23 +113,26 @@ def test_summary_score_normalises_by_chance_with_an_error_bar():
 
 def test_missing_data_files_are_named(tmp_path):
     with pytest.raises(SlimnasError, match=r"missing benchmark data files: .*piqa/valid\.jsonl"):
-        prepare_suite(["piqa"], str(tmp_path), tmp_path / "tasks")
+        prepare_suite(["piqa"], str(tmp_path))
 
 
 @needs_data
 def test_unknown_task_is_a_clear_error(tmp_path, no_network):
     with pytest.raises(SlimnasError, match="unknown task"):
-        prepare_suite(["piqa", "no_such_task_xyz"], str(SHARED_DATA), tmp_path)
+        prepare_suite(["piqa", "no_such_task_xyz"], str(SHARED_DATA))
 
 
 def test_without_a_data_directory_the_standard_hub_tasks_are_used(tmp_path, monkeypatch, capsys):
-    import compress.corpus
+    import compress.runtime.data
 
     monkeypatch.delenv("SLIMNAS_DATA", raising=False)
-    monkeypatch.setattr(compress.corpus, "CHECKOUT_DATA_DIR", tmp_path / "no-data")
-    hub = prepare_suite(["arc_easy", "piqa"], None, tmp_path / "tasks")
-    assert hub.lm_eval_names == {"arc_easy": "arc_easy", "piqa": "piqa"} and hub.source == "lm-eval hub"
-    assert hub.splits == {"arc_easy": "test", "piqa": "validation"}
+    monkeypatch.setattr(compress.runtime.data, "CHECKOUT_DATA_DIR", tmp_path / "no-data")
+    hub = prepare_suite(["arc_easy_dev", "piqa"], None)
+    assert hub.source == "lm-eval hub" and hub.splits == {"arc_easy_dev": "validation", "piqa": "validation"}
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    arc = load_yaml(Path(hub.manager.include_path) / "arc_easy_dev.yaml", resolve_func=False)
+    assert arc["dataset_path"] == "allenai/ai2_arc" and arc["test_split"] == "validation"  # the hub's dev split
     assert "using lm-eval's hub tasks" in capsys.readouterr().out
 
 
@@ -139,12 +158,14 @@ def test_peak_memory_of_a_model_alone_follows_its_size(tmp_path):
                                  intermediate_size=1024, vocab_size=4096)  # fmt: skip
     import torch
 
+    ballast = torch.zeros(64 * 2**20 // 4)  # 64 MiB held by this process must not count for either model
     small_peak = measure_memory(str(small), settings, torch.device("cpu"))
     large_peak = measure_memory(str(large), settings, torch.device("cpu"))
+    del ballast
     weight_ratio = small_peak.weight_bytes / large_peak.weight_bytes
     assert weight_ratio < 0.3
-    assert small_peak.peak_bytes < large_peak.peak_bytes
-    assert large_peak.peak_bytes >= large_peak.weight_bytes
+    assert large_peak.weight_bytes <= large_peak.peak_bytes < large_peak.weight_bytes + 64 * 2**20
+    assert small_peak.peak_bytes / large_peak.peak_bytes < 2 * weight_ratio + 0.2
 
 
 @needs_data

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_data, tiny_tokenizer
 
-from compress.corpus import BUILTIN, DataSettings, find_data_dir, load_corpus, load_documents, pack, resolve_corpus
+from compress.corpus import BUILTIN, DataSettings, load_corpus, load_documents, pack, resolve_corpus
+from compress.runtime.data import find_data_dir
 from compress.runtime.errors import SlimnasError
 
 
@@ -60,7 +61,8 @@ def test_local_txt_and_jsonl_files(tmp_path):
     [
         (None, "missing.txt", "corpus not found"),
         ("x", "data.csv", "unsupported corpus file"),
-        ("{bad", "d.jsonl", "'text' field"),
+        ("{bad", "d.jsonl", "d.jsonl:1: not a JSON line"),
+        ('{"title": "no text"}', "e.jsonl", "'text' field"),
     ],
 )
 def test_bad_corpus_inputs_give_clear_errors(tmp_path, content, name, message):

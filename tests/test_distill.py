@@ -250,7 +250,7 @@ def test_cached_teacher_loss_matches_live_teacher_loss(data, tmp_path, top_k, to
     teacher = sharp_teacher()
     student = pruned_student(teacher, data.train)
     rows = torch.arange(4)
-    cache = TopKLogitCache.open(tmp_path, "teacher", data.train[:8], top_k, 1.0, VOCAB)
+    cache = TopKLogitCache.open(tmp_path, "teacher", data.train[:8], top_k, 1.0, VOCAB, "fp32")
     cache.ensure(8, teacher, precision="fp32")
     input_ids = data.train[rows]
     with torch.no_grad():
@@ -265,7 +265,7 @@ def test_cached_teacher_loss_matches_live_teacher_loss(data, tmp_path, top_k, to
 
 def test_the_cache_grows_for_a_longer_run_and_keeps_what_it_had(data, tmp_path):
     teacher = sharp_teacher()
-    cache = TopKLogitCache.open(tmp_path, "teacher", data.train[:64], 8, 1.0, VOCAB)
+    cache = TopKLogitCache.open(tmp_path, "teacher", data.train[:64], 8, 1.0, VOCAB, "fp32")
     cache.ensure(4, teacher, precision="fp32")
     first = cache.target(torch.arange(4))
     cache.ensure(40, teacher, precision="fp32")
@@ -276,7 +276,7 @@ def test_the_cache_grows_for_a_longer_run_and_keeps_what_it_had(data, tmp_path):
 
 def test_a_cache_too_large_is_refused_before_anything_is_written(data, tmp_path):
     rows = torch.zeros(2 * MAX_CACHE_BYTES // (32 * VOCAB * 4), 32, dtype=torch.int64)
-    cache = TopKLogitCache.open(tmp_path, "teacher", rows, VOCAB, 1.0, VOCAB)
+    cache = TopKLogitCache.open(tmp_path, "teacher", rows, VOCAB, 1.0, VOCAB, "fp32")
     with pytest.raises(SlimnasError, match="GiB: lower distill.top_k or use distill.teacher_mode=live"):
         cache.ensure(len(rows), sharp_teacher(), precision="fp32")
     assert not (cache.directory / "values.npy").exists()

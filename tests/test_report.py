@@ -20,10 +20,11 @@ from reports.plots import FRONT_LABEL, quality_vs_params
 from reports.runs import read_runs
 from search.cli import main
 
+HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()  # without the benchmark files: no lm-eval scores to plot
 RETRAIN_FAST = [
     "precision=fp32", "distill.batch_size=4", "retrain.budget_tokens=512", "distill.eval_every=2",
-    "quality.tasks=[piqa]", "quality.limit=4", "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1",
-    "speed.max_repeats=2", "retrain.new_tokens=4", "retrain.top_k=1",
+    "quality.tasks=[piqa]" if HAS_DATA else "quality.tasks=[]", "quality.limit=4", "speed.prompt_len=16",
+    "speed.new_tokens=4", "speed.repeats=1", "speed.max_repeats=2", "retrain.new_tokens=4", "retrain.top_k=1",
 ]  # fmt: skip
 PROOF = {
     "columns": ["method", "params %", "held-out KL", "trials"],
@@ -36,7 +37,7 @@ PROOF = {
     "notes": ["same budget of KD tokens for both methods"],
 }
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SCREENSHOT_COPY = Path("/work/notes/report_screenshot.png")
+SCREENSHOT_DIR = os.environ.get("SLIMNAS_SCREENSHOT_DIR")  # where to keep the page's screenshot, if anywhere
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,7 @@ def searched(root) -> Path:
 
 @pytest.fixture(scope="module")
 def retrained(root, searched) -> Path:
-    """A copy of the search, retrained (the front's best and the references) and scored on piqa; with a proof/."""
-    if not (SHARED_DATA / "SOURCES.md").is_file():
-        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    """A copy of the search, retrained (the front's best and the references), scored on piqa; with a proof/."""
     run_dir = root / "retrained"
     shutil.copytree(searched, run_dir)
     with pytest.MonkeyPatch.context() as patch:
@@ -303,10 +302,11 @@ def test_the_page_opens_offline_in_a_browser_with_every_image(retrained, tmp_pat
         driver.quit()
     assert loaded.console_errors == []
     assert loaded.requests == [page.as_uri()]
-    assert len(loaded.images) == 6 and all(image["width"] > 0 for image in loaded.images)  # 5 plots and the proof's
+    plots = 5 if HAS_DATA else 4  # the per-task plot needs lm-eval scores
+    assert len(loaded.images) == plots + 1 and all(image["width"] > 0 for image in loaded.images)  # + the proof's
     assert loaded.leaderboard_rows == 1 + len(trial_records(retrained))
-    if SCREENSHOT_COPY.parent.is_dir():
-        shutil.copy(tmp_path / "report.png", SCREENSHOT_COPY)
+    if SCREENSHOT_DIR:
+        shutil.copy(tmp_path / "report.png", Path(SCREENSHOT_DIR) / "report.png")
 
 
 def test_the_browser_checks_see_requests_console_errors_and_broken_images(tmp_path):

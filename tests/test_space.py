@@ -6,7 +6,8 @@ from conftest import tiny_config
 from compress.arch import Architecture, param_count, validate_target
 from compress.runtime.errors import SlimnasError
 from search.constraints import Budget
-from search.space import DimensionSpec, SearchSpace, depth_only_reference, uniform_reference, width_only_reference
+from search.references import depth_only_reference, uniform_reference, width_only_reference
+from search.space import DimensionSpec, SearchSpace
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

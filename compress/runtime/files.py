@@ -43,6 +43,18 @@ def read_json(path: Path) -> object:
         raise SlimnasError(f"corrupt JSON file: {path} ({error})") from error
 
 
+def read_jsonl(path: Path) -> list:
+    """One JSON value per non-empty line; a corrupt line is a one-line error naming the file and line."""
+    values = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise SlimnasError(f"{path}:{number}: not a JSON line ({error.msg})") from error
+    return values
+
+
 def hash_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

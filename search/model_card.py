@@ -1,6 +1,6 @@
 """The model card (README.md) of a retrained checkpoint: what it is, how it was made, what it scores."""
 
-from reports.tables import plus_minus as _pm
+from compress.runtime.tables import plus_minus as _pm
 from search.records import RetrainRecord
 
 
