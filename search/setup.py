@@ -30,7 +30,7 @@ from compress.runtime.files import hash_json
 from compress.teacher_targets import TeacherTargets
 from search.constraints import Budget
 from search.objectives import QUALITY_METRICS, Objective, objectives_from_config
-from search.space import SearchSpace
+from search.space import FeasibleEncoding, SearchSpace
 from search.storage import open_storage, storage_url
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "enumerate", "auto")
@@ -77,8 +77,8 @@ class Fidelity:
     def __post_init__(self):
         if self.screen not in SCREEN_ROLES:
             raise SlimnasError(f"search.fidelity.screen must be rank or stop, not {self.screen!r}")
-        if not self.rung_tokens or self.eta < 2 or self.min_peers < 1:
-            raise SlimnasError("search.fidelity needs at least one rung, eta >= 2 and min_peers >= 1")
+        if not self.rung_tokens or min(self.rung_tokens) < 1 or self.eta < 2 or self.min_peers < 1:
+            raise SlimnasError("search.fidelity needs rungs of at least one token, eta >= 2 and min_peers >= 1")
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class SearchSetup:
     objectives: tuple[Objective, ...]
     space: SearchSpace
     feasible: tuple[Architecture, ...]
-    ffn_bands: dict  # (hidden, heads, KV heads, layers) -> the feasible FFN sizes, ascending
+    encoding: FeasibleEncoding  # the sampler's coordinates: every point a feasible candidate
     sampler: str  # resolved: auto became enumerate or tpe
     policy: PrunePolicy
     distill: DistillSettings  # budget = the last rung
@@ -210,7 +210,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         objectives=objectives,
         space=space,
         feasible=feasible,
-        ffn_bands=space.ffn_bands(list(feasible)),
+        encoding=FeasibleEncoding.of(list(feasible)),
         sampler=sampler,
         policy=policy,
         distill=distill,

@@ -70,17 +70,6 @@ class SearchSpace:
     def size(self) -> int:
         return math.prod(len(v) for v in self.values.values())
 
-    def ffn_bands(self, feasible: list[Architecture]) -> dict[tuple[int, int, int, int], list[int]]:
-        """Per (hidden, heads, KV heads, layers): the FFN sizes that meet the budget, ascending.
-
-        The parameter count grows with the FFN size, so the budget leaves a contiguous band of them: the
-        search proposes a position in the band instead of an FFN size, and almost every proposal is feasible.
-        """
-        bands: dict[tuple[int, int, int, int], list[int]] = {}
-        for arch in feasible:
-            bands.setdefault(shape_key(arch), []).append(arch.intermediate_size)
-        return {key: sorted(values) for key, values in bands.items()}
-
     def feasible(self, teacher: PretrainedConfig, budget: Budget) -> list[Architecture]:
         """All architectures of the space that can be cut from the teacher and meet the budget."""
         valid_attention = {}
@@ -103,6 +92,58 @@ class SearchSpace:
         return candidates
 
 
-def shape_key(arch: Architecture) -> tuple[int, int, int, int]:
-    """Every dimension but the FFN size, which the parameter budget then confines to a band."""
-    return arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads, arch.num_hidden_layers
+ATTENTION, DEPTH, WIDTH = "attention", "depth_position", "width_position"  # the sampler's coordinates
+
+
+@dataclass(frozen=True)
+class FeasibleEncoding:
+    """The feasible set as coordinates a sampler can model, where every point is a feasible candidate.
+
+    A parameter budget leaves a thin shell of the space: most random combinations of the five sizes miss it,
+    and a rejected proposal teaches a sampler nothing. So a candidate is proposed as
+      attention: one of the (hidden, heads, KV heads) shapes that have feasible candidates,
+      depth: a position in [0, 1] among that shape's feasible layer counts,
+      width: a position in [0, 1] among the FFN sizes the budget leaves for that shape and depth,
+    which keeps the order of depth and width for the sampler to learn, and never leaves the budget.
+    """
+
+    attention: dict[str, tuple[int, int, int]]  # label "hidden/heads/kv" -> shape
+    layers: dict[tuple[int, int, int], list[int]]  # shape -> feasible layer counts, ascending
+    widths: dict[tuple[int, int, int, int], list[int]]  # (shape, layers) -> feasible FFN sizes, ascending
+
+    @classmethod
+    def of(cls, feasible: list[Architecture]) -> "FeasibleEncoding":
+        widths: dict[tuple[int, int, int, int], list[int]] = {}
+        for arch in feasible:
+            widths.setdefault((*_attention(arch), arch.num_hidden_layers), []).append(arch.intermediate_size)
+        layers: dict[tuple[int, int, int], list[int]] = {}
+        for *shape, depth in widths:
+            layers.setdefault(tuple(shape), []).append(depth)
+        attention = {"/".join(map(str, shape)): shape for shape in sorted(layers)}
+        return cls(attention, {k: sorted(v) for k, v in layers.items()}, {k: sorted(v) for k, v in widths.items()})
+
+    def decode(self, attention: str, depth: float, width: float) -> Architecture:
+        shape = self.attention[attention]
+        layers = _at(self.layers[shape], depth)
+        hidden, heads, kv = shape
+        return Architecture(hidden, _at(self.widths[(*shape, layers)], width), heads, kv, layers)
+
+    def encode(self, arch: Architecture) -> dict:
+        shape = _attention(arch)
+        return {
+            ATTENTION: "/".join(map(str, shape)),
+            DEPTH: _position(self.layers[shape], arch.num_hidden_layers),
+            WIDTH: _position(self.widths[(*shape, arch.num_hidden_layers)], arch.intermediate_size),
+        }
+
+
+def _attention(arch: Architecture) -> tuple[int, int, int]:
+    return arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads
+
+
+def _at(values: list[int], position: float) -> int:
+    return values[round(position * (len(values) - 1))]
+
+
+def _position(values: list[int], value: int) -> float:
+    return values.index(value) / (len(values) - 1) if len(values) > 1 else 0.0

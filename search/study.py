@@ -1,15 +1,15 @@
 """The study: an ask-and-tell loop over candidates until enough of them reached the last rung.
 
-    recover killed workers' trials -> ask -> reject (infeasible, duplicate, given up) or run the
-    trial -> write its record -> tell Optuna
+    recover killed workers' trials -> ask -> reject (duplicate, given up) or run the trial
+    -> write its record -> tell Optuna
 
-Proposals are made feasible by construction where the budget allows it: the sampler chooses hidden
-size, heads, KV heads and layers, and a position in the band of FFN sizes that the parameter budget
-leaves for that shape. The sampler learns only from evidence: rejected proposals are told as FAIL
-(samplers skip those); candidates stopped by successive halving are told with their values at the
-rung they reached and a violated constraint (the number of rungs they missed), so they rank below
-every candidate that went on. Reference candidates are queued once per study and always run to the
-last rung; the candidate of a killed, interrupted or stale trial is queued again, so none is lost.
+Proposals are feasible by construction: the sampler chooses an attention shape and positions among
+the layer counts and FFN sizes the budget leaves for it (search.space.FeasibleEncoding). The sampler
+learns only from evidence: rejected proposals are told as FAIL (samplers skip those); candidates
+stopped by successive halving are told with their values at the rung they reached and a violated
+constraint (the number of rungs they missed), so they rank below every candidate that went on.
+Reference candidates are queued once per study and always run to the last rung; the candidate of a
+killed, interrupted or stale trial is queued again, so none is lost.
 """
 
 import math
@@ -17,7 +17,6 @@ import random
 import warnings
 from collections import Counter
 from dataclasses import asdict
-from itertools import pairwise
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -40,7 +39,7 @@ from search.records import (
 )
 from search.references import Reference, find_reference
 from search.setup import SearchSetup
-from search.space import DIMENSIONS, shape_key
+from search.space import ATTENTION, DEPTH, WIDTH
 from search.storage import (
     Heartbeat,
     Worker,
@@ -55,7 +54,6 @@ from search.storage import (
 from search.trial import run_trial
 
 REJECTED = "rejected"  # user attr of a proposal dropped before any compute
-FFN_POSITION = "intermediate_size_position"  # where in the shape's feasible band of FFN sizes (0 = smallest)
 REJECTIONS_BEFORE_FALLBACK = 20  # then a random unevaluated feasible candidate is queued instead
 NOT_THE_CANDIDATES_FAULT = ("interrupted",)  # failures that do not count towards search.max_attempts
 
@@ -77,37 +75,11 @@ def sampler_seed(setup: SearchSetup, n_trials: int, others: list[FrozenTrial], w
     return int(hash_json(parts)[:8], 16)
 
 
-def params_of(arch: Architecture, setup: SearchSetup) -> dict:
-    """The sampler's parameters that stand for an architecture (to queue references, retries, fallbacks)."""
-    band = setup.ffn_bands[shape_key(arch)]
-    position = band.index(arch.intermediate_size) / (len(band) - 1) if len(band) > 1 else 0.0
-    return {**{k: v for k, v in arch.as_dict().items() if k != "intermediate_size"}, FFN_POSITION: position}
-
-
-def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture | None:
-    """The proposed architecture; None when its shape leaves no FFN size within the budget."""
-    values = {}
-    for name in DIMENSIONS:
-        if name == "intermediate_size":
-            continue
-        choices = setup.space.values[name]
-        steps = {b - a for a, b in pairwise(choices)}
-        if len(steps) <= 1:
-            values[name] = trial.suggest_int(name, choices[0], choices[-1], step=steps.pop() if steps else 1)
-        else:
-            values[name] = trial.suggest_categorical(name, choices)
-    position = trial.suggest_float(FFN_POSITION, 0.0, 1.0)
-    band = setup.ffn_bands.get(
-        (
-            values["hidden_size"],
-            values["num_attention_heads"],
-            values["num_key_value_heads"],
-            values["num_hidden_layers"],
-        )
-    )
-    if not band:
-        return None
-    return Architecture(**values, intermediate_size=band[round(position * (len(band) - 1))])
+def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture:
+    """A feasible candidate from the sampler's three coordinates (see search.space.FeasibleEncoding)."""
+    encoding = setup.encoding
+    attention = trial.suggest_categorical(ATTENTION, list(encoding.attention))
+    return encoding.decode(attention, trial.suggest_float(DEPTH, 0.0, 1.0), trial.suggest_float(WIDTH, 0.0, 1.0))
 
 
 def candidate_key(trial: FrozenTrial) -> tuple | None:
@@ -195,12 +167,12 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
         }
         if depth_strategy:
             attrs["depth_strategy"] = depth_strategy
-        study.enqueue_trial(params_of(arch, setup), user_attrs=attrs)
+        study.enqueue_trial(setup.encoding.encode(arch), user_attrs=attrs)
     if setup.sampler == "enumerate":
         chosen = {arch for arch, strategy in merged if strategy is None}
         for arch in setup.feasible:
             if arch not in chosen:
-                study.enqueue_trial(params_of(arch, setup), user_attrs={"proposed_by": "enumerate"})
+                study.enqueue_trial(setup.encoding.encode(arch), user_attrs={"proposed_by": "enumerate"})
     study.set_user_attr("reference_notes", notes)
     update_run(setup.run_dir, references=notes)
     study.set_user_attr("references_enqueued", True)
@@ -209,9 +181,8 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
 # The loop --------------------------------------------------------------------------------------------
 
 
-def _rejection(trials: list[FrozenTrial], trial: FrozenTrial, arch: Architecture | None, setup: SearchSetup):
-    if arch is None or arch not in setup.feasible:
-        return "infeasible under the budget"
+def _rejection(trials: list[FrozenTrial], trial: FrozenTrial, setup: SearchSetup) -> str | None:
+    """Why a proposal is not run: its candidate was evaluated (or given up) already."""
     key = candidate_key(trial)
     taken = evaluated_keys(trials, setup.settings.max_attempts, exclude=trial.number)
     if key not in taken:
@@ -231,7 +202,7 @@ def _queue_unevaluated(study: optuna.Study, setup: SearchSetup, trials: list[Fro
     if not left:
         return False
     choice = random.Random(hash_json([setup.settings.seed, len(trials)])).choice(left)
-    study.enqueue_trial(params_of(choice, setup), user_attrs={"proposed_by": "fallback"})
+    study.enqueue_trial(setup.encoding.encode(choice), user_attrs={"proposed_by": "fallback"})
     return True
 
 
@@ -348,11 +319,10 @@ def run_study(setup: SearchSetup) -> optuna.Study:
                 with Heartbeat(setup.storage, trial_id(trial)):
                     trial.set_user_attr("worker", worker.id)
                     arch = suggest(trial, setup)
-                    if arch is not None:
-                        trial.set_user_attr("architecture", arch.as_dict())
+                    trial.set_user_attr("architecture", arch.as_dict())
                     if "proposed_by" not in frozen(study, trial).user_attrs:
                         trial.set_user_attr("proposed_by", "sampler")
-                    reason = _rejection(study.get_trials(deepcopy=False), frozen(study, trial), arch, setup)
+                    reason = _rejection(study.get_trials(deepcopy=False), frozen(study, trial), setup)
                     if reason is not None:
                         trial.set_user_attr(REJECTED, reason)
                         study.tell(trial, state=TrialState.FAIL)

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama-family models built in the test, a tiny tokenizer, CLI settings."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,6 @@ class SlimnasProcess:
     """`slimnas ARGS` in its own process; its output goes to a file (a pipe nobody reads could fill and block)."""
 
     def __init__(self, *args: str):
-        import subprocess
         import sys
         import tempfile
 
@@ -137,7 +137,13 @@ class SlimnasProcess:
         return Path(self.log.name).read_text()
 
     def finish(self, timeout: float = 600) -> tuple[int, str]:
-        self.process.wait(timeout=timeout)
+        """Wait for the process; one that runs past the timeout is killed, not left behind."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"slimnas ran past {timeout} s:\n{self.output()[-3000:]}") from None
         return self.process.returncode, self.output()
 
 

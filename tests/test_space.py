@@ -7,7 +7,7 @@ from compress.arch import Architecture, param_count, validate_target
 from compress.runtime.errors import SlimnasError
 from search.constraints import Budget
 from search.references import depth_only_reference, uniform_reference, width_only_reference
-from search.space import DimensionSpec, SearchSpace
+from search.space import DimensionSpec, FeasibleEncoding, SearchSpace
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -81,3 +81,15 @@ def test_memory_budget_and_unreachable_targets():
     assert small and all(param_count(teacher, a) * 2 <= 150 * 2**20 for a in small)
     assert space.feasible(teacher, Budget(params=0.05, window=0.1)) == []
     assert Architecture(576, 1536, 9, 3, 30) not in space.feasible(teacher, Budget(params=0.6))
+
+
+def test_every_point_of_the_samplers_coordinates_is_a_feasible_candidate():
+    teacher = tiny_config(**SMOLLM2)
+    feasible = SearchSpace.from_config(SPACE, teacher).feasible(teacher, Budget(params=0.6, window=0.1))
+    encoding = FeasibleEncoding.of(feasible)
+    grid = [i / 100 for i in range(101)]
+    decoded = {encoding.decode(a, d, w) for a in encoding.attention for d in grid for w in grid}
+    assert decoded <= set(feasible)
+    assert decoded == set(feasible)  # and every feasible candidate can be proposed
+    for arch in feasible:
+        assert encoding.decode(**{k.split("_")[0]: v for k, v in encoding.encode(arch).items()}) == arch
