@@ -1,6 +1,6 @@
 """Benchmark: KD tokens/s with a live teacher and with the top-k cache, beside a plain student step.
 
-    python -m bench.kd_throughput [--batch 2 --seq-len 128 --steps 3 --rounds 4]
+    python -m bench.kd_throughput [--batch 2 --seq-len 128 --steps 3 --rounds 6]
 
 All three run in one process on the same student shape, in alternating rounds (live, cache, plain,
 live, ...), so a slow spell of the machine hits every mode alike; the ratios to the plain step are
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()

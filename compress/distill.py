@@ -239,7 +239,11 @@ class Distiller:
                 micro_step = self.step * settings.grad_accum + micro
                 rows = batch_rows(micro_step, settings.batch_size, self.n_rows, settings.seed)
                 kl, ce, hidden_loss = self._losses(rows)
-                loss = kl + settings.ce_weight * ce + settings.hidden_weight * hidden_loss
+                loss = kl  # terms of weight 0 stay out of the graph: their backward would cost a vocabulary pass
+                if settings.ce_weight:
+                    loss = loss + settings.ce_weight * ce
+                if settings.hidden_weight:
+                    loss = loss + settings.hidden_weight * hidden_loss
                 if not torch.isfinite(loss):
                     raise SlimnasError(f"non-finite loss at step {self.step + 1}")
                 (loss / settings.grad_accum).backward()

@@ -64,7 +64,11 @@ def _chunk_losses(hidden, lm_head_weight, labels, target, temperature: float):
     student_logp = F.log_softmax(logits / temperature, dim=-1)
     kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
     kl = kl_fn(student_logp, target, temperature) * temperature**2
-    nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    if temperature == 1.0:  # the next-token loss from the same log-softmax: one vocabulary pass instead of two
+        labelled = labels != IGNORE
+        nll = -student_logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * labelled
+    else:
+        nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
     return kl, nll
 
 
