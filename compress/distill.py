@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from compress.heldout import HeldoutSet
-from compress.kd_loss import distillation_losses, next_token_labels
+from compress.kd_loss import IGNORE, next_token_labels, token_losses
 from compress.models import LoadedModel
 from compress.runtime import interrupt
 from compress.runtime.device import autocast, model_device
@@ -211,9 +211,10 @@ class Distiller:
             with autocast(self.device, self.settings.precision):
                 hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
                 labels = next_token_labels(input_ids).flatten()
-                kl, ce = distillation_losses(
+                kl, nll = token_losses(
                     hidden, self.student.lm_head, labels, target, self.settings.temperature, self.settings.chunk_tokens
                 )
+                kl, ce = kl.mean(), nll.sum() / max(1, int((labels != IGNORE).sum()))
                 hidden_loss = (
                     self.hidden_match.loss(student_outputs, teacher_outputs)
                     if self.hidden_match

@@ -98,16 +98,3 @@ def token_losses(
         kls.append(kl)
         nlls.append(nll)
     return torch.cat(kls), torch.cat(nlls)
-
-
-def distillation_losses(
-    student_hidden: torch.Tensor,
-    lm_head: nn.Linear,
-    labels: torch.Tensor,
-    target: LiveTarget | TopKTarget,
-    temperature: float = 1.0,
-    chunk_tokens: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean KL per position, mean CE per labelled position): the training losses."""
-    kl, nll = token_losses(student_hidden, lm_head, labels, target, temperature, chunk_tokens)
-    return kl.mean(), nll.sum() / max(1, int((labels != IGNORE).sum()))

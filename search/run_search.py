@@ -7,6 +7,7 @@ scored; the Pareto front of quality against size (and speed, when asked for) is 
 Running the same command again resumes the study; several processes on one study share the work.
 """
 
+import math
 import time
 from pathlib import Path
 
@@ -23,20 +24,29 @@ from search.tables import write_trial_tables
 FRONT_COLUMNS = ["trial", "label", "params", "quality", "vs best", "perplexity", "kd_tokens", "reference"]
 
 
-def front_table(records: list[TrialRecord], front: list[int]) -> list[dict]:
-    """The front with each member's quality against the best, paired over the same selection rows."""
+def versus(record: TrialRecord, best: TrialRecord, quality_metric: str) -> tuple[float, float]:
+    """Quality minus the best's: paired over the same selection rows for -KL; independent errors for lm-eval."""
+    if quality_metric == "heldout_kl":
+        difference, stderr = paired_difference(best.final["kl_per_row"], record.final["kl_per_row"])
+        return difference, stderr
+    difference = record.final["quality"] - best.final["quality"]
+    return difference, math.hypot(record.final["quality_stderr"], best.final["quality_stderr"])
+
+
+def front_table(records: list[TrialRecord], front: list[int], quality_metric: str) -> list[dict]:
+    """The front with each member's quality against the best."""
     members = [r for r in records if r.trial in front]
     best = max(members, key=lambda r: r.final["quality"], default=None)
     rows = []
     for r in sorted(members, key=lambda r: r.params):
-        difference, stderr = paired_difference(r.final["kl_per_row"], best.final["kl_per_row"])
+        difference, stderr = versus(r, best, quality_metric)
         rows.append(
             {
                 "trial": r.trial,
                 "label": r.label,
                 "params": r.params,
                 "quality": plus_minus(r.final["quality"], r.final["quality_stderr"]),
-                "vs best": "best" if r is best else plus_minus(-difference, stderr),
+                "vs best": "best" if r is best else plus_minus(difference, stderr),
                 "perplexity": plus_minus(r.final["perplexity"], r.final["perplexity_stderr"], 1),
                 "kd_tokens": r.kd_tokens,
                 "reference": r.reference,
@@ -76,8 +86,16 @@ def main(cfg: DictConfig) -> None:
     # 4. What happened, and the front
     print("\ntrials:")
     print("\n".join(summary_lines(study, setup)))
-    print("\nPareto front (quality = -held-out KL on the selection rows; 'vs best' paired over the same rows):")
-    print(format_table(front_table(records, front), FRONT_COLUMNS) if front else "no trial reached the last rung")
+    metric = setup.settings.quality_metric
+    meaning = (
+        "-held-out KL on the selection rows, 'vs best' paired over them"
+        if metric == "heldout_kl"
+        else ("the lm-eval summary score")
+    )
+    print(f"\nPareto front (quality = {meaning}):")
+    print(
+        format_table(front_table(records, front, metric), FRONT_COLUMNS) if front else "no trial reached the last rung"
+    )
     print(
         f"\nrun directory: {Path(setup.run_dir)} (trials.csv, pareto.csv, study.db); search wall time {seconds:.0f} s"
     )

@@ -31,7 +31,7 @@ from compress.teacher_targets import TeacherTargets
 from search.constraints import Budget
 from search.objectives import QUALITY_METRICS, Objective, objectives_from_config
 from search.space import FeasibleEncoding, SearchSpace
-from search.storage import open_storage, storage_url
+from search.storage import check_existing_study, open_storage, storage_url
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "enumerate", "auto")
 NESTED_SECTIONS = ("budget", "space", "fidelity", "references", "storage")  # search.* records of their own
@@ -194,6 +194,8 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     run_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(storage_settings.url, run_dir)
     storage = open_storage(url, storage_settings.heartbeat_interval, storage_settings.grace_period)
+    settings_hash = _settings_hash(cfg, teacher.fingerprint)
+    check_existing_study(storage, settings.study_name, settings_hash)
 
     # 5. Corpus, importance, the teacher's top-k logits for every KD row a trial can use, the selection rows
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir), importance, teacher)
@@ -223,7 +225,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         selection=selection,
         suite=suite,
         hardware=hardware(device),
-        settings_hash=_settings_hash(cfg, teacher.fingerprint),
+        settings_hash=settings_hash,
         command=cfg.command,
         log_file=run_dir / "log.txt",
     )

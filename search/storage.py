@@ -28,7 +28,7 @@ from compress.runtime.errors import SlimnasError, first_line
 
 SETTINGS_KEY = "slimnas_settings_hash"  # the study's settings: other settings on the same study are refused
 HARDWARE_KEY = "slimnas_hardware"  # where the study's timings were taken
-RETRIED_ATTRS = ("reference", "reference_note", "depth_strategy")  # what a retry keeps of the trial it replaces
+RETRIED_ATTRS = ("architecture", "reference", "reference_note", "depth_strategy")  # what a retry keeps
 
 
 def storage_url(url: str | None, run_dir: Path) -> str:
@@ -54,15 +54,30 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, attempts:
     raise AssertionError("unreachable")
 
 
+def _refuse_other_settings(study: optuna.Study, settings_hash: str) -> None:
+    existing = study.user_attrs.get(SETTINGS_KEY)
+    if existing is not None and existing != settings_hash:
+        raise SlimnasError(
+            f"study '{study.study_name}' was created with other search settings: use another run_dir or study_name"
+        )
+
+
+def check_existing_study(storage: RDBStorage, name: str, settings_hash: str) -> None:
+    """Before any compute: a study of this name made with other settings is refused."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        _refuse_other_settings(optuna.load_study(study_name=name, storage=storage), settings_hash)
+    except KeyError:
+        pass  # no such study yet
+
+
 def open_study(storage: RDBStorage, name: str, directions: list[str], settings_hash: str) -> optuna.Study:
     """Create the study, or load it when the same command runs again (refusing other settings)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
-    existing = study.user_attrs.get(SETTINGS_KEY)
-    if existing is None:
+    _refuse_other_settings(study, settings_hash)
+    if study.user_attrs.get(SETTINGS_KEY) is None:
         study.set_user_attr(SETTINGS_KEY, settings_hash)
-    elif existing != settings_hash:
-        raise SlimnasError(f"study '{name}' was created with other search settings: use another run_dir or study_name")
     return study
 
 

@@ -161,6 +161,7 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
             merged.setdefault((reference.arch, reference.depth_strategy), []).append(reference)
     for (arch, depth_strategy), references in merged.items():
         attrs = {
+            "architecture": arch.as_dict(),  # queued candidates count as evaluated: the sampler's copies are rejected
             "reference": "+".join(r.kind for r in references),
             "reference_note": "; ".join(r.note for r in references),
             "proposed_by": "reference",
@@ -172,7 +173,8 @@ def enqueue_references(study: optuna.Study, setup: SearchSetup) -> None:
         chosen = {arch for arch, strategy in merged if strategy is None}
         for arch in setup.feasible:
             if arch not in chosen:
-                study.enqueue_trial(setup.encoding.encode(arch), user_attrs={"proposed_by": "enumerate"})
+                attrs = {"architecture": arch.as_dict(), "proposed_by": "enumerate"}
+                study.enqueue_trial(setup.encoding.encode(arch), user_attrs=attrs)
     study.set_user_attr("reference_notes", notes)
     update_run(setup.run_dir, references=notes)
     study.set_user_attr("references_enqueued", True)
@@ -202,7 +204,9 @@ def _queue_unevaluated(study: optuna.Study, setup: SearchSetup, trials: list[Fro
     if not left:
         return False
     choice = random.Random(hash_json([setup.settings.seed, len(trials)])).choice(left)
-    study.enqueue_trial(setup.encoding.encode(choice), user_attrs={"proposed_by": "fallback"})
+    study.enqueue_trial(
+        setup.encoding.encode(choice), user_attrs={"architecture": choice.as_dict(), "proposed_by": "fallback"}
+    )
     return True
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.kd_loss import LiveTarget, TopKTarget, distillation_losses, token_losses
+from compress.kd_loss import LiveTarget, TopKTarget, token_losses
 
 
 def topk_target(teacher_logits: torch.Tensor, k: int) -> TopKTarget:
@@ -36,7 +36,7 @@ def test_tail_bucket_kl_equals_a_hand_computation_on_a_flat_teacher():
     assert kl.item() <= exact.item() + 1e-6  # merging outcomes never increases a KL
 
 
-def chunked_and_whole(target_factory, autocast: bool):
+def chunked_and_whole(target_factory, autocast: bool, temperature: float):
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(37, 16, requires_grad=True)
@@ -46,15 +46,17 @@ def chunked_and_whole(target_factory, autocast: bool):
     for chunk in (5, 1000):  # several checkpointed chunks, and one plain chunk
         hidden.grad, head.weight.grad = None, None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            kl, ce = distillation_losses(hidden, head, labels, target, temperature=2.0, chunk_tokens=chunk)
+            kl, nll = token_losses(hidden, head, labels, target, temperature=temperature, chunk_tokens=chunk)
+            kl, ce = kl.mean(), nll.mean()
         (kl + ce).backward()
         results.append((kl.item(), ce.item(), hidden.grad.clone(), head.weight.grad.clone()))
     return results
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # 1: the next-token loss shares the KL's log-softmax
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kind", ["live", "topk"])
-def test_chunked_checkpointed_loss_and_gradients_equal_the_whole(kind, autocast):
+def test_chunked_checkpointed_loss_and_gradients_equal_the_whole(kind, autocast, temperature):
     teacher_head = torch.nn.Linear(16, 50, bias=False)
     teacher_hidden = torch.randn(37, 16)
 
@@ -64,7 +66,7 @@ def test_chunked_checkpointed_loss_and_gradients_equal_the_whole(kind, autocast)
         with torch.no_grad():
             return topk_target(teacher_head(teacher_hidden), 8)
 
-    (kl_a, ce_a, dh_a, dw_a), (kl_b, ce_b, dh_b, dw_b) = chunked_and_whole(target, autocast)
+    (kl_a, ce_a, dh_a, dw_a), (kl_b, ce_b, dh_b, dw_b) = chunked_and_whole(target, autocast, temperature)
     tolerance = 2e-2 if autocast else 1e-5
     assert kl_a == pytest.approx(kl_b, rel=tolerance) and ce_a == pytest.approx(ce_b, rel=tolerance)
     torch.testing.assert_close(dh_a, dh_b, rtol=tolerance, atol=tolerance)

@@ -125,6 +125,15 @@ def test_rerunning_a_finished_search_changes_nothing(finished_search, monkeypatc
     assert len(load_study(run_dir).trials) == before
 
 
+def test_the_same_study_with_other_settings_is_refused(finished_search, monkeypatch, capsys):
+    teacher, run_dir = finished_search
+    monkeypatch.setenv("SLIMNAS_CACHE", str(run_dir.parent / "cache"))
+    before = len(load_study(run_dir).trials)
+    assert main(search_args(teacher, run_dir, "search.n_trials=6", "search.sampler=tpe", "distill.lr=1e-3")) == 2
+    assert "created with other search settings" in capsys.readouterr().err
+    assert len(load_study(run_dir).trials) == before
+
+
 def test_promotion_keeps_the_top_1_over_eta_of_the_peers():
     assert promoted(0.5, [], eta=2, min_peers=2)  # too few peers: always
     assert promoted(0.9, [0.1, 0.2, 0.3], eta=2, min_peers=2)
