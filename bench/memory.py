@@ -2,7 +2,9 @@
 
 Measured where nothing else is loaded, so a teacher or an optimizer living beside the model in the
 calling process does not count. On CPU a fresh Python process loads the model and runs one greedy
-generation; its peak resident memory minus what it held just before loading is the model's own. On
+generation; its peak resident memory minus what it held just before loading is the model's own. A
+tiny model is loaded and run first, so the libraries' one-off set-up (lazy imports, kernel and thread
+pools, tens of MiB) is not billed to the model measured. On
 CUDA the caching allocator's peak during load and generation, minus what was allocated before, is
 the same in-process.
 
@@ -14,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +53,21 @@ def _load_and_generate(model_name: str, settings: SpeedSettings, device: torch.d
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+def _warm_up(settings: SpeedSettings) -> None:
+    """Load and run a tiny Llama once: what any later load and generation sets up once is then already held."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+        vocab_size=256, max_position_embeddings=settings.prompt_len + settings.new_tokens,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        LlamaForCausalLM(config).save_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+    prompt = torch.randint(0, config.vocab_size, (settings.batch_size, settings.prompt_len))
+    generate_timed(model, prompt, settings.new_tokens, settings.precision)
+
+
 def measure_memory(model_name: str, settings: SpeedSettings, device: torch.device) -> MemoryRecord:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -79,6 +97,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     settings = SpeedSettings(args.batch_size, args.prompt_len, args.new_tokens, precision=args.precision)
+    _warm_up(settings)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     except OSError:

@@ -148,7 +148,7 @@ def read_one(run_dir: Path) -> Run:
         teacher=teacher,
         retrained=candidates,
         kd_curves={r.name: read_kd_curve(run_dir / "retrain" / r.name / "kd" / "metrics.jsonl") for r in candidates},
-        zero_shot=read_json(run_dir / "zero_shot.json") if (run_dir / "zero_shot.json").is_file() else [],
+        zero_shot=read_json(run_dir / "zero_shot.json")["scores"] if (run_dir / "zero_shot.json").is_file() else [],
         unfinished=sorted(p.name for p in (run_dir / "retrain").glob("*/kd") if p.parent.name not in recorded),
         proof=read_proof(run_dir),
     )

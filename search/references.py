@@ -6,14 +6,16 @@ feasible candidates by selection KL right after pruning, as NVIDIA ModelOpt's NA
 """
 
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from compress.arch import Architecture
 from compress.prune import plan_pruning, prune_model
-from compress.runtime.files import write_json
+from compress.runtime.files import read_json, write_json
 from search.constraints import Budget
 from search.setup import SearchSetup
 from search.space import DIMENSIONS
@@ -27,6 +29,7 @@ class Reference:
     arch: Architecture
     note: str  # how it was chosen, e.g. its per-dimension ratios
     depth_strategy: str | None = None  # overrides pruning.depth_strategy (depth-only drops one block)
+    seconds: float = 0.0  # compute spent choosing it (the zero-shot screen; a rule costs nothing)
 
 
 SHORT_NAMES = {
@@ -106,23 +109,42 @@ def _width(arch: Architecture) -> tuple[int, int, int, int]:
 
 
 def zero_shot_reference(setup: SearchSetup) -> tuple[Reference | None, str]:
-    """The best of a seeded sample of feasible candidates by selection KL right after pruning."""
+    """The best of a seeded sample of feasible candidates by selection KL right after pruning.
+
+    The screen is kept in RUN_DIR/zero_shot.json with the settings hash; a rerun with the same
+    settings and the same sample reads it instead of pruning and scoring every candidate again.
+    """
     teacher = setup.context.teacher.model
     candidates = list(setup.feasible)
     random.Random(setup.settings.seed).shuffle(candidates)
-    scores = []
-    for arch in tqdm(candidates[: setup.references.zero_shot_candidates], desc="zero-shot screen", leave=False):
-        student = prune_model(teacher, plan_pruning(setup.context.importance, teacher.config, arch, setup.policy), arch)
-        metrics = setup.selection.evaluate(student)
-        scores.append({**arch.as_dict(), "label": arch.label(), "heldout_kl": metrics.kl, "stderr": metrics.kl_stderr})
-    scores.sort(key=lambda s: s["heldout_kl"])
-    write_json(setup.run_dir / "zero_shot.json", scores)
-    if not scores:
+    sample = candidates[: setup.references.zero_shot_candidates]
+    path = setup.run_dir / "zero_shot.json"
+    screen = _screened_before(path, setup.settings_hash, sample)
+    if screen is None:
+        started, scores = time.perf_counter(), []
+        for arch in tqdm(sample, desc="zero-shot screen", leave=False):
+            plan = plan_pruning(setup.context.importance, teacher.config, arch, setup.policy)
+            metrics = setup.selection.evaluate(prune_model(teacher, plan, arch))
+            score = {"label": arch.label(), "heldout_kl": metrics.kl, "stderr": metrics.kl_stderr}
+            scores.append({**arch.as_dict(), **score})
+        scores.sort(key=lambda s: s["heldout_kl"])
+        screen = {"settings_hash": setup.settings_hash, "seconds": time.perf_counter() - started, "scores": scores}
+        write_json(path, screen)
+    if not screen["scores"]:
         return None, "zero_shot: no candidate screened"
-    best = scores[0]
+    best, count = screen["scores"][0], len(screen["scores"])
     arch = Architecture(**{k: best[k] for k in DIMENSIONS})
-    note = f"best of {len(scores)} by selection KL without KD ({best['heldout_kl']:.3f} ± {best['stderr']:.3f})"
-    return Reference("zero_shot", arch, note), f"zero_shot: {arch.label()}, {note}"
+    note = f"best of {count} by selection KL without KD ({best['heldout_kl']:.3f} ± {best['stderr']:.3f})"
+    reference = Reference("zero_shot", arch, note, seconds=screen["seconds"])
+    return reference, f"zero_shot: {arch.label()}, {note}"
+
+
+def _screened_before(path: Path, settings_hash: str, sample: list[Architecture]) -> dict | None:
+    if not path.is_file():
+        return None
+    screen = read_json(path)
+    same_sample = sorted(s["label"] for s in screen["scores"]) == sorted(a.label() for a in sample)
+    return screen if screen["settings_hash"] == settings_hash and same_sample else None
 
 
 def find_reference(kind: str, setup: SearchSetup) -> tuple[Reference | None, str]:

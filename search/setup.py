@@ -135,7 +135,9 @@ class SearchSetup:
 def _settings_hash(cfg: DictConfig, teacher_fingerprint: str) -> str:
     """What makes two trials comparable: every setting that changes a trial's result."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    search = {k: v for k, v in values["search"].items() if k not in ("n_trials", "storage", "keep_checkpoints")}
+    # how many trials, where they are stored, and which references are queued do not change what a trial measures
+    ignored = ("n_trials", "storage", "keep_checkpoints", "references")
+    search = {k: v for k, v in values["search"].items() if k not in ignored}
     shared = {k: values[k] for k in ("data", "importance", "distill", "pruning", "precision", "device")}
     if values["search"]["score_trials"]:
         shared["quality"] = values["quality"]

@@ -37,11 +37,14 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
             record = json.loads(path.read_text())
             finalists.setdefault(method, {})[seed], records[path] = record, path.stat().st_mtime
             assert abs(param_count(config, Architecture(**record["architecture"])) - target) <= 0.3 * target
-            if method in ("search", "random"):  # what the search spent: every KD token of every trial
-                spent = sum(r.kd_tokens for r in read_records(run_dir / f"seed_{seed}" / method))
-                assert pick["search_kd_tokens"] == spent > 0
-            else:
+            if method in ("search", "random"):  # what the search spent: every KD token and second of every trial
+                trials = read_records(run_dir / f"seed_{seed}" / method)
+                assert pick["search_kd_tokens"] == sum(r.kd_tokens for r in trials) > 0
+                assert pick["search_seconds"] == pytest.approx(sum(r.seconds for r in trials))
+            else:  # a rule costs nothing; the zero-shot pick costs its screen
+                screen = json.loads((run_dir / "seed_0" / "search" / "zero_shot.json").read_text())
                 assert pick["search_kd_tokens"] == 0
+                assert pick["search_seconds"] == (screen["seconds"] if method == "zero_shot" else 0) >= 0
     assert {record["kd_tokens"] for seeds in finalists.values() for record in seeds.values()} == {512}
     for method, seeds in finalists.items():
         kls = [seeds[s]["heldout"]["kl"] for s in (0, 1)]
@@ -58,7 +61,10 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
             assert pair["significant"] == (abs(pair["minus_search"]) > pair["ci95"])
     assert (run_dir / "proof" / "proof.png").stat().st_size > 0 and (run_dir / "proof" / "proof.md").is_file()
 
-    assert main(args) == 0  # the same command again resumes: nothing is searched or retrained twice
+    screen = run_dir / "seed_0" / "search" / "zero_shot.json"
+    records[screen] = screen.stat().st_mtime
+    assert main(args) == 0  # the same command again resumes: nothing is screened, searched or retrained twice
     assert all(path.stat().st_mtime == mtime for path, mtime in records.items())
+    assert json.loads((run_dir / "proof" / "proof.json").read_text())["rows"] == proof["rows"]  # costs included
     assert main(["report", str(run_dir)]) == 0  # the report shows the benchmark's table
     assert "Search vs baselines" in (run_dir / "report" / "index.html").read_text()

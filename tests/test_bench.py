@@ -164,8 +164,10 @@ def test_peak_memory_of_a_model_alone_follows_its_size(tmp_path):
     del ballast
     weight_ratio = small_peak.weight_bytes / large_peak.weight_bytes
     assert weight_ratio < 0.3
-    assert large_peak.weight_bytes <= large_peak.peak_bytes < large_peak.weight_bytes + 64 * 2**20
-    assert small_peak.peak_bytes / large_peak.peak_bytes < 2 * weight_ratio + 0.2
+    for record in (small_peak, large_peak):  # the weights plus a little: the libraries' set-up is not billed
+        assert record.weight_bytes <= record.peak_bytes < record.weight_bytes + 24 * 2**20
+    extra_weights = large_peak.weight_bytes - small_peak.weight_bytes
+    assert (large_peak.peak_bytes - small_peak.peak_bytes) == pytest.approx(extra_weights, rel=0.25)
 
 
 @needs_data

@@ -91,7 +91,7 @@ def test_references_run_to_the_last_rung_with_their_ratios(finished_search):
     assert all(r.state == "complete" for r in references)
     depth = next(r for r in references if "depth_only" in r.reference)
     assert depth.pruning["depth_strategy"] == "contiguous"
-    screened = json.loads((run_dir / "zero_shot.json").read_text())
+    screened = json.loads((run_dir / "zero_shot.json").read_text())["scores"]
     assert len(screened) == 3 and screened == sorted(screened, key=lambda s: s["heldout_kl"])
 
 
