@@ -13,7 +13,8 @@ table compares the choices alone:
   width_only  the teacher's depth, narrower hidden / FFN / heads (Minitron's choice for models <= 15B)
 The whole comparison repeats per seed (the sampler's seed and the KD row order); per method the
 table gives the mean and a 95% t-interval over seeds, and each method is compared with the search
-seed by seed (paired). Results go to RUN_DIR/proof/, where `slimnas report RUN_DIR` shows them.
+seed by seed (paired). Results go to RUN_DIR/proof/: proof.md and proof.json (the tables as shown;
+`slimnas report RUN_DIR` shows them), methods.* and paired.* (the numbers), per_seed.json, proof.png.
 """
 
 import math
@@ -38,7 +39,7 @@ from compress.runtime.errors import SlimnasError
 from compress.runtime.files import atomic_write_text, write_json
 from compress.runtime.stats import mean_ci95
 from compress.runtime.tables import plus_minus, save_records
-from search.records import COMPLETE, RetrainRecord, update_run
+from search.records import COMPLETE, RetrainRecord, add_wall_seconds, update_run
 from search.references import find_reference
 from search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
 from search.setup import build_setup
@@ -241,9 +242,6 @@ def main(cfg: DictConfig) -> None:
     # 4. The table: mean and 95% CI per method, each method against the search paired by seed; and a plot
     rows, paired = summarise(results, seeds)
     proof_dir = run_dir / "proof"
-    columns = ["method", "label", "params", "kl", "kl_ci95", "text_perplexity", "text_perplexity_ci95", "summary",
-               "summary_ci95", "kd_tokens", "search_kd_tokens", "seconds"]  # fmt: skip
-    paired_columns = ["method", "metric", "minus_search", "ci95", "significant"]
     notes += [
         f"seeds {seeds}: the sampler's seed and the KD row order; every finalist retrained with "
         f"{cfg.retrain.budget_tokens:,} KD tokens; kl on {data.evaluation_rows} evaluation rows of "
@@ -251,6 +249,8 @@ def main(cfg: DictConfig) -> None:
         f"the teacher: kl 0, perplexity on unseen text {METRICS['text_perplexity'](teacher) or float('nan'):.2f}, "
         f"lm-eval summary {plus_minus(teacher.summary, teacher.summary_stderr)}",
         "a paired difference is significant when its 95% interval over seeds excludes zero",
+        "wall s: the method's own cost from the records (its search's trials or the zero-shot screen, plus the "
+        "finalist's retraining; a resumed run counts what its earlier runs did)",
     ]
     summary_errors = [row["summary_stderr"] for row in rows if "summary_stderr" in row]
     if summary_errors:
@@ -259,15 +259,18 @@ def main(cfg: DictConfig) -> None:
             f"lm-eval: one finalist's summary score has a standard error of about {typical:.3f} ({quality.limit} "
             "documents per task), so a single seed cannot separate gaps smaller than about twice that"
         )
-    write_json(proof_dir / "proof.json", {"columns": columns, "rows": rows, "paired_columns": paired_columns,
-                                         "paired": paired, "notes": notes, "per_seed": results})  # fmt: skip
+    table, pairs = display_tables(rows, paired)
+    write_json(proof_dir / "proof.json", {"columns": list(table[0]), "rows": table,
+                                         "paired_columns": list(pairs[0]) if pairs else [], "paired": pairs,
+                                         "notes": notes})  # fmt: skip
     save_records(rows, proof_dir / "methods")
     save_records(paired, proof_dir / "paired")
-    atomic_write_text(proof_dir / "proof.md", _markdown(rows, paired, notes))
+    write_json(proof_dir / "per_seed.json", results)
+    atomic_write_text(proof_dir / "proof.md", _markdown(table, pairs, notes))
     plot(rows, results, proof_dir / "proof")
-    update_run(run_dir, kind="baselines", teacher=cfg.teacher, settings=OmegaConf.to_container(cfg, resolve=True),
-               wall_seconds={"baselines": time.perf_counter() - started})  # fmt: skip
-    print(_markdown(rows, paired, notes))
+    update_run(run_dir, kind="baselines", teacher=cfg.teacher, settings=OmegaConf.to_container(cfg, resolve=True))
+    add_wall_seconds(run_dir, "baselines (runs that finished)", time.perf_counter() - started)
+    print(_markdown(table, pairs, notes))
     print(f"written to {proof_dir} (proof.md, methods.csv, paired.csv, proof.png); wall time "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
 
@@ -279,7 +282,8 @@ def _result(record: RetrainRecord, cost: dict) -> dict:
             "seconds": seconds, **values}  # fmt: skip
 
 
-def _markdown(rows: list[dict], paired: list[dict], notes: list[str]) -> str:
+def display_tables(rows: list[dict], paired: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The two tables as people read them (± intervals, rounded): proof.md, proof.json and the report show these."""
     table = [
         {
             "method": r["method"],
@@ -294,10 +298,15 @@ def _markdown(rows: list[dict], paired: list[dict], notes: list[str]) -> str:
         for r in rows
     ]
     pairs = [
-        {"method": p["method"], "metric": p["metric"], "minus search": plus_minus(p["minus_search"], p["ci95"]),
+        {"method": p["method"], "metric": p["metric"],
+         "minus search": plus_minus(p["minus_search"], p["ci95"], 1 if "perplexity" in p["metric"] else 3),
          "significant": "yes" if p["significant"] else "no"}
         for p in paired
     ]  # fmt: skip
+    return table, pairs
+
+
+def _markdown(table: list[dict], pairs: list[dict], notes: list[str]) -> str:
     parts = [pd.DataFrame(table).to_markdown(index=False), "", "Each method minus the search, paired by seed:", ""]
     parts += [pd.DataFrame(pairs).to_markdown(index=False) if pairs else "(no other method)", ""]
     return "\n".join(parts + [f"- {note}" for note in notes])

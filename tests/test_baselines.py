@@ -25,10 +25,15 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
         "baselines.seeds=[0,1]", "search.measure_speed=false", *(WITH_DATA if HAS_DATA else WITHOUT_DATA),
     ]  # fmt: skip
     assert main(args) == 0
-    proof = json.loads((run_dir / "proof" / "proof.json").read_text())
+    proof = json.loads((run_dir / "proof" / "proof.json").read_text())  # the tables as shown
+    methods = json.loads((run_dir / "proof" / "methods.json").read_text())  # the numbers behind them
+    paired = json.loads((run_dir / "proof" / "paired.json").read_text())
     config = AutoConfig.from_pretrained(search_teacher)
     target = 0.7 * param_count(config)
-    rows = {row["method"]: row for row in proof["rows"]}
+    rows = {row["method"]: row for row in methods}
+    assert [row["method"] for row in proof["rows"]] == [row["method"] for row in methods]
+    for shown, row in zip(proof["rows"], methods, strict=True):
+        assert shown["KL (eval rows)"] == f"{row['kl']:.3f} ± {row['kl_ci95']:.3f}"
     assert {"search", "random", "zero_shot", "depth_only", "width_only"} <= set(rows)
     finalists, records = {}, {}
     for seed in (0, 1):
@@ -53,7 +58,8 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
         if HAS_DATA:
             texts = [seeds[s]["heldout_other"]["wiki.valid"]["perplexity"] for s in (0, 1)]
             assert rows[method]["text_perplexity"] == pytest.approx(statistics.fmean(texts))
-    for pair in proof["paired"]:
+    assert len(proof["paired"]) == len(paired)
+    for pair in paired:
         if pair["metric"] == "kl":
             differences = [finalists[pair["method"]][s]["heldout"]["kl"] - finalists["search"][s]["heldout"]["kl"]
                            for s in (0, 1)]  # fmt: skip
@@ -65,6 +71,6 @@ def test_every_method_meets_the_budget_gets_equal_retraining_and_the_table_equal
     records[screen] = screen.stat().st_mtime
     assert main(args) == 0  # the same command again resumes: nothing is screened, searched or retrained twice
     assert all(path.stat().st_mtime == mtime for path, mtime in records.items())
-    assert json.loads((run_dir / "proof" / "proof.json").read_text())["rows"] == proof["rows"]  # costs included
+    assert json.loads((run_dir / "proof" / "methods.json").read_text()) == methods  # costs included
     assert main(["report", str(run_dir)]) == 0  # the report shows the benchmark's table
     assert "Search vs baselines" in (run_dir / "report" / "index.html").read_text()
