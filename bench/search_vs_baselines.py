@@ -250,7 +250,8 @@ def main(cfg: DictConfig) -> None:
         f"lm-eval summary {plus_minus(teacher.summary, teacher.summary_stderr)}",
         "a paired difference is significant when its 95% interval over seeds excludes zero",
         "wall s: the method's own cost from the records (its search's trials or the zero-shot screen, plus the "
-        "finalist's retraining; a resumed run counts what its earlier runs did)",
+        "finalist's retraining; a resumed run counts what its earlier runs did, but a trial lost with a killed "
+        "worker counts 0 s)",
     ]
     summary_errors = [row["summary_stderr"] for row in rows if "summary_stderr" in row]
     if summary_errors:
@@ -271,8 +272,8 @@ def main(cfg: DictConfig) -> None:
     update_run(run_dir, kind="baselines", teacher=cfg.teacher, settings=OmegaConf.to_container(cfg, resolve=True))
     add_wall_seconds(run_dir, "baselines (runs that finished)", time.perf_counter() - started)
     print(_markdown(table, pairs, notes))
-    print(f"written to {proof_dir} (proof.md, methods.csv, paired.csv, proof.png); wall time "
-          f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+    print(f"written to {proof_dir} (proof.md, proof.json, methods.csv, paired.csv, per_seed.json, proof.png); "
+          f"wall time {time.perf_counter() - started:.0f} s")  # fmt: skip
 
 
 def _result(record: RetrainRecord, cost: dict) -> dict:

@@ -148,12 +148,20 @@ def read_one(run_dir: Path) -> Run:
         teacher=teacher,
         retrained=candidates,
         kd_curves={r.name: read_kd_curve(run_dir / "retrain" / r.name / "kd" / "metrics.jsonl") for r in candidates},
-        zero_shot=read_json(run_dir / "zero_shot.json")["scores"] if (run_dir / "zero_shot.json").is_file() else [],
+        zero_shot=zero_shot_scores(run_dir / "zero_shot.json"),
         unfinished=sorted(p.name for p in (run_dir / "retrain").glob("*/kd") if p.parent.name not in recorded),
         proof=read_proof(run_dir),
     )
     check_retrained(candidates, teacher, run)
     return run
+
+
+def zero_shot_scores(path: Path) -> list[dict]:
+    """The zero-shot screen's candidates; runs made before the screen kept its settings hash hold a bare list."""
+    if not path.is_file():
+        return []
+    screen = read_json(path)
+    return screen if isinstance(screen, list) else screen["scores"]
 
 
 def read_runs(run_dirs: list[Path]) -> list[Run]:

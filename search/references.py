@@ -143,8 +143,10 @@ def _screened_before(path: Path, settings_hash: str, sample: list[Architecture])
     if not path.is_file():
         return None
     screen = read_json(path)
+    if not isinstance(screen, dict) or screen.get("settings_hash") != settings_hash:  # other settings: screen again
+        return None
     same_sample = sorted(s["label"] for s in screen["scores"]) == sorted(a.label() for a in sample)
-    return screen if screen["settings_hash"] == settings_hash and same_sample else None
+    return screen if same_sample else None
 
 
 def find_reference(kind: str, setup: SearchSetup) -> tuple[Reference | None, str]:

@@ -17,6 +17,7 @@ import random
 import warnings
 from collections import Counter
 from dataclasses import asdict
+from datetime import datetime
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -232,8 +233,11 @@ def _tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, setup: 
     study.tell(trial, [record.final[o.metric] for o in setup.objectives])
 
 
-def _failed_record(trial: FrozenTrial, reason: str, setup: SearchSetup, worker: str) -> TrialRecord:
-    """A failed trial's record has the shape of any other, with what is known of it."""
+def _failed_record(trial: FrozenTrial, reason: str, setup: SearchSetup, worker: str, ended: bool) -> TrialRecord:
+    """A failed trial's record has the shape of any other, with what is known of it.
+
+    `ended`: it failed here and now, so its seconds are known; a dead worker's trial counts 0 s.
+    """
     arch = Architecture(**trial.user_attrs["architecture"])
     config = setup.context.teacher.model.config
     return TrialRecord(
@@ -249,6 +253,7 @@ def _failed_record(trial: FrozenTrial, reason: str, setup: SearchSetup, worker: 
         retry_of=trial.user_attrs.get("retry_of"),
         state=FAILED,
         fail_reason=reason,
+        seconds=(datetime.now() - trial.datetime_start).total_seconds() if ended and trial.datetime_start else 0.0,
         worker=worker,
         command=setup.command,
         hardware=setup.hardware,
@@ -270,7 +275,7 @@ def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: Se
     try:
         record = run_trial(setup, trial.number, arch, promote, reference, state.user_attrs.get("retry_of"), worker.id)
     except Exception as error:  # an OOM, a NaN, anything
-        record = _failed_record(state, f"{type(error).__name__}: {one_line(error)}", setup, worker.id)
+        record = _failed_record(state, f"{type(error).__name__}: {one_line(error)}", setup, worker.id, ended=True)
         trial.set_user_attr("fail_reason", record.fail_reason)
     write_record(setup.run_dir, record)
     try:
@@ -288,7 +293,7 @@ def _fail_interrupted(study: optuna.Study, trial: optuna.Trial, setup: SearchSet
     trial.set_user_attr("fail_reason", "interrupted")
     accepted = REJECTED not in state.user_attrs and "architecture" in state.user_attrs
     if accepted:
-        write_record(setup.run_dir, _failed_record(state, "interrupted", setup, worker.id))
+        write_record(setup.run_dir, _failed_record(state, "interrupted", setup, worker.id, ended=True))
     study.tell(trial, state=TrialState.FAIL)
     if accepted:
         retry(study, frozen(study, trial))
@@ -309,7 +314,9 @@ def run_study(setup: SearchSetup) -> optuna.Study:
             for stale, reason in recover_stale_trials(study, setup.storage):
                 tqdm.write(f"trial {stale.number}: {reason}; its candidate is queued again")
                 if "architecture" in stale.user_attrs:  # its record (maybe a "complete" one written before the kill)
-                    write_record(setup.run_dir, _failed_record(stale, reason, setup, stale.user_attrs["worker"]))
+                    write_record(
+                        setup.run_dir, _failed_record(stale, reason, setup, stale.user_attrs["worker"], ended=False)
+                    )
             trials = study.get_trials(deepcopy=False)
             if (reached := min(sum(reached_last_rung(t) for t in trials), setup.settings.n_trials)) != progress.n:
                 progress.update(reached - progress.n)

@@ -17,7 +17,7 @@ from conftest import SHARED_DATA, save_tiny_checkpoint, search_args
 from matplotlib.figure import Figure
 
 from reports.plots import FRONT_LABEL, quality_vs_params
-from reports.runs import read_runs
+from reports.runs import read_runs, zero_shot_scores
 from search.cli import main
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()  # without the benchmark files: no lm-eval scores to plot
@@ -326,3 +326,12 @@ def test_the_browser_checks_see_requests_console_errors_and_broken_images(tmp_pa
     assert "http://127.0.0.1:9/x.png" in loaded.requests
     assert any("broken" in message for message in loaded.console_errors)
     assert loaded.images == [{"alt": "remote", "width": 0}]
+
+
+def test_the_zero_shot_screen_reads_in_both_formats(tmp_path):
+    """Runs made before the screen kept its settings hash hold a bare list of scores."""
+    scores = [{"label": "h64-ffn64-q4-kv2-L4", "heldout_kl": 0.5, "stderr": 0.1}]
+    (tmp_path / "old.json").write_text(json.dumps(scores))
+    (tmp_path / "new.json").write_text(json.dumps({"settings_hash": "abc", "seconds": 1.5, "scores": scores}))
+    assert zero_shot_scores(tmp_path / "old.json") == zero_shot_scores(tmp_path / "new.json") == scores
+    assert zero_shot_scores(tmp_path / "absent.json") == []

@@ -1,6 +1,7 @@
 """A search on a tiny teacher: budget, front, records, halving, failures, bad input."""
 
 import json
+import time
 
 import pandas as pd
 import pytest
@@ -208,6 +209,7 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_attempts(search_te
 
     def fails_for_one(setup, number, arch, *args, **kwargs):
         if arch == cursed:
+            time.sleep(0.2)  # work done before failing: the record counts it
             raise RuntimeError("always fails")
         return real_run_trial(setup, number, arch, *args, **kwargs)
 
@@ -225,6 +227,7 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_attempts(search_te
     assert main(args) == 0
     records = read_records(run_dir)
     assert [r.state for r in records if r.architecture == cursed.as_dict()] == ["failed", "failed"]
+    assert all(0.2 <= r.seconds < 30 for r in records if r.state == "failed")
     assert sorted(r.architecture["intermediate_size"] for r in records if r.state == "complete") == [64, 96]
 
 
