@@ -9,7 +9,8 @@ from optuna.trial import TrialState
 
 from search.records import read_records
 
-SLOW_RUNGS = "search.fidelity.rung_tokens=[1024,4096]"  # trials long enough to be caught mid-KD
+SLOW_RUNGS = "search.fidelity.rung_tokens=[1024,32768]"  # seconds of KD after the first rung: caught mid-KD
+SHORTER_RUNGS = "search.fidelity.rung_tokens=[1024,4096]"  # four workers on the cores; holds if the victim ends early
 POSTGRES = os.environ.get("SLIMNAS_TEST_POSTGRES_URL")
 
 
@@ -26,11 +27,12 @@ def test_kill_9_then_the_same_command_completes_the_killed_candidate(search_teac
     run_dir = tmp_path / "run"
     args = search_args(search_teacher, run_dir, "search.n_trials=5", "search.sampler=random", SLOW_RUNGS)
     process = slimnas_process(*args)
-    caught = []
-    wait_until(lambda: caught.extend(mid_kd(load_study(run_dir))) or caught, process)
+    wait_until(lambda: mid_kd(load_study(run_dir)), process)
     os.kill(process.pid, signal.SIGKILL)  # at once: the trial just seen is mid-KD for seconds yet
-    killed = caught[0]
     process.finish()
+    left_running = load_study(run_dir).get_trials(states=(TrialState.RUNNING,))
+    assert len(left_running) == 1 and "architecture" in left_running[0].user_attrs
+    killed = left_running[0]  # what the kill interrupted (the trial seen, unless it finished in between)
     before = {t.number: t.values for t in reached_last_rung(load_study(run_dir))}
 
     rerun = slimnas_process(*args)  # the default grace period: the dead worker is seen at once on this host
@@ -58,7 +60,7 @@ def test_four_workers_on_postgresql_one_killed_lose_nothing(search_teacher, tmp_
     run_dir = tmp_path / "run"
     name = f"four-{tmp_path.name}"
     args = search_args(
-        search_teacher, run_dir, "search.n_trials=8", "search.sampler=random", SLOW_RUNGS,
+        search_teacher, run_dir, "search.n_trials=8", "search.sampler=random", SHORTER_RUNGS,
         f"search.storage.url={POSTGRES}", f"search.study_name={name}",
     )  # fmt: skip
     workers = [slimnas_process(*args) for _ in range(4)]
