@@ -4,9 +4,8 @@ Measured where nothing else is loaded, so a teacher or an optimizer living besid
 calling process does not count. On CPU a fresh Python process loads the model and runs one greedy
 generation; its peak resident memory minus what it held just before loading is the model's own. A
 tiny model is loaded and run first, so the libraries' one-off set-up (lazy imports, kernel and thread
-pools, tens of MiB) is not billed to the model measured. On
-CUDA the caching allocator's peak during load and generation, minus what was allocated before, is
-the same in-process.
+pools, tens of MiB) is not billed to the model measured. On CUDA the caching allocator's peak during
+load and generation, minus what was allocated before, is the same in-process.
 
     python -m bench.memory MODEL [--prompt-len 128 --new-tokens 32 --precision auto]
 """

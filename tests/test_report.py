@@ -335,3 +335,11 @@ def test_the_zero_shot_screen_reads_in_both_formats(tmp_path):
     (tmp_path / "new.json").write_text(json.dumps({"settings_hash": "abc", "seconds": 1.5, "scores": scores}))
     assert zero_shot_scores(tmp_path / "old.json") == zero_shot_scores(tmp_path / "new.json") == scores
     assert zero_shot_scores(tmp_path / "absent.json") == []
+
+
+def test_an_empty_table_is_written_as_valid_files(tmp_path):
+    from compress.runtime.tables import save_records
+
+    csv, table_json, parquet = save_records([], tmp_path / "trials")
+    assert pd.read_parquet(parquet).empty and json.loads(table_json.read_text()) == []
+    assert csv.read_text().strip() == ""

@@ -70,6 +70,7 @@ def test_four_workers_on_postgresql_one_killed_lose_nothing(search_teacher, tmp_
     victim = next(w for w in workers if w.pid == int(victim_trial.user_attrs["worker"].split(":")[1]))
     os.kill(victim.pid, signal.SIGKILL)
     victim.finish()
+    before = {t.number: t.values for t in reached_last_rung(load_study(run_dir, name, POSTGRES))}
     for worker in workers:
         if worker is not victim:
             returncode, output = worker.finish()
@@ -77,7 +78,7 @@ def test_four_workers_on_postgresql_one_killed_lose_nothing(search_teacher, tmp_
     study = load_study(run_dir, name, POSTGRES)
     done = reached_last_rung(study)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) >= 8
+    assert len(done) >= 8 and all(study.trials[n].values == v for n, v in before.items())  # none lost or changed
     assert len({candidate(t) for t in complete}) == len(complete)  # no candidate evaluated twice
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     assert any(candidate(t) == candidate(victim_trial) for t in complete)  # the killed one was finished by others
@@ -126,3 +127,18 @@ def test_ctrl_c_keeps_the_study_consistent_and_the_rerun_finishes_the_candidate(
     study = load_study(run_dir)
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+
+
+def test_a_study_ranked_by_timings_refuses_workers_on_other_hardware():
+    import optuna
+
+    from compress.runtime.errors import SlimnasError
+    from search.storage import check_hardware
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    here, elsewhere = {"name": "cpu-a", "threads": 2}, {"name": "cpu-b", "threads": 16}
+    check_hardware(study, here, timings_rank=True)  # the first worker sets the study's hardware
+    check_hardware(study, here, timings_rank=True)
+    check_hardware(study, elsewhere, timings_rank=False)  # no timing ranks candidates: any machine may join
+    with pytest.raises(SlimnasError, match="ranks by measured speed taken on cpu-a"):
+        check_hardware(study, elsewhere, timings_rank=True)
