@@ -1,6 +1,6 @@
 """Benchmark: KD tokens/s with a live teacher and with the top-k cache, beside a plain student step.
 
-    python -m bench.kd_throughput [--batch 2 --seq-len 128 --steps 3 --rounds 6]
+    python -m slimnas.bench.kd_throughput [--batch 2 --seq-len 128 --steps 3 --rounds 6]
 
 All three run in one process on the same student shape, in alternating rounds (live, cache, plain,
 live, ...), so a slow spell of the machine hits every mode alike; the ratios to the plain step are
@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compress.arch import Architecture, param_count
-from compress.corpus import DataSettings, load_corpus
-from compress.distill import Distiller, DistillSettings, make_teacher_targets
-from compress.importance import ImportanceSettings, compute_importance
-from compress.models import DEFAULT_TEACHER, load_model
-from compress.prune import plan_pruning, prune_model
-from compress.runtime.device import autocast, pick_device, synchronize
-from compress.runtime.stats import mean_and_stderr
+from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.corpus import DataSettings, load_corpus
+from slimnas.compress.distill import Distiller, DistillSettings, make_teacher_targets
+from slimnas.compress.importance import ImportanceSettings, compute_importance
+from slimnas.compress.models import DEFAULT_TEACHER, load_model
+from slimnas.compress.prune import plan_pruning, prune_model
+from slimnas.compress.runtime.device import autocast, pick_device, synchronize
+from slimnas.compress.runtime.stats import mean_and_stderr
 
 Steps = Callable[[int], object]  # runs n training steps
 

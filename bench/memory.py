@@ -7,12 +7,11 @@ tiny model is loaded and run first, so the libraries' one-off set-up (lazy impor
 pools, tens of MiB) is not billed to the model measured. On CUDA the caching allocator's peak during
 load and generation, minus what was allocated before, is the same in-process.
 
-    python -m bench.memory MODEL [--prompt-len 128 --new-tokens 32 --precision auto]
+    python -m slimnas.bench.memory MODEL [--prompt-len 128 --new-tokens 32 --precision auto]
 """
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.speed import SpeedSettings, generate_timed
-from compress.runtime.errors import SlimnasError
+from slimnas.bench.speed import SpeedSettings, generate_timed
+from slimnas.compress.runtime.errors import SlimnasError
 
 CPU_METHOD = "fresh process: peak RSS - RSS before loading"
 CUDA_METHOD = "CUDA allocator: peak - allocated before loading"
@@ -44,7 +43,7 @@ def _status_bytes(field: str) -> int:
 
 
 def _load_and_generate(model_name: str, settings: SpeedSettings, device: torch.device) -> int:
-    from compress.models import load_model
+    from slimnas.compress.models import load_model
 
     model = load_model(model_name, device).model
     prompt = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.prompt_len)).to(device)
@@ -75,12 +74,10 @@ def measure_memory(model_name: str, settings: SpeedSettings, device: torch.devic
         weights = _load_and_generate(model_name, settings, device)
         peak = torch.cuda.max_memory_allocated(device) - before
         return MemoryRecord(model_name, peak, weights, CUDA_METHOD)
-    command = [sys.executable, "-m", "bench.memory", model_name, "--prompt-len", str(settings.prompt_len)]
+    command = [sys.executable, "-m", "slimnas.bench.memory", model_name, "--prompt-len", str(settings.prompt_len)]
     command += ["--new-tokens", str(settings.new_tokens), "--batch-size", str(settings.batch_size)]
     command += ["--precision", settings.precision]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SlimnasError(f"memory measurement of {model_name} failed: {last}")

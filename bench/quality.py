@@ -13,9 +13,9 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.tasks import CHANCE, SUMMARY_METRIC, TaskSuite
-from compress.runtime.device import autocast, model_device
-from compress.runtime.errors import SlimnasError
+from slimnas.bench.tasks import CHANCE, SUMMARY_METRIC, TaskSuite
+from slimnas.compress.runtime.device import autocast, model_device
+from slimnas.compress.runtime.errors import SlimnasError
 
 BINARY_METRICS = ("acc", "acc_norm")
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bench.memory import measure_memory
-from bench.quality import score_model, summary_score
-from bench.speed import SpeedSettings, compare_speed, measure_speed
-from bench.tasks import prepare_suite
-from compress.context import load_teacher_context
-from compress.corpus import DataSettings
-from compress.heldout import HeldoutSet
-from compress.models import cache_root, load_model
-from compress.runtime.config import settings_from
-from compress.runtime.tables import format_table, save_records
+from slimnas.bench.memory import measure_memory
+from slimnas.bench.quality import score_model, summary_score
+from slimnas.bench.speed import SpeedSettings, compare_speed, measure_speed
+from slimnas.bench.tasks import prepare_suite
+from slimnas.compress.context import load_teacher_context
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.models import cache_root, load_model
+from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.tables import format_table, save_records
 
 SCORE_COLUMNS = ["model", "task", "split", "metric", "value", "stderr", "n", "seconds"]
 SPEED_COLUMNS = ["model", "params", "prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms", "cpu_load"]

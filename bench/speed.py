@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from compress.arch import flops_per_token, param_count
-from compress.runtime.device import autocast, cpu_load, model_device, synchronize
-from compress.runtime.errors import SlimnasError
-from compress.runtime.stats import mean_and_stderr
+from slimnas.compress.arch import flops_per_token, param_count
+from slimnas.compress.runtime.device import autocast, cpu_load, model_device, synchronize
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.stats import mean_and_stderr
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from compress.models import cache_root
-from compress.runtime.data import find_data_dir
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_write_text, hash_json, read_jsonl
+from slimnas.compress.models import cache_root
+from slimnas.compress.runtime.data import find_data_dir
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import atomic_write_text, hash_json, read_jsonl
 
 LOCAL_PREFIX = "slimnas_"
 OFFLINE_FLAGS = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from transformers import PretrainedConfig
 
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.errors import SlimnasError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from compress.arch import param_count
-from compress.corpus import CorpusSplit, DataSettings, load_corpus
-from compress.importance import Importance, ImportanceSettings, cached_importance
-from compress.models import LoadedModel, load_model
-from compress.runtime.device import pick_device
+from slimnas.compress.arch import param_count
+from slimnas.compress.corpus import CorpusSplit, DataSettings, load_corpus
+from slimnas.compress.importance import Importance, ImportanceSettings, cached_importance
+from slimnas.compress.models import LoadedModel, load_model
+from slimnas.compress.runtime.device import pick_device
 
 
 @dataclass(frozen=True)

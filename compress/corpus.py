@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from compress.runtime.data import find_data_dir
-from compress.runtime.errors import SlimnasError, first_line
-from compress.runtime.files import hash_json, hash_tensor, read_jsonl
+from slimnas.compress.runtime.data import find_data_dir
+from slimnas.compress.runtime.errors import SlimnasError, first_line
+from slimnas.compress.runtime.files import hash_json, hash_tensor, read_jsonl
 
 AUTO, BUILTIN = "auto", "builtin"
 WIKI_CORPUS = Path("corpus") / "wiki_en_core.jsonl"

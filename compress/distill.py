@@ -24,14 +24,14 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from compress.heldout import HeldoutSet
-from compress.kd_loss import IGNORE, next_token_labels, token_losses
-from compress.models import LoadedModel
-from compress.runtime import interrupt
-from compress.runtime.device import autocast, model_device
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_path, atomic_write_text, hash_json
-from compress.teacher_targets import (
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.kd_loss import IGNORE, next_token_labels, token_losses
+from slimnas.compress.models import LoadedModel
+from slimnas.compress.runtime import interrupt
+from slimnas.compress.runtime.device import autocast, model_device
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json
+from slimnas.compress.teacher_targets import (
     CachedTeacherTargets,
     LiveTeacherTargets,
     TeacherTargets,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from compress.kd_loss import IGNORE, LiveTarget, next_token_labels, token_losses
-from compress.runtime.device import autocast, model_device
-from compress.runtime.stats import mean_and_stderr
+from slimnas.compress.kd_loss import IGNORE, LiveTarget, next_token_labels, token_losses
+from slimnas.compress.runtime.device import autocast, model_device
+from slimnas.compress.runtime.stats import mean_and_stderr
 
 
 @dataclass

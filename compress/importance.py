@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from compress.arch import head_dim
-from compress.runtime.device import autocast, model_device
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_path, hash_json
+from slimnas.compress.arch import head_dim
+from slimnas.compress.runtime.device import autocast, model_device
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import atomic_path, hash_json
 
 REDUCTIONS = ("mean", "l2", "max")
 

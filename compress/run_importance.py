@@ -5,11 +5,11 @@ slimnas importance importance.n_samples=128
 
 from omegaconf import DictConfig
 
-from compress.context import load_teacher_context
-from compress.corpus import DataSettings
-from compress.importance import ImportanceSettings
-from compress.models import cache_root
-from compress.runtime.config import settings_from
+from slimnas.compress.context import load_teacher_context
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.importance import ImportanceSettings
+from slimnas.compress.models import cache_root
+from slimnas.compress.runtime.config import settings_from
 
 
 def main(cfg: DictConfig) -> None:

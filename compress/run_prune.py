@@ -8,16 +8,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from compress.arch import Architecture, param_count, validate_target
-from compress.context import load_teacher_context
-from compress.corpus import DataSettings
-from compress.heldout import HeldoutSet
-from compress.importance import ImportanceSettings
-from compress.models import cache_root, load_model
-from compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
-from compress.runtime.config import settings_from
-from compress.runtime.device import pick_device
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.arch import Architecture, param_count, validate_target
+from slimnas.compress.context import load_teacher_context
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.importance import ImportanceSettings
+from slimnas.compress.models import cache_root, load_model
+from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.device import pick_device
+from slimnas.compress.runtime.errors import SlimnasError
 
 
 def target_architecture(target: DictConfig, teacher_config) -> Architecture:

@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from compress.kd_loss import LiveTarget, TopKTarget
-from compress.runtime.device import autocast, model_device
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_path, atomic_write_text, hash_json, hash_tensor
+from slimnas.compress.kd_loss import LiveTarget, TopKTarget
+from slimnas.compress.runtime.device import autocast, model_device
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json, hash_tensor
 
 MAX_CACHE_BYTES = 16 * 2**30  # a top-k cache larger than this is refused before anything is written
 

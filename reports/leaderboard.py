@@ -5,11 +5,11 @@ choose, evaluation rows are never used to choose) and after different KD budgets
 which: `heldout_split`, `kd_tokens` and `stage`. Flat rows for CSV; Markdown and HTML for reading.
 """
 
-from compress.runtime.stats import paired_difference
-from compress.runtime.tables import digits_for, plus_minus
-from reports.markup import table
-from reports.runs import Run
-from search.records import COMPLETE, RetrainRecord, TrialRecord
+from slimnas.compress.runtime.stats import paired_difference
+from slimnas.compress.runtime.tables import digits_for, plus_minus
+from slimnas.reports.markup import table
+from slimnas.reports.runs import Run
+from slimnas.search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ARCH_COLUMNS = {
     "hidden": "hidden_size",

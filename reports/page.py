@@ -10,12 +10,12 @@ from collections import Counter
 from collections.abc import Callable
 from html import escape
 
-from compress.runtime.tables import cell
-from reports.leaderboard import html_table, pm
-from reports.markup import bullets, paragraph, png_image, section, table
-from reports.plots import Plot
-from reports.runs import Run
-from search.records import COMPLETE, outcome_text
+from slimnas.compress.runtime.tables import cell
+from slimnas.reports.leaderboard import html_table, pm
+from slimnas.reports.markup import bullets, paragraph, png_image, section, table
+from slimnas.reports.plots import Plot
+from slimnas.reports.runs import Run
+from slimnas.search.records import COMPLETE, outcome_text
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1500px;

@@ -17,11 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from compress.runtime.files import atomic_path
-from reports.leaderboard import stage_rank
-from reports.runs import Run
-from search.objectives import pareto_front
-from search.records import COMPLETE, RetrainRecord, TrialRecord
+from slimnas.compress.runtime.files import atomic_path
+from slimnas.reports.leaderboard import stage_rank
+from slimnas.reports.runs import Run
+from slimnas.search.objectives import pareto_front
+from slimnas.search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ACCURACY_METRICS = ("acc", "acc_norm")
 FRONT_LABEL = "Pareto front"

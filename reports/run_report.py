@@ -12,12 +12,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from compress.runtime.files import atomic_write_text
-from compress.runtime.tables import format_table, save_records
-from reports.leaderboard import html_table, leaderboard_rows, markdown
-from reports.page import page
-from reports.plots import draw_plots, write_plots
-from reports.runs import read_runs
+from slimnas.compress.runtime.files import atomic_write_text
+from slimnas.compress.runtime.tables import format_table, save_records
+from slimnas.reports.leaderboard import html_table, leaderboard_rows, markdown
+from slimnas.reports.page import page
+from slimnas.reports.plots import draw_plots, write_plots
+from slimnas.reports.runs import read_runs
 
 TEXT_COLUMNS = [
     "name", "stage", "reference", "label", "params_pct", "kd_tokens", "heldout_split", "heldout_kl", "summary",

@@ -8,10 +8,10 @@ problem with them is found here and said in one line, so a bad input never leave
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import read_json, read_jsonl
-from search.records import FAILED, RUN_FILE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run
-from search.tables import run_front
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import read_json, read_jsonl
+from slimnas.search.records import FAILED, RUN_FILE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run
+from slimnas.search.tables import run_front
 
 RUN_KEYS = ("teacher", "teacher_params", "settings")  # written by `slimnas search` before its first trial
 RANKED = ("complete", "stopped")  # trial states that carry a quality

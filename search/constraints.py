@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from compress.arch import Architecture, param_count, weight_bytes
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.arch import Architecture, param_count, weight_bytes
+from slimnas.compress.runtime.errors import SlimnasError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The model card (README.md) of a retrained checkpoint: what it is, how it was made, what it scores."""
 
-from compress.runtime.tables import plus_minus as _pm
-from search.records import RetrainRecord
+from slimnas.compress.runtime.tables import plus_minus as _pm
+from slimnas.search.records import RetrainRecord
 
 
 def model_card(record: RetrainRecord, teacher: RetrainRecord, teacher_name: str) -> str:

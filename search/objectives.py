@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.errors import SlimnasError
 
 
 @dataclass(frozen=True)

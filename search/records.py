@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import read_json, write_json
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import read_json, write_json
 
 RUN_FILE = "run.json"
 RECORD_FILE = "record.json"

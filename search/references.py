@@ -13,12 +13,12 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
-from compress.arch import Architecture
-from compress.prune import plan_pruning, prune_model
-from compress.runtime.files import read_json, write_json
-from search.constraints import Budget
-from search.setup import SearchSetup
-from search.space import DIMENSIONS
+from slimnas.compress.arch import Architecture
+from slimnas.compress.prune import plan_pruning, prune_model
+from slimnas.compress.runtime.files import read_json, write_json
+from slimnas.search.constraints import Budget
+from slimnas.search.setup import SearchSetup
+from slimnas.search.space import DIMENSIONS
 
 
 @dataclass(frozen=True)

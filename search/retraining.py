@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from bench.memory import measure_memory
-from bench.quality import QualitySettings, score_model, summary_score
-from bench.speed import SpeedSettings, compare_speed, measure_speed
-from bench.tasks import TaskSuite
-from compress.arch import Architecture, flops_per_token, param_count
-from compress.context import TeacherContext
-from compress.distill import (
+from slimnas.bench.memory import measure_memory
+from slimnas.bench.quality import QualitySettings, score_model, summary_score
+from slimnas.bench.speed import SpeedSettings, compare_speed, measure_speed
+from slimnas.bench.tasks import TaskSuite
+from slimnas.compress.arch import Architecture, flops_per_token, param_count
+from slimnas.compress.context import TeacherContext
+from slimnas.compress.distill import (
     STATE_FILE,
     Distiller,
     DistillSettings,
@@ -25,15 +25,15 @@ from compress.distill import (
     distill_to_budget,
     make_teacher_targets,
 )
-from compress.heldout import HeldoutSet
-from compress.models import cache_root
-from compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
-from compress.runtime.device import hardware
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_write_text, read_json, write_json
-from compress.teacher_targets import TeacherTargets
-from search.model_card import model_card
-from search.records import RECORD_FILE, RetrainRecord
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.models import cache_root
+from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.runtime.device import hardware
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import atomic_write_text, read_json, write_json
+from slimnas.compress.teacher_targets import TeacherTargets
+from slimnas.search.model_card import model_card
+from slimnas.search.records import RECORD_FILE, RetrainRecord
 
 
 def generate(model, tokenizer, prompts: list[str], new_tokens: int) -> list[dict]:

@@ -16,20 +16,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.quality import QualitySettings
-from bench.speed import SpeedSettings
-from bench.tasks import prepare_suite
-from compress.arch import Architecture
-from compress.context import load_teacher_context
-from compress.corpus import DataSettings
-from compress.distill import DistillSettings
-from compress.importance import ImportanceSettings
-from compress.models import cache_root
-from compress.prune import PrunePolicy
-from compress.runtime.config import settings_from
-from compress.runtime.errors import SlimnasError
-from compress.runtime.tables import format_table, plus_minus
-from search.records import (
+from slimnas.bench.quality import QualitySettings
+from slimnas.bench.speed import SpeedSettings
+from slimnas.bench.tasks import prepare_suite
+from slimnas.compress.arch import Architecture
+from slimnas.compress.context import load_teacher_context
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.distill import DistillSettings
+from slimnas.compress.importance import ImportanceSettings
+from slimnas.compress.models import cache_root
+from slimnas.compress.prune import PrunePolicy
+from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.tables import format_table, plus_minus
+from slimnas.search.records import (
     COMPLETE,
     RetrainRecord,
     TrialRecord,
@@ -39,8 +39,8 @@ from search.records import (
     read_run,
     update_run,
 )
-from search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
-from search.tables import run_front
+from slimnas.search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
+from slimnas.search.tables import run_front
 
 RETRAIN_COLUMNS = ["name", "label", "params %", "KD tokens", "held-out KL", "perplexity", "summary", "decode speed-up"]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from compress.arch import Architecture, param_count
-from compress.runtime.stats import paired_difference
-from compress.runtime.tables import format_table, plus_minus
-from search.records import TrialRecord, add_wall_seconds, update_run
-from search.setup import build_setup, describe
-from search.study import run_study, summary_lines
-from search.tables import write_trial_tables
+from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.runtime.stats import paired_difference
+from slimnas.compress.runtime.tables import format_table, plus_minus
+from slimnas.search.records import TrialRecord, add_wall_seconds, update_run
+from slimnas.search.setup import build_setup, describe
+from slimnas.search.study import run_study, summary_lines
+from slimnas.search.tables import write_trial_tables
 
 FRONT_COLUMNS = ["trial", "label", "params", "quality", "vs best", "perplexity", "kd_tokens", "reference"]
 

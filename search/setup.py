@@ -12,26 +12,26 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
 
-from bench.quality import QualitySettings
-from bench.speed import SpeedSettings
-from bench.tasks import TaskSuite, prepare_suite
-from compress.arch import Architecture
-from compress.context import TeacherContext, load_teacher_context
-from compress.corpus import DataSettings
-from compress.distill import DistillSettings, make_teacher_targets
-from compress.heldout import HeldoutSet
-from compress.importance import ImportanceSettings
-from compress.models import cache_root, load_model
-from compress.prune import PrunePolicy
-from compress.runtime.config import settings_from
-from compress.runtime.device import hardware, pick_device
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import hash_json
-from compress.teacher_targets import TeacherTargets
-from search.constraints import Budget
-from search.objectives import QUALITY_METRICS, Objective, objectives_from_config
-from search.space import FeasibleEncoding, SearchSpace
-from search.storage import check_existing_study, open_storage, storage_url
+from slimnas.bench.quality import QualitySettings
+from slimnas.bench.speed import SpeedSettings
+from slimnas.bench.tasks import TaskSuite, prepare_suite
+from slimnas.compress.arch import Architecture
+from slimnas.compress.context import TeacherContext, load_teacher_context
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.distill import DistillSettings, make_teacher_targets
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.importance import ImportanceSettings
+from slimnas.compress.models import cache_root, load_model
+from slimnas.compress.prune import PrunePolicy
+from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.device import hardware, pick_device
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import hash_json
+from slimnas.compress.teacher_targets import TeacherTargets
+from slimnas.search.constraints import Budget
+from slimnas.search.objectives import QUALITY_METRICS, Objective, objectives_from_config
+from slimnas.search.space import FeasibleEncoding, SearchSpace
+from slimnas.search.storage import check_existing_study, open_storage, storage_url
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "enumerate", "auto")
 NESTED_SECTIONS = ("budget", "space", "fidelity", "references", "storage")  # search.* records of their own

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields
 
 from transformers import PretrainedConfig
 
-from compress.arch import Architecture, validate_target
-from compress.runtime.errors import SlimnasError
-from search.constraints import Budget
+from slimnas.compress.arch import Architecture, validate_target
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.search.constraints import Budget
 
 DIMENSIONS = [f.name for f in fields(Architecture)]
 

@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from compress.runtime.errors import SlimnasError, first_line
+from slimnas.compress.runtime.errors import SlimnasError, first_line
 
 SETTINGS_KEY = "slimnas_settings_hash"  # the study's settings: other settings on the same study are refused
 HARDWARE_KEY = "slimnas_hardware"  # where the study's timings were taken

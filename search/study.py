@@ -24,11 +24,11 @@ from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from compress.arch import Architecture, param_count, weight_bytes
-from compress.runtime import interrupt
-from compress.runtime.errors import SlimnasError, one_line
-from compress.runtime.files import hash_json
-from search.records import (
+from slimnas.compress.arch import Architecture, param_count, weight_bytes
+from slimnas.compress.runtime import interrupt
+from slimnas.compress.runtime.errors import SlimnasError, one_line
+from slimnas.compress.runtime.files import hash_json
+from slimnas.search.records import (
     COMPLETE,
     FAILED,
     TrialRecord,
@@ -38,10 +38,10 @@ from search.records import (
     update_run,
     write_record,
 )
-from search.references import Reference, find_reference
-from search.setup import SearchSetup
-from search.space import ATTENTION, DEPTH, WIDTH
-from search.storage import (
+from slimnas.search.references import Reference, find_reference
+from slimnas.search.setup import SearchSetup
+from slimnas.search.space import ATTENTION, DEPTH, WIDTH
+from slimnas.search.storage import (
     Heartbeat,
     Worker,
     check_hardware,
@@ -52,7 +52,7 @@ from search.storage import (
     retry,
     trial_id,
 )
-from search.trial import run_trial
+from slimnas.search.trial import run_trial
 
 REJECTED = "rejected"  # user attr of a proposal dropped before any compute
 REJECTIONS_BEFORE_FALLBACK = 20  # then a random unevaluated feasible candidate is queued instead

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from compress.runtime.tables import save_records
-from search.objectives import Objective, front_of, objectives_from_config
-from search.records import TrialRecord, read_records
+from slimnas.compress.runtime.tables import save_records
+from slimnas.search.objectives import Objective, front_of, objectives_from_config
+from slimnas.search.records import TrialRecord, read_records
 
 TABLE_COLUMNS = [
     "trial", "state", "stage", "reference", "label", "params", "params_fraction", "kd_tokens",

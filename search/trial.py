@@ -13,17 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-from bench.quality import score_model, summary_score
-from bench.speed import compare_speed
-from compress.arch import Architecture, param_count, weight_bytes
-from compress.distill import Distiller, HiddenStateMatch, make_teacher_targets
-from compress.heldout import HeldoutMetrics
-from compress.models import cache_root
-from compress.prune import plan_pruning, prune_model, save_checkpoint
-from compress.runtime import interrupt
-from search.records import COMPLETE, STOPPED, TrialRecord, trial_dir
-from search.references import Reference
-from search.setup import SearchSetup
+from slimnas.bench.quality import score_model, summary_score
+from slimnas.bench.speed import compare_speed
+from slimnas.compress.arch import Architecture, param_count, weight_bytes
+from slimnas.compress.distill import Distiller, HiddenStateMatch, make_teacher_targets
+from slimnas.compress.heldout import HeldoutMetrics
+from slimnas.compress.models import cache_root
+from slimnas.compress.prune import plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.runtime import interrupt
+from slimnas.search.records import COMPLETE, STOPPED, TrialRecord, trial_dir
+from slimnas.search.references import Reference
+from slimnas.search.setup import SearchSetup
 
 Promote = Callable[[int, float], bool]  # (rung, -KL there) -> earns the next rung?
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compress.runtime.data import CHECKOUT_DATA_DIR
+from slimnas.compress.runtime.data import CHECKOUT_DATA_DIR
 
 SHARED_DATA = CHECKOUT_DATA_DIR
 needs_data = pytest.mark.skipif(
@@ -126,7 +126,7 @@ class SlimnasProcess:
 
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 (kept open)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "search.cli", *args]
+        command = [sys.executable, "-m", "slimnas.cli", *args]
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.pid = self.process.pid
 

@@ -3,8 +3,8 @@ import random
 import pytest
 from conftest import tiny_config, tiny_model
 
-from compress.arch import Architecture, param_count, validate_target
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.arch import Architecture, param_count, validate_target
+from slimnas.compress.runtime.errors import SlimnasError
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])

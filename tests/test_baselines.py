@@ -8,9 +8,9 @@ from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA
 from scipy.stats import t as student_t
 from transformers import AutoConfig
 
-from compress.arch import Architecture, param_count
-from search.cli import main
-from search.records import read_records
+from slimnas.cli import main
+from slimnas.compress.arch import Architecture, param_count
+from slimnas.search.records import read_records
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()
 WITH_DATA = ["baselines.heldout_text_rows=4", "quality.tasks=[piqa]", "quality.limit=4"]

@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from search.cli import main
+from slimnas.cli import main
 
 
 def test_prune_distill_bench_chain(tiny_checkpoint, tmp_path, capsys):

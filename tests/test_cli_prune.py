@@ -7,7 +7,7 @@ import torch
 from conftest import FAST
 from transformers import AutoModelForCausalLM
 
-from search.cli import main
+from slimnas.cli import main
 
 QUICK = [*FAST, "eval_heldout=false"]
 
@@ -74,9 +74,9 @@ def test_wrong_model_path_and_corrupt_checkpoint(tiny_checkpoint, tmp_path, caps
 
 
 def test_console_script_exit_codes():
-    unknown = subprocess.run([sys.executable, "-m", "search.cli", "frobnicate"], capture_output=True, text=True)
+    unknown = subprocess.run([sys.executable, "-m", "slimnas.cli", "frobnicate"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr
-    usage = subprocess.run([sys.executable, "-m", "search.cli", "--help"], capture_output=True, text=True)
+    usage = subprocess.run([sys.executable, "-m", "slimnas.cli", "--help"], capture_output=True, text=True)
     assert usage.returncode == 0 and all(c in usage.stdout for c in ("prune", "retrain", "report", "pipeline"))
-    stray = subprocess.run([sys.executable, "-m", "search.cli", "prune", "somewhere"], capture_output=True, text=True)
+    stray = subprocess.run([sys.executable, "-m", "slimnas.cli", "prune", "somewhere"], capture_output=True, text=True)
     assert stray.returncode == 2 and "is not key=value" in stray.stderr

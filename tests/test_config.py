@@ -5,17 +5,17 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from bench.quality import QualitySettings
-from bench.search_vs_baselines import BaselineSettings
-from bench.speed import SpeedSettings
-from compress.corpus import DataSettings
-from compress.distill import DistillSettings
-from compress.importance import ImportanceSettings
-from compress.prune import PrunePolicy
-from search.cli import COMMANDS, compose
-from search.constraints import Budget
-from search.retraining import RetrainSettings
-from search.setup import Fidelity, ReferenceSettings, SearchSettings, StorageSettings
+from slimnas.baselines import BaselineSettings
+from slimnas.bench.quality import QualitySettings
+from slimnas.bench.speed import SpeedSettings
+from slimnas.cli import COMMANDS, compose
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.distill import DistillSettings
+from slimnas.compress.importance import ImportanceSettings
+from slimnas.compress.prune import PrunePolicy
+from slimnas.search.constraints import Budget
+from slimnas.search.retraining import RetrainSettings
+from slimnas.search.setup import Fidelity, ReferenceSettings, SearchSettings, StorageSettings
 
 RECORDS = [  # (record, the config section it is read from, in the config that has it)
     (DataSettings, "data", "common"),

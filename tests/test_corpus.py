@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_data, tiny_tokenizer
 
-from compress.corpus import BUILTIN, DataSettings, load_corpus, load_documents, pack, resolve_corpus
-from compress.runtime.data import find_data_dir
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.corpus import BUILTIN, DataSettings, load_corpus, load_documents, pack, resolve_corpus
+from slimnas.compress.runtime.data import find_data_dir
+from slimnas.compress.runtime.errors import SlimnasError
 
 
 def test_builtin_corpus_is_real_prose_available_offline():

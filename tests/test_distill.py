@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from compress.arch import Architecture
-from compress.corpus import BUILTIN, DataSettings, load_corpus
-from compress.distill import (
+from slimnas.compress.arch import Architecture
+from slimnas.compress.corpus import BUILTIN, DataSettings, load_corpus
+from slimnas.compress.distill import (
     STATE_FILE,
     Distiller,
     DistillSettings,
@@ -17,14 +17,14 @@ from compress.distill import (
     distill_to_budget,
     make_teacher_targets,
 )
-from compress.heldout import HeldoutSet
-from compress.importance import ImportanceSettings, compute_importance
-from compress.kd_loss import LiveTarget, next_token_labels, token_losses
-from compress.models import LoadedModel
-from compress.prune import PrunePlan, plan_pruning, prune_model
-from compress.runtime import interrupt
-from compress.runtime.errors import SlimnasError
-from compress.teacher_targets import MAX_CACHE_BYTES, TopKLogitCache, capture_layer_outputs
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.importance import ImportanceSettings, compute_importance
+from slimnas.compress.kd_loss import LiveTarget, next_token_labels, token_losses
+from slimnas.compress.models import LoadedModel
+from slimnas.compress.prune import PrunePlan, plan_pruning, prune_model
+from slimnas.compress.runtime import interrupt
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.teacher_targets import MAX_CACHE_BYTES, TopKLogitCache, capture_layer_outputs
 
 VOCAB = 300
 IDENTITY = {"student": "s", "teacher": "t", "corpus": "c"}
@@ -188,7 +188,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 def kd_key(kd):
     from dataclasses import asdict
 
-    from compress.runtime.files import hash_json
+    from slimnas.compress.runtime.files import hash_json
 
     return hash_json([IDENTITY, asdict(kd.settings)])
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from compress.heldout import HeldoutSet
-from compress.runtime.stats import paired_difference
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.runtime.stats import paired_difference
 
 
 def test_heldout_kl_and_perplexity_equal_a_direct_full_vocabulary_computation():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.kd_loss import LiveTarget, TopKTarget, token_losses
+from slimnas.compress.kd_loss import LiveTarget, TopKTarget, token_losses
 
 
 def topk_target(teacher_logits: torch.Tensor, k: int) -> TopKTarget:

@@ -3,9 +3,9 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from compress.arch import Architecture, param_count
-from compress.importance import Importance, ImportanceSettings, cached_importance, compute_importance
-from compress.prune import PrunePlan, PrunePolicy, plan_pruning, prune_model, save_checkpoint, select_layers
+from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.importance import Importance, ImportanceSettings, cached_importance, compute_importance
+from slimnas.compress.prune import PrunePlan, PrunePolicy, plan_pruning, prune_model, save_checkpoint, select_layers
 
 SETTINGS = ImportanceSettings(n_samples=16, batch_size=8, precision="fp32")
 

@@ -8,9 +8,9 @@ import torch
 from conftest import SHARED_DATA, needs_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compress.importance import perplexity
-from compress.models import DEFAULT_TEACHER, load_model
-from search.cli import main
+from slimnas.cli import main
+from slimnas.compress.importance import perplexity
+from slimnas.compress.models import DEFAULT_TEACHER, load_model
 
 pytestmark = [pytest.mark.real, needs_data]
 
@@ -42,8 +42,8 @@ def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
 
 
 def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
-    from bench.quality import score_model
-    from bench.tasks import prepare_suite
+    from slimnas.bench.quality import score_model
+    from slimnas.bench.tasks import prepare_suite
 
     teacher = load_model(DEFAULT_TEACHER)
     suite = prepare_suite(["piqa", "arc_easy_dev"], None)

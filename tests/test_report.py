@@ -16,9 +16,9 @@ import pytest
 from conftest import SHARED_DATA, save_tiny_checkpoint, search_args
 from matplotlib.figure import Figure
 
-from reports.plots import FRONT_LABEL, quality_vs_params
-from reports.runs import read_runs, zero_shot_scores
-from search.cli import main
+from slimnas.cli import main
+from slimnas.reports.plots import FRONT_LABEL, quality_vs_params
+from slimnas.reports.runs import read_runs, zero_shot_scores
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()  # without the benchmark files: no lm-eval scores to plot
 RETRAIN_FAST = [
@@ -338,7 +338,7 @@ def test_the_zero_shot_screen_reads_in_both_formats(tmp_path):
 
 
 def test_an_empty_table_is_written_as_valid_files(tmp_path):
-    from compress.runtime.tables import save_records
+    from slimnas.compress.runtime.tables import save_records
 
     csv, table_json, parquet = save_records([], tmp_path / "trials")
     assert pd.read_parquet(parquet).empty and json.loads(table_json.read_text()) == []

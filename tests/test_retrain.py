@@ -10,9 +10,9 @@ from conftest import save_tiny_checkpoint, search_args, slimnas_process, wait_un
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from search.cli import main
-from search.records import read_records, read_retrained, read_run
-from search.run_retrain import choose_candidates
+from slimnas.cli import main
+from slimnas.search.records import read_records, read_retrained, read_run
+from slimnas.search.run_retrain import choose_candidates
 
 RETRAIN = [
     "precision=fp32", "distill.batch_size=4", "distill.eval_every=64", "distill.save_every=16",

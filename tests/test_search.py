@@ -9,12 +9,12 @@ from conftest import load_study, reached_last_rung, search_args
 from optuna.trial import TrialState
 from transformers import AutoConfig
 
-import search.study
-from compress.arch import Architecture, param_count
-from search.cli import main
-from search.objectives import dominates, pareto_front
-from search.records import read_records
-from search.study import promoted
+import slimnas.search.study
+from slimnas.cli import main
+from slimnas.compress.arch import Architecture, param_count
+from slimnas.search.objectives import dominates, pareto_front
+from slimnas.search.records import read_records
+from slimnas.search.study import promoted
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_every_stopped_trial_ranked_below_the_cut_when_it_was_stopped(search_tea
 
 
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(search_teacher, tmp_path, monkeypatch):
-    real_run_trial = search.study.run_trial
+    real_run_trial = slimnas.search.study.run_trial
     calls = {"n": 0}
 
     def flaky(setup, number, arch, *args, **kwargs):
@@ -179,7 +179,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_completes(se
             raise RuntimeError("simulated out of memory")
         return real_run_trial(setup, number, arch, *args, **kwargs)
 
-    monkeypatch.setattr(search.study, "run_trial", flaky)
+    monkeypatch.setattr(slimnas.search.study, "run_trial", flaky)
     run_dir = tmp_path / "run"
     assert main(search_args(search_teacher, run_dir, "search.n_trials=4", "search.sampler=random")) == 0
     failed = [r for r in read_records(run_dir) if r.state == "failed"]
@@ -194,7 +194,7 @@ def test_a_search_whose_every_trial_fails_ends_with_one_line(search_teacher, tmp
     def broken(setup, number, arch, *args, **kwargs):
         raise ValueError("misconfigured")
 
-    monkeypatch.setattr(search.study, "run_trial", broken)
+    monkeypatch.setattr(slimnas.search.study, "run_trial", broken)
     run_dir = tmp_path / "run"
     assert main(search_args(search_teacher, run_dir, "search.n_trials=4", "search.sampler=random")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -204,7 +204,7 @@ def test_a_search_whose_every_trial_fails_ends_with_one_line(search_teacher, tmp
 
 def test_a_candidate_that_keeps_failing_is_given_up_after_max_attempts(search_teacher, tmp_path, monkeypatch):
     """Three candidates, one of which always fails: it is tried max_attempts times, then counts as evaluated."""
-    real_run_trial = search.study.run_trial
+    real_run_trial = slimnas.search.study.run_trial
     cursed = Architecture(64, 80, 4, 2, 4)
 
     def fails_for_one(setup, number, arch, *args, **kwargs):
@@ -213,7 +213,7 @@ def test_a_candidate_that_keeps_failing_is_given_up_after_max_attempts(search_te
             raise RuntimeError("always fails")
         return real_run_trial(setup, number, arch, *args, **kwargs)
 
-    monkeypatch.setattr(search.study, "run_trial", fails_for_one)
+    monkeypatch.setattr(slimnas.search.study, "run_trial", fails_for_one)
     run_dir = tmp_path / "run"
     space = [
         "search.space.hidden_size={choices:[64]}", "search.space.intermediate_size={choices:[64,80,96]}",

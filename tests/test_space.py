@@ -3,11 +3,11 @@
 import pytest
 from conftest import tiny_config
 
-from compress.arch import Architecture, param_count, validate_target
-from compress.runtime.errors import SlimnasError
-from search.constraints import Budget
-from search.references import depth_only_reference, uniform_reference, width_only_reference
-from search.space import DimensionSpec, FeasibleEncoding, SearchSpace
+from slimnas.compress.arch import Architecture, param_count, validate_target
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.search.constraints import Budget
+from slimnas.search.references import depth_only_reference, uniform_reference, width_only_reference
+from slimnas.search.space import DimensionSpec, FeasibleEncoding, SearchSpace
 
 SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

@@ -5,7 +5,7 @@ from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.errors import SlimnasError
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ hub tasks, and is told so.
 import os
 from pathlib import Path
 
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.errors import SlimnasError
 
 DATA_DIR_ENV = "SLIMNAS_DATA"
 CHECKOUT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.errors import SlimnasError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 

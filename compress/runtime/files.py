@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.errors import SlimnasError
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from compress.runtime.files import atomic_path, atomic_write_text
+from slimnas.compress.runtime.files import atomic_path, atomic_write_text
 
 
 def as_rows(records: list) -> list[dict]:

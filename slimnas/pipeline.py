@@ -10,12 +10,12 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.quality import QualitySettings
-from bench.tasks import prepare_suite
-from compress.runtime.config import settings_from
-from reports import run_report
-from search import run_retrain, run_search
-from search.retraining import RetrainSettings
+from slimnas.bench.quality import QualitySettings
+from slimnas.bench.tasks import prepare_suite
+from slimnas.compress.runtime.config import settings_from
+from slimnas.reports import run_report
+from slimnas.search import run_retrain, run_search
+from slimnas.search.retraining import RetrainSettings
 
 
 def budgets(cfg: DictConfig) -> list[str]:

@@ -12,19 +12,27 @@ import os
 import sys
 from pathlib import Path
 
-from compress.runtime.errors import SlimnasError, one_line
+from slimnas.compress.runtime.errors import SlimnasError, one_line
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_MODULE = "slimnas.conf"  # the configs ship inside the package (conf/ in the repository)
 COMMANDS = {  # name: (recipe module, config, what it does)
-    "importance": ("compress.run_importance", "common", "score heads, neurons, channels and layers of the teacher"),
-    "prune": ("compress.run_prune", "prune", "cut the teacher to a target architecture, save a HF checkpoint"),
-    "distill": ("compress.run_distill", "distill", "retrain a student from the teacher by knowledge distillation"),
-    "bench": ("bench.run_bench", "bench", "score quality (lm-eval), held-out KL, speed and memory of a model"),
-    "search": ("search.run_search", "search", "Optuna search over pruned architectures: Pareto front"),
-    "retrain": ("search.run_retrain", "retrain", "fully distil and score a search's best candidates"),
-    "report": ("reports.run_report", "report", "leaderboard, plots and a page from run directories"),
-    "pipeline": ("search.run_pipeline", "pipeline", "search -> retrain -> report in one run directory"),
-    "baselines": ("bench.search_vs_baselines", "baselines", "the search against simple choices, over seeds"),
+    "importance": (
+        "slimnas.compress.run_importance",
+        "common",
+        "score heads, neurons, channels and layers",
+    ),
+    "prune": ("slimnas.compress.run_prune", "prune", "cut the teacher to a target architecture, save a HF checkpoint"),
+    "distill": (
+        "slimnas.compress.run_distill",
+        "distill",
+        "retrain a student by knowledge distillation",
+    ),
+    "bench": ("slimnas.bench.run_bench", "bench", "score quality (lm-eval), held-out KL, speed and memory of a model"),
+    "search": ("slimnas.search.run_search", "search", "Optuna search over pruned architectures: Pareto front"),
+    "retrain": ("slimnas.search.run_retrain", "retrain", "fully distil and score a search's best candidates"),
+    "report": ("slimnas.reports.run_report", "report", "leaderboard, plots and a page from run directories"),
+    "pipeline": ("slimnas.pipeline", "pipeline", "search -> retrain -> report in one run directory"),
+    "baselines": ("slimnas.baselines", "baselines", "the search against simple choices, over seeds"),
 }
 POSITIONAL = {"retrain": "run_dir", "report": "run_dirs"}  # commands that take run directories as arguments
 USAGE = "usage: slimnas COMMAND [RUN_DIR ...] [key=value ...]\n\ncommands:\n" + "\n".join(
@@ -34,9 +42,9 @@ USAGE = "usage: slimnas COMMAND [RUN_DIR ...] [key=value ...]\n\ncommands:\n" + 
 
 def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
@@ -71,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
     from transformers.utils import logging as transformers_logging
 
-    from compress.runtime import interrupt
-    from compress.runtime.device import check_precision
+    from slimnas.compress.runtime import interrupt
+    from slimnas.compress.runtime.device import check_precision
 
     interrupt.install()
     transformers_logging.disable_progress_bar()  # also when transformers was imported before the line above

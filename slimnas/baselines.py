@@ -26,25 +26,25 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench.quality import QualitySettings
-from bench.tasks import prepare_suite
-from compress.arch import Architecture, param_count
-from compress.corpus import DataSettings
-from compress.distill import DistillSettings
-from compress.heldout import HeldoutSet
-from compress.prune import PrunePolicy
-from compress.runtime.config import settings_from
-from compress.runtime.data import find_data_dir
-from compress.runtime.errors import SlimnasError
-from compress.runtime.files import atomic_write_text, write_json
-from compress.runtime.stats import mean_ci95
-from compress.runtime.tables import plus_minus, save_records
-from search.records import COMPLETE, RetrainRecord, add_wall_seconds, update_run
-from search.references import find_reference
-from search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
-from search.setup import build_setup
-from search.study import run_study
-from search.tables import write_trial_tables
+from slimnas.bench.quality import QualitySettings
+from slimnas.bench.tasks import prepare_suite
+from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.corpus import DataSettings
+from slimnas.compress.distill import DistillSettings
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.prune import PrunePolicy
+from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.data import find_data_dir
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.runtime.files import atomic_write_text, write_json
+from slimnas.compress.runtime.stats import mean_ci95
+from slimnas.compress.runtime.tables import plus_minus, save_records
+from slimnas.search.records import COMPLETE, RetrainRecord, add_wall_seconds, update_run
+from slimnas.search.references import find_reference
+from slimnas.search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
+from slimnas.search.setup import build_setup
+from slimnas.search.study import run_study
+from slimnas.search.tables import write_trial_tables
 
 METHODS = ("search", "random", "zero_shot", "uniform", "depth_only", "width_only")
 
