@@ -1,14 +1,20 @@
 """Quality: score an in-memory model with lm-evaluation-harness, as tidy records with error bars.
 
+Each task's documents are split once, seeded by `quality.seed`, into two disjoint pools: the
+selection pool, from which search trials draw (`trial_limit` documents), and the evaluation pool,
+from which retrain, bench and the report draw (`limit` documents). A document that helped choose a
+candidate is never scored again as a final number, and every record says which pool it came from.
 lm-eval's own logging and progress bars go to the run's log file (`log_to`), not the screen.
 """
 
 import contextlib
 import logging
 import math
+import os
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,11 +26,15 @@ from slimnas.compress.runtime.errors import SlimnasError
 BINARY_METRICS = ("acc", "acc_norm")
 
 
+POOLS = ("selection", "evaluation")
+
+
 @dataclass
 class ScoreRecord:
     model: str
     task: str
     split: str
+    pool: str  # selection (trials) or evaluation (final numbers): disjoint documents of the split
     metric: str
     value: float
     stderr: float | None  # binomial standard error for accuracies; None where lm-eval gives none
@@ -32,11 +42,18 @@ class ScoreRecord:
     seconds: float
 
 
-def subset(n_docs: int, limit: int | None, seed: int) -> list[int] | None:
-    """A fixed, seeded choice of `limit` documents (None = all of them)."""
-    if limit is None or limit >= n_docs:
-        return None
-    return sorted(random.Random(seed).sample(range(n_docs), limit))
+def pool(n_docs: int, share: float, seed: int, name: str) -> list[int]:
+    """The documents of one pool: a seeded split of the task's documents, the first `share` for selection."""
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    cut = round(share * n_docs)
+    return order[:cut] if name == "selection" else order[cut:]
+
+
+def subset(n_docs: int, share: float, seed: int, name: str, limit: int | None) -> list[int]:
+    """`limit` documents of the pool (all of it for None), in index order."""
+    chosen = pool(n_docs, share, seed, name)
+    return sorted(chosen[:limit] if limit is not None else chosen)
 
 
 @contextlib.contextmanager
@@ -46,7 +63,10 @@ def quiet(log_to: Path | None):
         yield
         return
     log_to.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
     with open(log_to, "a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        os.dup2(log.fileno(), 2)  # also what subprocesses write (lm-eval asks git for a commit hash)
         handler = logging.StreamHandler(log)
         loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
         saved = [(lg.handlers, lg.propagate) for lg in loggers]
@@ -57,45 +77,58 @@ def quiet(log_to: Path | None):
         finally:
             for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
                 lg.handlers, lg.propagate = handlers, propagate
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+
+
+def task_size(suite: TaskSuite, task: str) -> int:
+    """Documents of a task: known for local files, counted by lm-eval (once per process) for hub tasks."""
+    if suite.sizes[task] is None:
+        from lm_eval.tasks import get_task_dict
+
+        name = suite.lm_eval_names[task]
+        suite.sizes[task] = len(get_task_dict([name], suite.manager)[name].eval_docs)
+    return suite.sizes[task]
 
 
 def score_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     suite: TaskSuite,
-    limit: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
+    quality: "QualitySettings",
+    pool_name: str,
     model_name: str = "model",
     precision: str = "auto",
-    max_length: int | None = 2048,
     log_to: Path | None = None,
 ) -> list[ScoreRecord]:
+    """lm-eval on the documents of one pool: `trial_limit` of the selection pool, `limit` of the evaluation pool."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    limit = quality.trial_limit if pool_name == "selection" else quality.limit
     records = []
     with quiet(log_to):
         device = str(model_device(model))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=quality.batch_size, device=device,
+            max_length=quality.max_length,
+        )  # fmt: skip
         for task in suite.tasks:
             name = suite.lm_eval_names[task]
-            size = suite.sizes[task]
-            chosen = subset(size, limit, seed) if size is not None else None
+            chosen = subset(task_size(suite, task), quality.selection_share, quality.seed, pool_name, limit)
             started = time.perf_counter()
             with autocast(model_device(model), precision):
                 result = simple_evaluate(
                     model=lm,
                     tasks=[name],
                     task_manager=suite.manager,
-                    samples={name: chosen} if chosen else None,
-                    limit=limit if size is None else None,
+                    samples={name: chosen},
                     bootstrap_iters=0,
                     log_samples=False,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=seed,
+                    random_seed=quality.seed,
+                    numpy_random_seed=quality.seed,
+                    torch_random_seed=quality.seed,
+                    fewshot_random_seed=quality.seed,
                 )
             seconds = time.perf_counter() - started
             n = int(result["n-samples"][name]["effective"])
@@ -109,46 +142,62 @@ def score_model(
                     continue
                 stderr = math.sqrt(value * (1 - value) / (n - 1)) if metric in BINARY_METRICS and n > 1 else None
                 records.append(
-                    ScoreRecord(model_name, task, suite.splits[task], metric, float(value), stderr, n, seconds)
+                    ScoreRecord(
+                        model_name, task, suite.splits[task], pool_name, metric, float(value), stderr, n, seconds
+                    )
                 )
     return records
 
 
-def summary_score(records: list[ScoreRecord]) -> tuple[float, float]:
-    """Mean over accuracy tasks of accuracy normalised by chance (0 = chance, 1 = perfect), with its stderr.
+@dataclass
+class Summary:
+    """The mean over the suite's accuracy tasks of accuracy above chance (0 = chance, 1 = perfect)."""
 
-    The tasks' errors are independent, so the stderr of the mean is the root of the summed squares / n.
-    """
-    values, variances = [], []
+    value: float | None  # None when no suite accuracy task was scored
+    stderr: float | None
+    tasks: list[str]  # the tasks it averages
+    excluded: list[str]  # scored tasks it leaves out: no known chance level (not in the suite) or not accuracies
+
+
+def summary_score(records: list[ScoreRecord]) -> Summary:
+    """Tasks' errors are independent, so the stderr of the mean is the root of the summed squares over n."""
+    values, variances, tasks = [], [], []
     for task, chance in CHANCE.items():
-        metric = SUMMARY_METRIC[task]
-        found = [r for r in records if r.task == task and r.metric == metric]
+        found = [r for r in records if r.task == task and r.metric == SUMMARY_METRIC[task]]
         if found:
+            tasks.append(task)
             values.append((found[0].value - chance) / (1 - chance))
             stderr = math.nan if found[0].stderr is None else found[0].stderr  # unknown stays unknown
             variances.append((stderr / (1 - chance)) ** 2)
+    excluded = sorted({r.task for r in records} - set(tasks))
     if not values:
-        raise SlimnasError("no accuracy task among the scored tasks: the summary score needs one")
-    return sum(values) / len(values), math.sqrt(sum(variances)) / len(values)
+        return Summary(None, None, [], excluded)
+    return Summary(sum(values) / len(values), math.sqrt(sum(variances)) / len(values), tasks, excluded)
 
 
-@dataclass(frozen=True)
+@dataclass
 class QualitySettings:
-    tasks: tuple[str, ...] = ("piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag", "lambada_openai", "wikitext")
-    limit: int | None = 200  # documents per task for final scores (bench, retrain): a fixed seeded subset
-    trial_limit: int | None = 40  # documents per task when a search trial is scored
-    seed: int = 0  # which documents form the subsets
+    tasks: list[str] = field(
+        default_factory=lambda: ["piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag", "lambada_openai", "wikitext"]
+    )
+    limit: int | None = 200  # evaluation-pool documents per task for final scores (bench, retrain); null = the pool
+    trial_limit: int | None = 40  # selection-pool documents per task when a search trial is scored
+    selection_share: float = 0.3  # share of each task's documents in the selection pool (the rest: evaluation)
+    seed: int = 0  # which documents form the pools and the subsets
     batch_size: int = 8
-    max_length: int | None = 2048  # context window (rolling windows for wikitext); memory grows with it
+    max_length: int | None = 2048  # context window (rolling windows for wikitext); null = the model's maximum.
+    # Memory grows with batch_size x max_length x vocabulary: 8 x 8192 x 49152 ran out of 24 GiB
 
     def __post_init__(self):
         for name in ("limit", "trial_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SlimnasError(f"quality.{name} must be at least 1, or null for the whole split")
+                raise SlimnasError(f"quality.{name} must be at least 1, or null for the whole pool")
         if self.batch_size < 1:
             raise SlimnasError("quality.batch_size must be at least 1")
+        if not 0 < self.selection_share < 1:
+            raise SlimnasError(f"quality.selection_share must be in (0, 1), not {self.selection_share}")
 
     def check_summary(self) -> None:
-        """The summary score needs at least one accuracy task."""
+        """The summary score needs at least one accuracy task of the suite."""
         if not set(self.tasks) & set(CHANCE):
             raise SlimnasError(f"the summary score needs an accuracy task among quality.tasks ({', '.join(CHANCE)})")

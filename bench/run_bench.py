@@ -10,25 +10,25 @@ from omegaconf import DictConfig
 
 from slimnas.bench.memory import measure_memory
 from slimnas.bench.quality import score_model, summary_score
-from slimnas.bench.speed import SpeedSettings, compare_speed, measure_speed
+from slimnas.bench.speed import compare_speed, measure_speed
 from slimnas.bench.tasks import prepare_suite
 from slimnas.compress.context import load_teacher_context
-from slimnas.compress.corpus import DataSettings
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.models import cache_root, load_model
-from slimnas.compress.runtime.config import settings_from
-from slimnas.compress.runtime.tables import format_table, save_records
+from slimnas.compress.runtime.config import settings_of
+from slimnas.compress.runtime.tables import format_table, plus_minus, save_records
 
-SCORE_COLUMNS = ["model", "task", "split", "metric", "value", "stderr", "n", "seconds"]
+SCORE_COLUMNS = ["model", "task", "split", "pool", "metric", "value", "stderr", "n", "seconds"]
 SPEED_COLUMNS = ["model", "params", "prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms", "cpu_load"]
 
 
 def main(cfg: DictConfig) -> None:
     # 1. Settings, task files and models, checked before any compute
-    data = settings_from(DataSettings, cfg.data, "data")
-    speed = settings_from(SpeedSettings, cfg.speed, "speed", precision=cfg.precision)
+    data = settings_of(cfg, "data")
+    speed = settings_of(cfg, "speed")
     out = Path(cfg.out)
-    suite = prepare_suite(list(cfg.quality.tasks), data.dir) if cfg.quality.tasks else None
+    quality = settings_of(cfg, "quality")
+    suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir))
     teacher = context.teacher
     name = cfg.model or cfg.teacher
@@ -37,20 +37,23 @@ def main(cfg: DictConfig) -> None:
     # 2. Held-out KL to the teacher and perplexity on the corpus's evaluation rows
     evaluation = HeldoutSet("evaluation", context.corpus.evaluation, teacher.model, cfg.precision)
     heldout = {"model": name, **evaluation.evaluate(model.model).summary()}
-    print(format_table([heldout], ["model", "split", "rows", "kl", "kl_stderr", "perplexity", "perplexity_stderr"]))
+    columns = ["model", "split", "documents", "kl", "kl_stderr", "perplexity", "perplexity_stderr"]
+    print(format_table([heldout], columns))
     save_records([heldout], out / "heldout")
 
-    # 3. lm-eval scores (fixed seeded subsets of quality.limit documents), with the split of each
+    # 3. lm-eval scores on each task's evaluation pool (quality.limit documents, seeded by quality.seed)
     if suite is not None:
-        print(f"scoring {suite.describe()}")
+        print(f"scoring {suite.describe()}, {quality.limit} documents each from the evaluation pool")
         records = score_model(
-            model.model, model.tokenizer, suite, cfg.quality.limit, cfg.quality.batch_size, data.seed, name,
-            cfg.precision, cfg.quality.max_length, log_to=out / "lm_eval.log",
-        )  # fmt: skip
+            model.model, model.tokenizer, suite, quality, "evaluation", name, cfg.precision, out / "lm_eval.log"
+        )
         print(format_table(records, SCORE_COLUMNS))
-        if any(r.metric in ("acc", "acc_norm") for r in records):
-            summary, stderr = summary_score(records)
-            print(f"summary score (accuracy above chance, mean over tasks): {summary:.4f} ± {stderr:.4f}")
+        summary = summary_score(records)
+        if summary.value is not None:
+            print(f"summary score (accuracy above chance, mean over {', '.join(summary.tasks)}): "
+                  f"{plus_minus(summary.value, summary.stderr)}")  # fmt: skip
+        if summary.excluded:
+            print(f"not in the summary score (no known chance level, or no accuracy): {', '.join(summary.excluded)}")
         save_records(records, out / "scores")
 
     # 4. Speed: against the teacher in alternating pairs, or alone

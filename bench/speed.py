@@ -1,11 +1,12 @@
 """Speed: prefill and decode throughput and per-token decode latency, timed against a reference model.
 
 Greedy decoding runs token by token with the KV cache so each step can be timed: CUDA events with
-synchronisation on GPU, perf_counter on CPU. A model is timed alternately with a reference (the
-teacher): each repeat times one generation of each, back to back, and the speed-up is the mean of
-the per-repeat ratios with its standard error. Load from another process slows both sides of a pair
-alike, so the ratio stays meaningful where absolute tokens/s do not; repeats continue until the
-ratio's relative error is below `target_rel_stderr` (or `max_repeats`). The CPU load at the start is
+synchronisation on GPU, perf_counter on CPU. A model is timed against a reference (the teacher) in
+ABBA blocks: model, reference, reference, model. Each block gives one ratio (the reference's two
+timings over the model's two), so a machine that speeds up or slows down steadily during a block
+affects both sides alike, and load from another process slows both sides of a block alike: the ratio
+stays meaningful where absolute tokens/s do not. The number of blocks is fixed (`repeats`): stopping
+once the error bar looks small enough would bias the error bar itself. The CPU load at the start is
 recorded with every measurement.
 """
 
@@ -22,22 +23,20 @@ from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.stats import mean_and_stderr
 
 
-@dataclass(frozen=True)
+@dataclass
 class SpeedSettings:
     batch_size: int = 1
     prompt_len: int = 128
     new_tokens: int = 32
-    warmup: int = 1
-    repeats: int = 3  # pairs timed at least
-    max_repeats: int = 12
-    target_rel_stderr: float = 0.05  # stop adding pairs once the speed-up is this precise
-    precision: str = "auto"
+    warmup: int = 1  # untimed generations of each model first
+    repeats: int = 4  # ABBA blocks (model, reference, reference, model): the speed-up's error bar is over these
+    precision: str = "auto"  # in a command: the top-level precision setting
 
     def __post_init__(self):
-        if min(self.batch_size, self.prompt_len, self.new_tokens, self.repeats) < 1 or self.warmup < 0:
-            raise SlimnasError("speed.batch_size, prompt_len, new_tokens and repeats must be at least 1")
-        if self.max_repeats < self.repeats:
-            raise SlimnasError("speed.max_repeats must be at least speed.repeats")
+        if min(self.batch_size, self.prompt_len, self.new_tokens) < 1 or self.warmup < 0 or self.repeats < 2:
+            raise SlimnasError(
+                "speed.batch_size, prompt_len and new_tokens must be at least 1, speed.repeats at least 2"
+            )
 
 
 @dataclass
@@ -56,7 +55,7 @@ class SpeedRecord:
 
 @dataclass
 class SpeedComparison:
-    """A model and its reference timed in alternation in one run: the ratios are the comparable numbers."""
+    """A model and its reference timed in ABBA blocks in one run: the ratios are the comparable numbers."""
 
     model: SpeedRecord
     reference: SpeedRecord
@@ -170,19 +169,15 @@ def compare_speed(
     name: str = "model",
     reference_name: str = "teacher",
 ) -> SpeedComparison:
-    """Time model and reference in alternating pairs until the decode speed-up is precise enough."""
+    """Time model and reference in ABBA blocks; each block's ratio is one sample of the speed-up."""
     load = cpu_load()
     timed, baseline = _Timings(name, model, settings), _Timings(reference_name, reference, settings)
     decode_ratios, prefill_ratios = [], []
-    while len(decode_ratios) < settings.max_repeats:
-        timed.run_once()
-        baseline.run_once()
-        decode_ratios.append(sum(baseline.steps[-1]) / sum(timed.steps[-1]))
-        prefill_ratios.append(baseline.prefill[-1] / timed.prefill[-1])
-        if len(decode_ratios) >= settings.repeats:
-            mean, stderr = mean_and_stderr(decode_ratios)
-            if stderr <= settings.target_rel_stderr * mean:
-                break
+    for _ in range(settings.repeats):
+        for timings in (timed, baseline, baseline, timed):
+            timings.run_once()
+        decode_ratios.append(sum(map(sum, baseline.steps[-2:])) / sum(map(sum, timed.steps[-2:])))
+        prefill_ratios.append(sum(baseline.prefill[-2:]) / sum(timed.prefill[-2:]))
     record, reference_record = timed.record(load), baseline.record(load)
     decode, decode_stderr = mean_and_stderr(decode_ratios)
     prefill, prefill_stderr = mean_and_stderr(prefill_ratios)

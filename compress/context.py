@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from slimnas.compress.arch import param_count
-from slimnas.compress.corpus import CorpusSplit, DataSettings, load_corpus
+from slimnas.compress.corpus import Corpus, DataSettings, load_corpus
 from slimnas.compress.importance import Importance, ImportanceSettings, cached_importance
 from slimnas.compress.models import LoadedModel, load_model
 from slimnas.compress.runtime.device import pick_device
@@ -16,7 +16,7 @@ from slimnas.compress.runtime.device import pick_device
 @dataclass(frozen=True)
 class TeacherContext:
     teacher: LoadedModel
-    corpus: CorpusSplit
+    corpus: Corpus
     importance: Importance | None
     importance_path: Path | None
     device: torch.device
@@ -38,8 +38,7 @@ def load_teacher_context(
         seconds = time.perf_counter() - started
         print(f"teacher {teacher_name}: {param_count(teacher.model.config):,} params, loaded in {seconds:.1f} s")
     corpus = load_corpus(teacher.tokenizer, data)
-    rows = ", ".join(f"{len(corpus.rows(s))} {s}" for s in ("train", "selection", "evaluation"))
-    print(f"corpus {corpus.source}: {rows} rows of {corpus.seq_len} tokens")
+    print(corpus.line())
     if importance_settings is None:
         return TeacherContext(teacher, corpus, None, None, device)
     started = time.perf_counter()

@@ -1,17 +1,25 @@
-"""Calibration and distillation text: load, split by document, tokenise, pack into fixed-length rows.
+"""Calibration, distillation and held-out text: documents, split by document, tokenised into rows.
 
-Three disjoint splits, by whole documents so no article straddles two of them:
-- train: calibration rows for importance, and the KD rows;
-- selection: the rows that rank candidates (the search's screen and rungs, the zero-shot pick);
-- evaluation: the rows behind every reported number (retrain, bench, report), never used to choose.
+Three disjoint splits of whole documents, so that no document straddles two of them:
+- train: packed into consecutive rows (documents joined by EOS): calibration for importance, and KD;
+- selection: the documents that rank candidates (the search's screen and rungs);
+- evaluation: the documents behind every reported number (retrain, bench, report), never used to choose.
+
+A held-out set is a sample of documents, not a stretch of text: each selection or evaluation document
+gives one row of `heldout_tokens` tokens at a seeded position inside it, so a mean over rows is a mean over
+documents and its standard error says how far the number would move on other documents.
 
 Sources: "auto" (the decontaminated English Wikipedia corpus in the data directory when present,
 else "builtin"), "builtin" (the Python reference manual's topics from the stdlib's pydoc_data, so a
 fresh offline install always has real English prose), a local .txt or .jsonl file, or
-"hf:NAME[:CONFIG[:SPLIT]]" for a Hugging Face dataset when the hub is reachable.
+"hf:NAME[:CONFIG[:SPLIT]]" for a Hugging Face dataset when the hub is reachable. What a document is
+depends on the format, and every record says it (`unit`): a .jsonl line; in a .txt file an article
+under a WikiText ' = Title = ' heading or a block between form feeds when the file has them, else a
+paragraph; in a hub dataset the rows sharing an id / title column, WikiText articles, else a row.
 """
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +33,9 @@ from slimnas.compress.runtime.files import hash_json, hash_tensor, read_jsonl
 AUTO, BUILTIN = "auto", "builtin"
 WIKI_CORPUS = Path("corpus") / "wiki_en_core.jsonl"
 SPLITS = ("train", "selection", "evaluation")
+HELD_OUT = ("selection", "evaluation")
+DOCUMENT_COLUMNS = ("doc_id", "document_id", "id", "title", "url")  # hub columns that name a row's document
+WIKITEXT_HEADING = re.compile(r" = [^=].* = ")  # a top-level article heading of WikiText
 
 
 def resolve_corpus(name: str, data_dir: Path | None) -> str:
@@ -36,58 +47,83 @@ def resolve_corpus(name: str, data_dir: Path | None) -> str:
     return BUILTIN
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataSettings:
     dir: str | None = None  # benchmark files and corpus; None = $SLIMNAS_DATA, else shared/data beside the checkout
-    corpus: str = AUTO
-    seq_len: int = 128
-    selection_fraction: float = 0.05  # share of the text (by characters) held out to rank candidates
-    evaluation_fraction: float = 0.05  # share held out for reported numbers
-    selection_rows: int = 32  # rows of the selection split each candidate is ranked on
-    evaluation_rows: int = 64  # rows of the evaluation split behind reported numbers
-    seed: int = 0  # which documents land in which split
+    corpus: str = AUTO  # auto | builtin | a .txt / .jsonl file | hf:NAME[:CONFIG[:SPLIT]]
+    seq_len: int = 128  # tokens per KD and calibration row
+    heldout_tokens: int | None = None  # tokens of each held-out document's row; null = seq_len
+    selection_docs: int = 64  # documents the search ranks candidates on, one row each
+    evaluation_docs: int = 128  # documents behind every reported number, one row each
+    seed: int = 0  # which documents land in which split, and where in each held-out document its row starts
 
     def __post_init__(self):
-        if self.seq_len < 2:
-            raise SlimnasError(f"data.seq_len must be at least 2, not {self.seq_len}")
-        for name in ("selection_fraction", "evaluation_fraction"):
-            if not 0 < getattr(self, name) < 0.5:
-                raise SlimnasError(f"data.{name} must be in (0, 0.5), not {getattr(self, name)}")
-        for name in ("selection_rows", "evaluation_rows"):
-            if getattr(self, name) < 2:
-                raise SlimnasError(f"data.{name} must be at least 2 (an error bar needs two rows)")
+        if self.seq_len < 2 or (self.heldout_tokens is not None and self.heldout_tokens < 2):
+            raise SlimnasError("data.seq_len and data.heldout_tokens must be at least 2")
+        if min(self.selection_docs, self.evaluation_docs) < 2:
+            raise SlimnasError(
+                "data.selection_docs and data.evaluation_docs must be at least 2 (an error bar needs two)"
+            )
+
+
+@dataclass(frozen=True)
+class Documents:
+    """A corpus as documents in a fixed order, and what one document is in this source."""
+
+    texts: list[str]
+    ids: list[str]
+    unit: str  # article, topic, line, paragraph, row: said in every record and on the console
 
 
 @dataclass
-class CorpusSplit:
+class Corpus:
     source: str  # the corpus actually read (a path, builtin or hf:...)
+    unit: str
     seq_len: int
-    train: torch.Tensor  # [rows, seq_len] int64
-    selection: torch.Tensor
-    evaluation: torch.Tensor
-    documents: dict[str, int]  # documents per split
+    heldout_tokens: int
+    train: torch.Tensor  # [rows, seq_len] int64, consecutive rows of the packed train documents
+    selection: torch.Tensor  # [documents, heldout_tokens]: one row per selection document
+    evaluation: torch.Tensor  # [documents, heldout_tokens]: one row per evaluation document
+    document_ids: dict[str, list[str]]  # per split, the documents its rows come from
     fingerprint: str  # hash of the tokens themselves: same tokens, same caches
 
     def rows(self, split: str) -> torch.Tensor:
         return getattr(self, split)
 
+    def documents(self, split: str) -> int:
+        return len(self.document_ids[split])
+
     def describe(self) -> dict:
-        """Where every number's rows came from, for records."""
+        """Where every number's rows came from, for records: held-out sets count distinct documents."""
         return {
             "source": self.source,
+            "unit": self.unit,
             "seq_len": self.seq_len,
-            "documents": self.documents,
+            "heldout_tokens": self.heldout_tokens,
+            "documents": {split: self.documents(split) for split in SPLITS},
             "rows": {split: len(self.rows(split)) for split in SPLITS},
+            "selection_documents": self.documents("selection"),
+            "evaluation_documents": self.documents("evaluation"),
             "fingerprint": self.fingerprint[:16],
         }
 
+    def line(self) -> str:
+        """The console's corpus line."""
+        return (
+            f"corpus {self.source} ({self.unit}s): KD on {len(self.train)} rows of {self.seq_len} tokens from "
+            f"{self.documents('train')} {self.unit}s; ranking on {self.documents('selection')} selection "
+            f"{self.unit}s, reporting on {self.documents('evaluation')} evaluation {self.unit}s (one row of "
+            f"{self.heldout_tokens} tokens each)"
+        )
 
-def load_documents(source: str) -> list[str]:
-    """The corpus as a list of documents (plain strings), in a fixed order."""
+
+def load_documents(source: str) -> Documents:
+    """The corpus as documents, in a fixed order."""
     if source == BUILTIN:
         from pydoc_data.topics import topics
 
-        return [topics[name] for name in sorted(topics)]
+        names = sorted(topics)
+        return Documents([topics[name] for name in names], names, "topic")
     if source.startswith("hf:"):
         return _hub_documents(source[3:])
     path = Path(source).expanduser()
@@ -96,18 +132,43 @@ def load_documents(source: str) -> list[str]:
     if path.suffix == ".jsonl":
         return _jsonl_documents(path)
     if path.suffix == ".txt":
-        return [block for block in path.read_text(errors="replace").split("\n\n") if block.strip()]
+        return _text_documents(path.read_text(errors="replace"))
     raise SlimnasError(f"unsupported corpus file type '{path.suffix}': use .txt or .jsonl")
 
 
-def _jsonl_documents(path: Path) -> list[str]:
+def _jsonl_documents(path: Path) -> Documents:
     try:
-        return [row["text"] for row in read_jsonl(path)]
+        rows = read_jsonl(path)
+        texts = [row["text"] for row in rows]
     except (KeyError, TypeError) as error:
         raise SlimnasError(f"{path}: each line must be a JSON object with a 'text' field") from error
+    ids = [str(row.get("id", row.get("title", index))) for index, row in enumerate(rows)]
+    return Documents(texts, ids, "article" if all("title" in row for row in rows) else "line")
 
 
-def _hub_documents(spec: str) -> list[str]:
+def _wikitext_articles(lines: list[str]) -> list[str] | None:
+    """Articles of WikiText-formatted lines (each starts at a ' = Title = ' line); None when there are none."""
+    articles: list[list[str]] = []
+    for line in lines:
+        if WIKITEXT_HEADING.fullmatch(line.rstrip("\n")):
+            articles.append([])
+        if articles:
+            articles[-1].append(line)
+    return ["".join(article) for article in articles] if len(articles) > 1 else None
+
+
+def _text_documents(text: str) -> Documents:
+    """Articles when the file marks them (WikiText headings or form feeds), else paragraphs, and say which."""
+    if articles := _wikitext_articles(text.splitlines(keepends=True)):
+        return Documents(articles, [str(i) for i in range(len(articles))], "article")
+    if "\f" in text:
+        blocks = [block for block in text.split("\f") if block.strip()]
+        return Documents(blocks, [str(i) for i in range(len(blocks))], "form-feed block")
+    paragraphs = [block for block in text.split("\n\n") if block.strip()]
+    return Documents(paragraphs, [str(i) for i in range(len(paragraphs))], "paragraph")
+
+
+def _hub_documents(spec: str) -> Documents:
     import datasets
 
     name, config, split = (spec.split(":") + [None, None])[:3]
@@ -115,50 +176,89 @@ def _hub_documents(spec: str) -> list[str]:
         dataset = datasets.load_dataset(name, config, split=split or "train")
     except Exception as error:  # offline, unknown name, bad config: all one message for the user
         raise SlimnasError(f"cannot load dataset '{spec}': {first_line(error)}") from error
-    return [row["text"] for row in dataset if row["text"].strip()]
+    key = next((column for column in DOCUMENT_COLUMNS if column in dataset.column_names), None)
+    if key is not None:  # rows sharing a document id are one document
+        grouped: dict[str, list[str]] = {}
+        for row in dataset:
+            grouped.setdefault(str(row[key]), []).append(row["text"])
+        ids = list(grouped)
+        return Documents(["\n".join(grouped[i]) for i in ids], ids, f"document (rows by {key})")
+    rows = [row["text"] for row in dataset]
+    if articles := _wikitext_articles(rows):
+        return Documents(articles, [str(i) for i in range(len(articles))], "article")
+    rows = [row for row in rows if row.strip()]
+    return Documents(rows, [str(i) for i in range(len(rows))], "row")
 
 
-def pack(documents: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
-    """Concatenate documents separated by EOS and cut into [n, seq_len] rows (the remainder is dropped)."""
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def pack(token_lists: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
+    """Concatenate tokenised documents separated by EOS and cut into [n, seq_len] rows (the remainder is dropped)."""
     stream: list[int] = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []:
-        stream.extend(ids + separator)
+    for ids in token_lists:
+        stream.extend(ids + ([eos] if eos is not None else []))
     n_rows = len(stream) // seq_len
     return torch.tensor(stream[: n_rows * seq_len], dtype=torch.int64).view(n_rows, seq_len)
 
 
-def split_documents(documents: list[str], settings: DataSettings) -> dict[str, list[str]]:
-    """Seeded shuffle of whole documents; selection and evaluation each take their share of the characters."""
-    order = list(range(len(documents)))
-    random.Random(settings.seed).shuffle(order)
-    total = sum(len(d) for d in documents)
-    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
-    quotas = {"selection": settings.selection_fraction * total, "evaluation": settings.evaluation_fraction * total}
-    filled = dict.fromkeys(quotas, 0)
-    for index in order:
-        split = next((s for s in quotas if filled[s] < quotas[s]), "train")
-        splits[split].append(documents[index])
-        filled[split] = filled.get(split, 0) + len(documents[index])
-    return splits
+def document_rows(documents: list[tuple[list[int], str]], seq_len: int, seed: int) -> torch.Tensor:
+    """One row of seq_len tokens per (tokens, id) document, at a position drawn from (seed, document id)."""
+    rows = []
+    for tokens, document_id in documents:
+        start = random.Random(hash_json([seed, document_id])).randrange(len(tokens) - seq_len + 1)
+        rows.append(tokens[start : start + seq_len])
+    return torch.tensor(rows, dtype=torch.int64).view(len(rows), seq_len)
 
 
-def load_corpus(tokenizer: PreTrainedTokenizerBase, settings: DataSettings) -> CorpusSplit:
-    """Train / selection / evaluation rows of the corpus: deterministic for the same source and settings.
+def text_rows(path: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
+    """Held-out rows of another text (e.g. WikiText-2 valid): one per document long enough, and what a document is."""
+    documents = _text_documents(path.read_text(errors="replace"))  # WikiText's .tokens files are text too
+    tokens = tokenizer(documents.texts, add_special_tokens=False)["input_ids"]
+    long_enough = [(ids, i) for ids, i in zip(tokens, documents.ids, strict=True) if len(ids) >= seq_len]
+    if len(long_enough) < 2:
+        raise SlimnasError(f"{path} has fewer than two {documents.unit}s of at least {seq_len} tokens")
+    return document_rows(long_enough, seq_len, seed), documents.unit
 
-    The selection and evaluation splits are cut to data.selection_rows / data.evaluation_rows.
-    """
+
+def held_out_sizes(eligible: int, settings: DataSettings, source: str, row_tokens: int) -> tuple[int, int]:
+    """Selection and evaluation documents; a corpus too small for the settings gives each a quarter of it."""
+    wanted = (settings.selection_docs, settings.evaluation_docs)
+    if sum(wanted) <= eligible // 2:
+        return wanted
+    scaled = tuple(min(n, eligible // 4) for n in wanted)
+    if min(scaled) < 2:
+        raise SlimnasError(
+            f"corpus too small: {source} has {eligible} documents of at least {row_tokens} tokens; "
+            f"held-out sets need at least 8: use a larger corpus or a smaller data.heldout_tokens"
+        )
+    print(
+        f"note: {source} has {eligible} documents of at least {row_tokens} tokens, too few for "
+        f"{wanted[0]} selection and {wanted[1]} evaluation documents: using {scaled[0]} and {scaled[1]}",
+        flush=True,
+    )
+    return scaled
+
+
+def load_corpus(tokenizer: PreTrainedTokenizerBase, settings: DataSettings) -> Corpus:
+    """Train / selection / evaluation rows of the corpus: deterministic for the same source and settings."""
     source = resolve_corpus(settings.corpus, find_data_dir(settings.dir))
-    documents = split_documents(load_documents(source), settings)
-    rows = {split: pack(documents[split], tokenizer, settings.seq_len) for split in SPLITS}
-    rows["selection"] = rows["selection"][: settings.selection_rows]
-    rows["evaluation"] = rows["evaluation"][: settings.evaluation_rows]
-    for split, packed in rows.items():
-        if len(packed) == 0:
-            raise SlimnasError(
-                f"corpus too small: its {split} split cannot fill one sequence of {settings.seq_len} tokens "
-                f"({source}); use a larger corpus or a smaller data.seq_len"
-            )
+    documents = load_documents(source)
+    tokens = tokenizer(documents.texts, add_special_tokens=False)["input_ids"] if documents.texts else []
+    order = list(range(len(tokens)))
+    random.Random(settings.seed).shuffle(order)
+    row_tokens = settings.heldout_tokens or settings.seq_len
+    eligible = [i for i in order if len(tokens[i]) >= row_tokens]  # long enough for one held-out row
+    n_selection, n_evaluation = held_out_sizes(len(eligible), settings, source, row_tokens)
+    chosen = {"selection": eligible[:n_selection], "evaluation": eligible[n_selection : n_selection + n_evaluation]}
+    held_out = set(chosen["selection"]) | set(chosen["evaluation"])
+    chosen["train"] = [i for i in order if i not in held_out]
+
+    rows = {"train": pack([tokens[i] for i in chosen["train"]], tokenizer.eos_token_id, settings.seq_len)}
+    for split in HELD_OUT:
+        picked = [(tokens[i], documents.ids[i]) for i in chosen[split]]
+        rows[split] = document_rows(picked, row_tokens, settings.seed)
+    if len(rows["train"]) == 0:
+        raise SlimnasError(f"corpus too small: its train documents cannot fill one row of {settings.seq_len} tokens")
     fingerprint = hash_json([hash_tensor(rows[split]) for split in SPLITS])
-    counts = {split: len(documents[split]) for split in SPLITS}
-    return CorpusSplit(source, settings.seq_len, **rows, documents=counts, fingerprint=fingerprint)
+    ids = {split: [documents.ids[i] for i in chosen[split]] for split in SPLITS}
+    return Corpus(
+        source, documents.unit, settings.seq_len, row_tokens, **rows, document_ids=ids, fingerprint=fingerprint
+    )

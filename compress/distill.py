@@ -43,27 +43,29 @@ STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistillSettings:
-    budget_tokens: int = 100_000
+    budget_tokens: int = (
+        100_000  # slimnas distill's budget (search: search.race.rung_tokens; retrain: retrain.budget_tokens)
+    )
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    ce_weight: float = 0.0
-    hidden_weight: float = 0.0
-    hidden_layers: tuple[int, ...] = ()  # student layers (negative: from the end) matched to their teacher layer
-    teacher_mode: str = "cache"  # cache (top-k logits on disk) or live
+    ce_weight: float = 0.0  # weight of next-token cross-entropy beside the KL
+    hidden_weight: float = 0.0  # weight of the hidden-state loss (needs teacher_mode=live)
+    hidden_layers: list[int] = field(default_factory=list)  # student layers (negative: from the end), each matched
+    # to the teacher layer it was cut from
+    teacher_mode: str = "cache"  # cache: top-k teacher logits on disk, shared by runs; live: run the teacher
     top_k: int = 64
-    chunk_tokens: int = 1024
-    eval_every: int = 50
-    eval_rows: int = 16
-    save_every: int = 50
-    precision: str = "auto"
+    chunk_tokens: int = 1024  # positions per vocabulary-sized chunk of the loss
+    eval_every: int = 50  # steps between held-out evaluations (distill, retrain)
+    save_every: int = 50  # steps between resumable checkpoints (distill, retrain)
+    precision: str = "auto"  # in a command: the top-level precision setting
     seed: int = 0  # the order of the KD rows
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ class DistillSettings:
             raise SlimnasError(f"distill.teacher_mode must be cache or live, not {self.teacher_mode!r}")
         if self.hidden_weight > 0 and (self.teacher_mode != "live" or not self.hidden_layers):
             raise SlimnasError("a hidden-state loss needs distill.teacher_mode=live and distill.hidden_layers")
-        positive = ("budget_tokens", "batch_size", "grad_accum", "top_k", "chunk_tokens", "eval_every", "eval_rows")
+        positive = ("budget_tokens", "batch_size", "grad_accum", "top_k", "chunk_tokens", "eval_every")
         for name in (*positive, "save_every"):
             if getattr(self, name) < 1:
                 raise SlimnasError(f"distill.{name} must be at least 1, not {getattr(self, name)}")

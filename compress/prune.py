@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from slimnas.compress.arch import Architecture, head_dim, param_count, pruned_config, validate_target
 from slimnas.compress.importance import Importance
@@ -28,7 +29,7 @@ LAYER_METRICS = ("block", "perplexity")
 DEPTH_STRATEGIES = ("independent", "contiguous")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PrunePolicy:
     """How layers are chosen: by which score, one by one or as one contiguous block."""
 
@@ -60,8 +61,9 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def select_layers(importance: Importance, keep: int, policy: PrunePolicy = PrunePolicy()) -> list[int]:
+def select_layers(importance: Importance, keep: int, policy: PrunePolicy | None = None) -> list[int]:
     """Layers to keep: the `keep` most important, or all but the least important contiguous block."""
+    policy = policy or PrunePolicy()
     n_layers = importance.boundary_cosine.shape[0] - 1
     if policy.depth_strategy == "independent":
         return _top(importance.layer_scores(policy.layer_metric), keep)
@@ -73,7 +75,7 @@ def select_layers(importance: Importance, keep: int, policy: PrunePolicy = Prune
 
 
 def plan_pruning(
-    importance: Importance, teacher_config, target: Architecture, policy: PrunePolicy = PrunePolicy()
+    importance: Importance, teacher_config, target: Architecture, policy: PrunePolicy | None = None
 ) -> PrunePlan:
     validate_target(target, teacher_config)
     source = Architecture.of(teacher_config)
@@ -148,7 +150,8 @@ def prune_model(teacher: PreTrainedModel, plan: PrunePlan, target: Architecture)
     """A new model of the teacher's class holding only the planned slices of the teacher's weights."""
     config = pruned_config(teacher.config, target, plan.layers)
     dtype = next(teacher.parameters()).dtype
-    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # every parameter is overwritten below: random initialisation would cost seconds
+        student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     teacher_state = teacher.state_dict()
     dim = head_dim(teacher.config)
     norm_scale = math.sqrt(teacher.config.hidden_size / target.hidden_size)

@@ -8,7 +8,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from slimnas.compress.context import load_teacher_context
-from slimnas.compress.corpus import DataSettings
 from slimnas.compress.distill import (
     Distiller,
     DistillSettings,
@@ -19,7 +18,7 @@ from slimnas.compress.distill import (
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.models import cache_root, load_model
 from slimnas.compress.prune import RECORD_FILE, save_checkpoint
-from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.files import read_json
 
@@ -42,8 +41,8 @@ def hidden_state_match(settings: DistillSettings, student_dir: str, student_conf
 
 def main(cfg: DictConfig) -> None:
     # 1. Settings, teacher and student, checked before any compute
-    settings = settings_from(DistillSettings, cfg.distill, "distill", precision=cfg.precision)
-    data = settings_from(DataSettings, cfg.data, "data")
+    settings = settings_of(cfg, "distill")
+    data = settings_of(cfg, "data")
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir))
     student = load_model(cfg.student, context.device)
     teacher = context.teacher
@@ -51,7 +50,7 @@ def main(cfg: DictConfig) -> None:
         raise SlimnasError("student and teacher vocabularies differ: distillation needs the teacher's tokenizer")
     match = hidden_state_match(settings, cfg.student, student.model.config, teacher.model.config)
 
-    # 2. The teacher's side (top-k cache or live) and the evaluation rows
+    # 2. The teacher's side (top-k cache or live) and the evaluation documents
     targets = make_teacher_targets(settings, teacher, context.corpus.train, cache_root(cfg.cache_dir), match)
     evaluation = HeldoutSet("evaluation", context.corpus.evaluation, teacher.model, cfg.precision)
 
@@ -76,6 +75,7 @@ def main(cfg: DictConfig) -> None:
     final = result.final
     print(
         f"held-out after:  kl {final['kl']:.4f} ± {final['kl_stderr']:.4f}, "
-        f"perplexity {final['perplexity']:.2f} ± {final['perplexity_stderr']:.2f} ({final['rows']} evaluation rows)"
+        f"perplexity {final['perplexity']:.2f} ± {final['perplexity_stderr']:.2f} "
+        f"({final['documents']} evaluation documents)"
     )
     print(f"{result.tokens:,} KD tokens, {result.tokens_per_second:.0f} tokens/s; saved checkpoint: {out / 'model'}")

@@ -6,10 +6,8 @@ slimnas importance importance.n_samples=128
 from omegaconf import DictConfig
 
 from slimnas.compress.context import load_teacher_context
-from slimnas.compress.corpus import DataSettings
-from slimnas.compress.importance import ImportanceSettings
 from slimnas.compress.models import cache_root
-from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.config import settings_of
 
 
 def main(cfg: DictConfig) -> None:
@@ -17,9 +15,9 @@ def main(cfg: DictConfig) -> None:
     context = load_teacher_context(
         cfg.teacher,
         cfg.device,
-        settings_from(DataSettings, cfg.data, "data"),
+        settings_of(cfg, "data"),
         cache_root(cfg.cache_dir),
-        settings_from(ImportanceSettings, cfg.importance, "importance", precision=cfg.precision),
+        settings_of(cfg, "importance"),
     )
     # 2. The depth ranking: the part of the scores a user reads
     scores = context.importance.layer_scores("block")

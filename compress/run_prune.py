@@ -10,12 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from slimnas.compress.arch import Architecture, param_count, validate_target
 from slimnas.compress.context import load_teacher_context
-from slimnas.compress.corpus import DataSettings
 from slimnas.compress.heldout import HeldoutSet
-from slimnas.compress.importance import ImportanceSettings
 from slimnas.compress.models import cache_root, load_model
-from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
-from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.prune import plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.device import pick_device
 from slimnas.compress.runtime.errors import SlimnasError
 
@@ -32,14 +30,14 @@ def target_architecture(target: DictConfig, teacher_config) -> Architecture:
 
 def main(cfg: DictConfig) -> None:
     # 1. Settings and the target, checked before any compute
-    policy = settings_from(PrunePolicy, cfg.pruning, "pruning")
-    data = settings_from(DataSettings, cfg.data, "data")
+    policy = settings_of(cfg, "pruning")
+    data = settings_of(cfg, "data")
     teacher = load_model(cfg.teacher, pick_device(cfg.device))
     target = target_architecture(cfg.target, teacher.model.config)
     validate_target(target, teacher.model.config)
 
     # 2. Corpus and importance (cached)
-    importance = settings_from(ImportanceSettings, cfg.importance, "importance", precision=cfg.precision)
+    importance = settings_of(cfg, "importance")
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir), importance, teacher)
 
     # 3. Plan and cut
@@ -60,14 +58,15 @@ def main(cfg: DictConfig) -> None:
         "command": cfg.command,
     }
 
-    # 4. Held-out quality on the evaluation rows, teacher beside the cut model
+    # 4. Held-out quality on the evaluation documents, teacher beside the cut model
     if cfg.eval_heldout:
         evaluation = HeldoutSet("evaluation", context.corpus.evaluation, teacher.model, cfg.precision)
         pruned = evaluation.evaluate(student).summary()
         teacher_metrics = evaluation.evaluate(teacher.model).summary()
         record["heldout"] = {"teacher": teacher_metrics, "pruned": pruned}
         print(
-            f"held-out ({pruned['rows']} evaluation rows): perplexity teacher {teacher_metrics['perplexity']:.2f}, "
+            f"held-out ({pruned['documents']} evaluation documents): "
+            f"perplexity teacher {teacher_metrics['perplexity']:.2f}, "
             f"pruned {pruned['perplexity']:.2f} ± {pruned['perplexity_stderr']:.2f}; "
             f"KL to the teacher {pruned['kl']:.3f} ± {pruned['kl_stderr']:.3f}"
         )

@@ -9,9 +9,7 @@
   share the cache directory take turns creating and filling it.
 """
 
-import fcntl
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +21,7 @@ from transformers import PreTrainedModel
 from slimnas.compress.kd_loss import LiveTarget, TopKTarget
 from slimnas.compress.runtime.device import autocast, model_device
 from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json, hash_tensor
+from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json, hash_tensor, locked
 
 MAX_CACHE_BYTES = 16 * 2**30  # a top-k cache larger than this is refused before anything is written
 
@@ -106,12 +104,6 @@ class TopKLogitCache:
                 f"lower distill.top_k or use distill.teacher_mode=live"
             )
 
-    @contextmanager
-    def _locked(self):
-        with open(self.directory / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
     @property
     def filled(self) -> int:
         meta = self.directory / "meta.json"
@@ -150,7 +142,7 @@ class TopKLogitCache:
         """Run the teacher over rows [filled, n_rows) and store their top-k logits."""
         n_rows = min(n_rows, len(self.rows))
         self.check_size(n_rows)
-        with self._locked():
+        with locked(self.directory / ".lock"):
             start = self.filled
             if start >= n_rows:
                 return

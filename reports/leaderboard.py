@@ -1,13 +1,17 @@
 """The leaderboard: one row per model of one or more runs, built from the records, teacher first.
 
-Search rows and retrained rows are measured on different held-out rows of the corpus (selection rows
-choose, evaluation rows are never used to choose) and after different KD budgets, so every row says
-which: `heldout_split`, `kd_tokens` and `stage`. Flat rows for CSV; Markdown and HTML for reading.
+Search rows and retrained rows are measured on different held-out documents of the corpus (selection
+documents choose, evaluation documents are never used to choose) and after different KD budgets, so
+every row says which: `heldout_split`, `kd_tokens` and `stage` (a rung of the search, or retrained).
+"vs best" pairs a row only with rows measured on the same documents after the same KD budget. Flat
+rows for CSV; Markdown (pandas) and the cells the page's template shows.
 """
 
+import pandas as pd
+from scipy.stats import kendalltau, spearmanr
+
 from slimnas.compress.runtime.stats import paired_difference
-from slimnas.compress.runtime.tables import digits_for, plus_minus
-from slimnas.reports.markup import table
+from slimnas.compress.runtime.tables import plus_minus
 from slimnas.reports.runs import Run
 from slimnas.search.records import COMPLETE, RetrainRecord, TrialRecord
 
@@ -20,21 +24,14 @@ ARCH_COLUMNS = {
 }
 HEAD_COLUMNS = [
     "run", "name", "stage", "reference", "label", *ARCH_COLUMNS, "params", "params_pct", "kd_tokens",
-    "heldout_split", "heldout_kl", "heldout_kl_stderr", "kl_vs_best", "kl_vs_best_stderr", "within_noise_of_best",
-    "perplexity", "perplexity_stderr",
+    "heldout_split", "heldout_documents", "heldout_kl", "heldout_kl_stderr", "kl_vs_best", "kl_vs_best_stderr",
+    "within_noise_of_best", "perplexity", "perplexity_stderr",
 ]  # fmt: skip
 TAIL_COLUMNS = [
     "summary", "summary_stderr", "teacher_score_kept_pct", "prefill_tokens_per_s", "decode_tokens_per_s",
     "decode_speedup", "decode_speedup_stderr", "flops_ratio", "peak_memory_bytes",
 ]  # fmt: skip
 TEACHER, RETRAINED = "teacher", "retrained"
-
-
-def stage_rank(stage: str) -> int:
-    """How far a trial got: prune < screen < kd_1 < kd_2 < ..."""
-    if stage.startswith("kd_"):
-        return 1 + int(stage.removeprefix("kd_"))
-    return {"prune": 0, "screen": 1}.get(stage, 0)
 
 
 def model_columns(run: Run, name: str, stage: str, record: TrialRecord | RetrainRecord | None) -> dict:
@@ -57,6 +54,7 @@ def heldout_columns(heldout: dict, kd_tokens: int) -> dict:
     return {
         "kd_tokens": kd_tokens,
         "heldout_split": heldout.get("split"),
+        "heldout_documents": heldout.get("documents"),
         "heldout_kl": heldout.get("kl"),
         "heldout_kl_stderr": heldout.get("kl_stderr"),
         "perplexity": heldout.get("perplexity"),
@@ -70,7 +68,7 @@ def score_columns(scores: list[dict]) -> dict:
     for score in scores:
         task, metric = score["task"], score["metric"]
         columns |= {
-            f"{task}/split": score["split"],
+            f"{task}/split": f"{score['split']}, {score['pool']} pool",
             f"{task}/{metric}": score["value"],
             f"{task}/{metric}_stderr": score["stderr"],
         }
@@ -79,17 +77,18 @@ def score_columns(scores: list[dict]) -> dict:
 
 def kept_pct(summary: float | None, teacher: RetrainRecord | None) -> float | None:
     """The share of the teacher's above-chance score kept; blank without both, or when the teacher is at chance."""
-    if summary is None or teacher is None or teacher.summary is None or teacher.summary <= 0:
+    ours = teacher.summary.get("value") if teacher else None
+    if summary is None or ours is None or ours <= 0:
         return None
-    return 100 * summary / teacher.summary
+    return 100 * summary / ours
 
 
 def teacher_row(run: Run) -> dict:
     teacher = run.teacher
-    if teacher is None:  # search-only: the teacher's KL to itself is 0 on the selection rows too
+    if teacher is None:  # search-only: the teacher's KL to itself is 0 on the selection documents too
         return (
             model_columns(run, TEACHER, TEACHER, None)
-            | heldout_columns({"split": "selection", "kl": 0.0}, 0)
+            | heldout_columns({"split": "selection", "kl": 0.0, "documents": run.selection_documents}, 0)
             | {
                 "decode_speedup": 1.0,
                 "flops_ratio": 1.0,
@@ -97,12 +96,12 @@ def teacher_row(run: Run) -> dict:
         )
     return (
         model_columns(run, TEACHER, TEACHER, teacher)
-        | heldout_columns(teacher.heldout, teacher.kd_tokens)
+        | heldout_columns({**teacher.heldout, "kl": 0.0, "kl_stderr": 0.0}, 0)  # its KL to itself: 0 by definition
         | score_columns(teacher.scores)
         | {
-            "summary": teacher.summary,
-            "summary_stderr": teacher.summary_stderr,
-            "teacher_score_kept_pct": kept_pct(teacher.summary, teacher),
+            "summary": teacher.summary["value"],
+            "summary_stderr": teacher.summary["stderr"],
+            "teacher_score_kept_pct": kept_pct(teacher.summary["value"], teacher),
             "prefill_tokens_per_s": teacher.speed.get("prefill_tokens_per_s"),
             "decode_tokens_per_s": teacher.speed.get("decode_tokens_per_s"),
             "decode_speedup": 1.0,
@@ -120,9 +119,9 @@ def retrained_row(run: Run, record: RetrainRecord) -> dict:
         | heldout_columns(record.heldout, record.kd_tokens)
         | score_columns(record.scores)
         | {
-            "summary": record.summary,
-            "summary_stderr": record.summary_stderr,
-            "teacher_score_kept_pct": kept_pct(record.summary, run.teacher),
+            "summary": record.summary["value"],
+            "summary_stderr": record.summary["stderr"],
+            "teacher_score_kept_pct": kept_pct(record.summary["value"], run.teacher),
             "prefill_tokens_per_s": speed["model"].get("prefill_tokens_per_s"),
             "decode_tokens_per_s": speed["model"].get("decode_tokens_per_s"),
             "decode_speedup": speed.get("decode_speedup"),
@@ -133,27 +132,17 @@ def retrained_row(run: Run, record: RetrainRecord) -> dict:
     )
 
 
-def search_heldout(record: TrialRecord) -> dict:
-    """The final held-out metrics of a trial, with the split of the last stage that measured them."""
-    last = next((s["heldout"] for s in reversed(record.stages) if s.get("heldout")), {})
-    final = record.final
-    return {
-        "split": last.get("split"),
-        "kl": final.get("heldout_kl"),
-        "kl_stderr": final.get("heldout_kl_stderr"),
-        "perplexity": final.get("perplexity"),
-        "perplexity_stderr": final.get("perplexity_stderr"),
-    }
-
-
 def search_row(run: Run, record: TrialRecord) -> dict:
-    """A trial as the search left it. Its lm-eval scores (search.score_trials) are on fewer documents than the
-    teacher's, so no share of the teacher's score is claimed; the FLOPs ratio is the one its speed stage recorded."""
-    final, stages = record.final, {s["stage"]: s for s in record.stages}
+    """A trial as the search left it: measured at the last rung it reached, on the selection documents. Its lm-eval
+    scores (search.score_trials) are on the selection pool, so no share of the teacher's score is claimed."""
+    final = record.final
+    last = record.rungs[-1]["heldout"] if record.rungs else {}
     return (
-        model_columns(run, str(record.trial), record.stage, record)
-        | heldout_columns(search_heldout(record), record.kd_tokens)
-        | score_columns(stages.get("score", {}).get("scores", []))
+        model_columns(run, str(record.trial), f"rung {record.rung}", record)
+        | heldout_columns(
+            {**last, "kl": final.get("heldout_kl"), "kl_stderr": final.get("heldout_kl_stderr")}, record.kd_tokens
+        )  # fmt: skip
+        | score_columns(record.scores)
         | {
             "summary": final.get("summary"),
             "summary_stderr": final.get("summary_stderr"),
@@ -161,41 +150,47 @@ def search_row(run: Run, record: TrialRecord) -> dict:
             "decode_tokens_per_s": final.get("decode_tokens_per_s"),
             "decode_speedup": final.get("decode_speedup"),
             "decode_speedup_stderr": final.get("decode_speedup_stderr"),
-            "flops_ratio": stages.get("speed", {}).get("flops_reduction"),
+            "flops_ratio": record.speed.get("flops_reduction"),
         }
     )
 
 
-def against_best(rows: list[dict], per_row: list[list[float]]) -> None:
-    """KL minus the best row's, paired over the same held-out rows; within noise when under two standard errors.
+def against_best(rows: list[dict], per_doc: list[list[float]], groups: list[tuple]) -> None:
+    """KL minus the best row's of its group, paired over the same documents; within noise under two standard errors.
 
-    Only rows measured on the same rows after the same KD budget are compared: the retrained candidates among
-    themselves, and the trials that reached the last rung among themselves.
+    A group is rows measured on the same documents after the same KD budget: nothing else pairs.
     """
-    best = min(range(len(rows)), key=lambda i: rows[i]["heldout_kl"], default=None)
-    for row, values in zip(rows, per_row, strict=True):
-        difference, stderr = paired_difference(values, per_row[best])
-        row |= {
-            "kl_vs_best": difference,
-            "kl_vs_best_stderr": stderr,
-            "within_noise_of_best": bool(abs(difference) <= 2 * stderr) if stderr == stderr else None,
-        }
+    for group in set(groups):
+        members = [i for i, g in enumerate(groups) if g == group]
+        best = min(members, key=lambda i: rows[i]["heldout_kl"])
+        for i in members:
+            difference, stderr = paired_difference(per_doc[i], per_doc[best])
+            rows[i] |= {
+                "kl_vs_best": difference,
+                "kl_vs_best_stderr": stderr,
+                "within_noise_of_best": bool(abs(difference) <= 2 * stderr) if stderr == stderr else None,
+            }
 
 
 def run_rows(run: Run) -> list[dict]:
-    """Teacher, the retrained candidates (best held-out KL first), then the other trials by stage reached and
+    """Teacher, the retrained candidates (best held-out KL first), then the other trials by rung reached and
     quality (failed trials are left out: the page counts them)."""
     retrained = sorted(run.retrained, key=lambda r: r.heldout["kl"])
     numbers = {r.trial for r in retrained}
     searched = sorted(
         (r for r in run.candidates if r.trial not in numbers),
-        key=lambda r: (-stage_rank(r.stage), -r.final.get("quality", float("-inf")), r.trial),
+        key=lambda r: (-r.rung, -r.final.get("quality", float("-inf")), r.trial),
     )
     retrained_rows = [retrained_row(run, r) for r in retrained]
-    against_best(retrained_rows, [r.heldout["kl_per_row"] for r in retrained])
+    against_best(
+        retrained_rows, [r.heldout["kl_per_doc"] for r in retrained],
+        [(r.kd_tokens, r.corpus.get("fingerprint")) for r in retrained],
+    )  # fmt: skip
     searched_rows = [search_row(run, r) for r in searched]
     complete = [(row, r) for row, r in zip(searched_rows, searched, strict=True) if r.state == COMPLETE]
-    against_best([row for row, _ in complete], [r.final["kl_per_row"] for _, r in complete])
+    against_best(
+        [row for row, _ in complete], [r.final["kl_per_doc"] for _, r in complete], [r.kd_tokens for _, r in complete]
+    )
     return [teacher_row(run), *retrained_rows, *searched_rows]
 
 
@@ -207,7 +202,32 @@ def leaderboard_rows(runs: list[Run]) -> list[dict]:
     return [{column: row.get(column) for column in columns} for row in rows]
 
 
-# Reading: Markdown and HTML, values with their error bars and the rows they were measured on ---------------
+def rank_fidelity(run: Run) -> list[dict]:
+    """How well each rung of the search ranked the retrained candidates: Spearman and Kendall of the rung's KL
+    (selection documents) against the retrained KL (evaluation documents), over the retrained candidates."""
+    trials = {r.trial: r for r in run.trials}
+    retrained = [r for r in run.retrained if r.trial in trials]
+    final = {r.trial: r.heldout["kl"] for r in retrained}
+    rows = []
+    for rung in sorted({rung["rung"] for r in retrained for rung in trials[r.trial].rungs}):
+        pairs = [
+            (rung_kl, final[r.trial])
+            for r in retrained
+            for rung_kl in [next((x["heldout"]["kl"] for x in trials[r.trial].rungs if x["rung"] == rung), None)]
+            if rung_kl is not None
+        ]
+        if len(pairs) >= 3:
+            early, late = zip(*pairs, strict=True)
+            rows.append({
+                "rung": f"rung {rung}" + (" (the screen, no KD)" if rung == 0 else ""),
+                "candidates": len(pairs),
+                "spearman": float(spearmanr(early, late).statistic),
+                "kendall": float(kendalltau(early, late).statistic),
+            })  # fmt: skip
+    return rows
+
+
+# Reading: Markdown and the page's cells, values with their error bars and the documents they were measured on -----
 
 
 def task_metrics(rows: list[dict]) -> list[tuple[str, str]]:
@@ -219,9 +239,8 @@ def task_metrics(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def pm(row: dict, column: str, suffix: str = "") -> str:
-    """A row's value with its stderr (two significant digits of it), blank when there is none."""
-    value, stderr = row[column], row.get(f"{column}_stderr")
-    text = plus_minus(value, stderr, digits_for(value, stderr)) if value is not None else ""
+    """A row's value with its stderr, blank when there is none."""
+    text = plus_minus(row[column], row.get(f"{column}_stderr")) if row[column] is not None else ""
     return f"{text}{suffix}" if text else ""
 
 
@@ -235,11 +254,11 @@ def vs_best(row: dict) -> str:
 
 
 def number(value: float | None, template: str) -> str:
-    return "" if value is None else template.format(value)
+    return "" if value is None or value != value else template.format(value)
 
 
 def mib(value: int | None) -> str:
-    return "" if value is None else f"{value / 2**20:.1f} MiB"
+    return "" if value is None or value != value else f"{value / 2**20:.1f} MiB"
 
 
 def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -248,8 +267,8 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     tasks = task_metrics(rows)
     splits = {task: "/".join(sorted({r[f"{task}/split"] for r in rows if r[f"{task}/split"]})) for task, _ in tasks}
     headers = [
-        *(["run"] if several else []), "name", "stage", "reference", "label", "params", "KD tokens", "held-out rows",
-        "KL to teacher", "KL vs best (paired)", "perplexity",
+        *(["run"] if several else []), "name", "stage", "reference", "label", "params", "KD tokens",
+        "held-out documents", "KL to teacher", "KL vs best (paired)", "perplexity",
         *(f"{task} {metric} [{splits[task]}]" for task, metric in tasks), "summary",
         "teacher score kept", "decode speed-up", "FLOPs ratio", "decode tok/s", "peak memory",
     ]  # fmt: skip
@@ -262,7 +281,7 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             row["label"] or "",
             f"{row['params']:,} ({row['params_pct']:.1f}%)",
             f"{row['kd_tokens']:,}",
-            row["heldout_split"] or "",
+            f"{row['heldout_documents'] or ''} {row['heldout_split'] or ''}".strip(),
             pm(row, "heldout_kl"),
             vs_best(row),
             pm(row, "perplexity"),
@@ -280,17 +299,6 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """GitHub Markdown table of the leaderboard."""
+    """GitHub Markdown table of the leaderboard (pandas, through tabulate)."""
     headers, cells = display_table(rows)
-    lines = [
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
-        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def html_table(rows: list[dict]) -> str:
-    """An HTML table fragment of the leaderboard (the page embeds it as it is)."""
-    headers, cells = display_table(rows)
-    return table(headers, cells, "leaderboard", [row["stage"] for row in rows])
+    return pd.DataFrame(cells, columns=headers).to_markdown(index=False) + "\n"

@@ -1,9 +1,10 @@
 """The report's figures, drawn from one run's records: what the search found and what retraining bought.
 
-Every axis says what it plots and on which rows: search trials are scored on the selection rows after
-the KD tokens of the stage they reached; retrained candidates on the evaluation rows after the retrain
-budget. Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state)
-and are kept as PNG and SVG bytes, so nothing is written until the whole report is ready.
+Every axis says what it plots and on which documents: search trials are scored on the selection
+documents after the KD tokens of the rung they reached; retrained candidates on the evaluation documents
+after the retrain budget. Fronts are the ones the search stored (front.json), never recomputed here.
+Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state) and are
+kept as PNG and SVG bytes, so nothing is written until the whole report is ready.
 """
 
 import io
@@ -18,9 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from slimnas.compress.runtime.files import atomic_path
-from slimnas.reports.leaderboard import stage_rank
 from slimnas.reports.runs import Run
-from slimnas.search.objectives import pareto_front
 from slimnas.search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ACCURACY_METRICS = ("acc", "acc_norm")
@@ -41,28 +40,27 @@ class Plot:
 
 
 def quality_axis(run: Run) -> str:
-    rows = run.info.get("corpus", {}).get("rows", {}).get("selection")
     if run.quality_metric == "summary":
         return "quality = lm-eval summary score of the trial (accuracy above chance)"
-    return f"quality = -KL to teacher ({rows} selection rows)"
+    return f"quality = -KL to teacher ({run.selection_documents} selection documents)"
 
 
 def retrained_quality(run: Run, record: RetrainRecord) -> tuple[float | None, float | None]:
-    """A retrained candidate's quality in the search's terms, measured on the evaluation rows."""
+    """A retrained candidate's quality in the search's terms, measured on the evaluation documents."""
     if run.quality_metric == "summary":
-        return record.summary, record.summary_stderr
+        return record.summary["value"], record.summary["stderr"]
     return -record.heldout["kl"], record.heldout["kl_stderr"]
 
 
 def retrained_label(run: Run) -> str:
-    what = "lm-eval summary score" if run.quality_metric == "summary" else "-KL on the evaluation rows"
+    what = "lm-eval summary score" if run.quality_metric == "summary" else "-KL on the evaluation documents"
     return f"retrained: {what}, after {run.retrain_tokens} KD tokens"
 
 
 def teacher_quality(run: Run) -> float | None:
     """The teacher's own quality: KL 0 to itself; its summary score only when retrain scored it."""
     if run.quality_metric == "summary":
-        return run.teacher.summary if run.teacher else None
+        return run.teacher.summary["value"] if run.teacher else None
     return 0.0
 
 
@@ -70,20 +68,19 @@ def ranked(run: Run) -> list[TrialRecord]:
     return [r for r in run.candidates if "quality" in r.final]
 
 
-def by_stage(trials: list[TrialRecord]) -> dict[str, list[TrialRecord]]:
-    """Trials grouped by the stage they reached, furthest first."""
-    stages = sorted({r.stage for r in trials}, key=stage_rank, reverse=True)
-    return {stage: [r for r in trials if r.stage == stage] for stage in stages}
+def by_rung(trials: list[TrialRecord]) -> dict[int, list[TrialRecord]]:
+    """Trials grouped by the rung they reached, furthest first."""
+    return {rung: [r for r in trials if r.rung == rung] for rung in sorted({r.rung for r in trials}, reverse=True)}
 
 
-def stage_label(stage: str, trials: list[TrialRecord]) -> str:
-    return f"trials that reached {stage} ({trials[0].kd_tokens:,} KD tokens)"
+def rung_label(rung: int, trials: list[TrialRecord]) -> str:
+    return f"trials that reached rung {rung} ({trials[0].kd_tokens:,} KD tokens)"
 
 
-def stage_colors(run: Run) -> dict[str, tuple]:
-    stages = sorted({r.stage for r in run.candidates}, key=stage_rank)
+def rung_colors(run: Run) -> dict[int, tuple]:
+    rungs = sorted({r.rung for r in run.candidates})
     cmap = colormaps["viridis"]
-    return {stage: cmap(0.85 * i / max(1, len(stages) - 1)) for i, stage in enumerate(stages)}
+    return {rung: cmap(0.85 * i / max(1, len(rungs) - 1)) for i, rung in enumerate(rungs)}
 
 
 def new_axes(figsize: tuple[float, float] = (8.0, 5.2)) -> tuple[Figure, Axes]:
@@ -102,14 +99,14 @@ def legend_below(figure: Figure) -> None:
 
 
 def draw_trials(ax: Axes, run: Run, trials: list[TrialRecord], x: Measure, xerr: Measure | None = None) -> None:
-    """Trials against their quality (± stderr), one colour per stage reached; references named."""
-    colors = stage_colors(run)
-    for stage, group in by_stage(trials).items():
+    """Trials against their quality (± stderr), one colour per rung reached; references named."""
+    colors = rung_colors(run)
+    for rung, group in by_rung(trials).items():
         ax.errorbar(
             [x(r) for r in group], [r.final["quality"] for r in group],
             yerr=[r.final.get("quality_stderr") or 0.0 for r in group],
             xerr=[xerr(r) or 0.0 for r in group] if xerr else None,
-            fmt="o", color=colors[stage], alpha=0.8, label=stage_label(stage, group),
+            fmt="o", color=colors[rung], alpha=0.8, label=rung_label(rung, group),
         )  # fmt: skip
     references = sorted((x(r), r.final["quality"], r.reference) for r in trials if r.reference)
     for i, (at_x, at_y, name) in enumerate(references):  # alternately above and below: neighbours do not collide
@@ -137,8 +134,9 @@ def draw_teacher(ax: Axes, run: Run, x: float, label: str) -> None:
 
 
 def front_points(run: Run) -> list[tuple[int, float]]:
-    """(params, quality) of the run's Pareto front, by size: the step line of the quality-vs-parameters plot."""
-    return sorted((r.params, r.final["quality"]) for r in run.front())
+    """(params, quality) of the stored front's quality-vs-parameters subset (the whole front with two objectives),
+    by size: the step line of the quality-vs-parameters plot."""
+    return sorted((r.params, r.final["quality"]) for r in run.members("quality_params"))
 
 
 def quality_vs_params(run: Run) -> Figure | None:
@@ -148,10 +146,11 @@ def quality_vs_params(run: Run) -> Figure | None:
     figure, ax = new_axes()
     draw_trials(ax, run, trials, lambda r: r.params)
     if front := front_points(run):
-        objectives = ", ".join(run.info["settings"]["search"]["objectives"])
+        objectives = run.front["objectives"]
+        subset = "" if objectives == ["quality", "params"] else f", of the front over {', '.join(objectives)}"
         ax.plot(
             *zip(*front, strict=True), drawstyle="steps-post", color="k", marker="s", markerfacecolor="none",
-            markersize=9, label=f"{FRONT_LABEL} ({objectives})",
+            markersize=9, label=f"{FRONT_LABEL} (quality, params{subset})",
         )  # fmt: skip
     draw_retrained(ax, run, lambda r: r.params)
     draw_teacher(ax, run, run.teacher_params, "teacher")
@@ -167,16 +166,15 @@ def quality_vs_speedup(run: Run) -> Figure | None:
         return None
     figure, ax = new_axes()
     draw_trials(ax, run, trials, lambda r: r.final["decode_speedup"], lambda r: r.final.get("decode_speedup_stderr"))
-    complete = {r.trial: r for r in trials if r.state == COMPLETE}
-    points = {n: [r.final["quality"], r.final["decode_speedup"]] for n, r in complete.items()}
-    if front := sorted((points[n][1], points[n][0]) for n in pareto_front(points, ["maximize", "maximize"])):
-        ax.plot(*zip(*front, strict=True), drawstyle="steps-pre", color="k", marker="s", markerfacecolor="none",
-                markersize=9, label=f"{FRONT_LABEL} (quality, speed-up)")  # fmt: skip
+    if members := [r for r in run.members() if r.final.get("decode_speedup") is not None]:
+        objectives = ", ".join(run.front["objectives"])
+        ax.plot([r.final["decode_speedup"] for r in members], [r.final["quality"] for r in members], "s", color="k",
+                markerfacecolor="none", markersize=11, label=f"on the {FRONT_LABEL} ({objectives})")  # fmt: skip
     draw_retrained(ax, run, lambda r: r.speed["decode_speedup"], lambda r: r.speed.get("decode_speedup_stderr"))
     draw_teacher(ax, run, 1.0, "teacher (1x)")
     speed = run.info["settings"].get("speed", {})
     ax.set(
-        xlabel=f"decode speed-up vs the teacher (timed in alternating pairs, batch {speed.get('batch_size')}, "
+        xlabel=f"decode speed-up vs the teacher (timed in ABBA blocks, batch {speed.get('batch_size')}, "
         f"{speed.get('new_tokens')} new tokens, {run.info.get('hardware', {}).get('device')})",
         ylabel=quality_axis(run),
         title="Quality vs measured decode speed-up",
@@ -222,10 +220,12 @@ def kd_curves(run: Run) -> Figure | None:
         line = ax.plot(tokens, kl, "o-", markersize=3, label=f"trial {record.trial} {record.label}")[0]
         low, high = [k - s for k, s in zip(kl, stderr, strict=True)], [k + s for k, s in zip(kl, stderr, strict=True)]
         ax.fill_between(tokens, low, high, color=line.get_color(), alpha=0.15)
-    rows = run.info.get("corpus", {}).get("rows", {}).get("evaluation")
+    documents = run.info.get("corpus", {}).get("evaluation_documents")
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set(
-        xlabel="KD tokens (retraining)", ylabel=f"KL to teacher ({rows} evaluation rows)", title="Retraining: KD curves"
+        xlabel="KD tokens (retraining)",
+        ylabel=f"KL to teacher ({documents} evaluation documents)",
+        title="Retraining: KD curves",
     )
     legend_below(figure)
     return figure
@@ -238,7 +238,7 @@ def accuracy_scores(record: RetrainRecord) -> dict[tuple[str, str], dict]:
 def tick_label(pair: tuple[str, str], scores: dict[str, dict]) -> str:
     """task, metric, split and documents scored (the first model that has the pair tells split and n)."""
     score = next(by_pair[pair] for by_pair in scores.values() if pair in by_pair)
-    return f"{pair[0]}\n{pair[1]} ({score['split']}, n={score['n']})"
+    return f"{pair[0]}\n{pair[1]} ({score['split']}, {score['pool']} pool, n={score['n']})"
 
 
 def task_scores(run: Run) -> Figure | None:

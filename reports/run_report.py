@@ -10,18 +10,19 @@ give one leaderboard, each row tagged by its run; the report goes to `out`, or t
 
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig
 
 from slimnas.compress.runtime.files import atomic_write_text
 from slimnas.compress.runtime.tables import format_table, save_records
-from slimnas.reports.leaderboard import html_table, leaderboard_rows, markdown
+from slimnas.reports.leaderboard import display_table, leaderboard_rows, markdown
 from slimnas.reports.page import page
 from slimnas.reports.plots import draw_plots, write_plots
 from slimnas.reports.runs import read_runs
 
 TEXT_COLUMNS = [
-    "name", "stage", "reference", "label", "params_pct", "kd_tokens", "heldout_split", "heldout_kl", "summary",
-    "decode_speedup",
+    "name", "stage", "reference", "label", "params_pct", "kd_tokens", "heldout_split", "heldout_documents",
+    "heldout_kl", "summary", "decode_speedup",
 ]  # fmt: skip
 
 
@@ -41,7 +42,8 @@ def main(cfg: DictConfig) -> None:
     if rows:  # a benchmark run (proof only) has no leaderboard
         save_records(rows, out / "leaderboard")
         atomic_write_text(out / "leaderboard.md", markdown(rows))
-        atomic_write_text(out / "leaderboard.html", html_table(rows))
+        headers, cells = display_table(rows)
+        atomic_write_text(out / "leaderboard.html", pd.DataFrame(cells, columns=headers).to_html(index=False))
     for name, run_plots in plots.items():
         write_plots(run_plots, out / "plots" / name)
     atomic_write_text(out / "index.html", page(runs, rows, plots))

@@ -1,8 +1,9 @@
 """The run directories a report is made from, read and checked before anything is written.
 
-A report reads records only, never a model: run.json, the trial records, the retrain records, the KD
-curves of the retrained candidates, zero_shot.json, and proof/ when another tool left one there. Every
-problem with them is found here and said in one line, so a bad input never leaves half a report.
+A report reads records only, never a model: run.json, the trial records, front.json (the front the
+search computed), screen.jsonl, race.json, the retrain records, the KD curves of the retrained
+candidates, and proof/ when another tool left one there. Every problem with them is found here and said
+in one line, so a bad input never leaves half a report.
 """
 
 from dataclasses import dataclass
@@ -10,8 +11,10 @@ from pathlib import Path
 
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.files import read_json, read_jsonl
+from slimnas.search.leaders import RACE_FILE
 from slimnas.search.records import FAILED, RUN_FILE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run
-from slimnas.search.tables import run_front
+from slimnas.search.screen import read_screen
+from slimnas.search.tables import read_front
 
 RUN_KEYS = ("teacher", "teacher_params", "settings")  # written by `slimnas search` before its first trial
 RANKED = ("complete", "stopped")  # trial states that carry a quality
@@ -37,8 +40,10 @@ class Run:
     trials: list[TrialRecord]  # every trial record, failed ones included
     teacher: RetrainRecord | None  # retrain/teacher: the teacher scored like the candidates
     retrained: list[RetrainRecord]  # the retrained candidates
-    kd_curves: dict[str, list[dict]]  # retrained name -> held-out metrics (evaluation rows) and kd_tokens
-    zero_shot: list[dict]  # the candidates screened without KD for the zero-shot reference
+    kd_curves: dict[str, list[dict]]  # retrained name -> held-out metrics (evaluation documents) and kd_tokens
+    screen: list[dict]  # every screened candidate's KL right after pruning, best first
+    race: dict | None  # race.json: the leaders' extended last rung
+    front: dict  # front.json: the study's front and its quality-vs-parameters subset, as the search computed them
     unfinished: list[str]  # retrain/NAME directories with no record yet (retrain interrupted or running)
     proof: Proof | None
 
@@ -69,13 +74,17 @@ class Run:
         return " / ".join(f"{tokens:,}" for tokens in sorted({r.kd_tokens for r in self.retrained}))
 
     @property
+    def selection_documents(self) -> int | None:
+        return self.info.get("corpus", {}).get("selection_documents")
+
+    @property
     def quality_metric(self) -> str:
         return self.info["settings"]["search"]["quality_metric"]
 
-    def front(self) -> list[TrialRecord]:
-        """The run's Pareto front over its objectives, as the search computed it (pareto.csv)."""
-        members = set(run_front(self.info, self.trials))
-        return [r for r in self.trials if r.trial in members]
+    def members(self, key: str = "trials") -> list[TrialRecord]:
+        """The records of the stored front ("trials") or of its quality-vs-parameters subset ("quality_params")."""
+        numbers = set(self.front[key])
+        return [r for r in self.trials if r.trial in numbers]
 
 
 def check_info(info: dict, run_dir: Path) -> None:
@@ -133,7 +142,7 @@ def read_one(run_dir: Path) -> Run:
         proof = read_proof(run_dir)
         if proof is None:
             raise SlimnasError(f"{run_dir} is a baselines run with no {PROOF_FILE} yet: the benchmark has not finished")
-        return Run(run_dir, info, [], None, [], {}, [], [], proof)
+        return Run(run_dir, info, [], None, [], {}, [], None, read_front(run_dir), [], proof)
     check_info(info, run_dir)
     trials = read_records(run_dir)
     check_trials(trials, run_dir)
@@ -148,20 +157,14 @@ def read_one(run_dir: Path) -> Run:
         teacher=teacher,
         retrained=candidates,
         kd_curves={r.name: read_kd_curve(run_dir / "retrain" / r.name / "kd" / "metrics.jsonl") for r in candidates},
-        zero_shot=zero_shot_scores(run_dir / "zero_shot.json"),
+        screen=read_screen(run_dir),
+        race=read_json(run_dir / RACE_FILE) if (run_dir / RACE_FILE).is_file() else None,
+        front=read_front(run_dir),
         unfinished=sorted(p.name for p in (run_dir / "retrain").glob("*/kd") if p.parent.name not in recorded),
         proof=read_proof(run_dir),
     )
     check_retrained(candidates, teacher, run)
     return run
-
-
-def zero_shot_scores(path: Path) -> list[dict]:
-    """The zero-shot screen's candidates; runs made before the screen kept its settings hash hold a bare list."""
-    if not path.is_file():
-        return []
-    screen = read_json(path)
-    return screen if isinstance(screen, list) else screen["scores"]
 
 
 def read_runs(run_dirs: list[Path]) -> list[Run]:

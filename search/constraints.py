@@ -1,4 +1,4 @@
-"""Budget constraints on candidates: analytic (parameters, weight memory) and measured (latency)."""
+"""Budget constraints on candidates: analytic (parameters, weight memory), measured (latency), and KD tokens."""
 
 from dataclasses import dataclass
 
@@ -8,18 +8,22 @@ from slimnas.compress.arch import Architecture, param_count, weight_bytes
 from slimnas.compress.runtime.errors import SlimnasError
 
 
-@dataclass(frozen=True)
+@dataclass
 class Budget:
-    params: float | None = 0.6  # target: a fraction of the teacher's parameters (<= 1) or a count; None: no target
+    params: float | None = 0.6  # target: a fraction of the teacher's parameters (<= 1) or a count; null: no target
     window: float = 0.1  # accepted relative distance from the target (0.1 = +-10%)
+    cap: bool = False  # true: the target is a cap, candidates lie within `window` below it (comparisons at equal size)
     weight_memory_mb: float | None = None  # bf16 weight bytes at most
     latency_ms: float | None = None  # measured p50 decode latency at most (checked after measuring)
+    kd_tokens: int | None = None  # KD tokens the whole study may spend (every trial's rungs, the leaders' extensions)
 
     def __post_init__(self):
         if self.params is not None and self.params <= 0:
             raise SlimnasError(f"invalid budget: params must be positive, not {self.params}")
         if self.window < 0:
             raise SlimnasError(f"invalid budget: window must be >= 0, not {self.window}")
+        if self.kd_tokens is not None and self.kd_tokens < 1:
+            raise SlimnasError(f"invalid budget: kd_tokens must be at least 1 or null, not {self.kd_tokens}")
 
     def target_params(self, teacher: PretrainedConfig) -> int | None:
         if self.params is None:
@@ -32,7 +36,8 @@ class Budget:
         return 0.0 if target is None else (param_count(teacher, arch) - target) / target
 
     def allows(self, teacher: PretrainedConfig, arch: Architecture) -> bool:
-        if abs(self.target_gap(teacher, arch)) > self.window:
+        highest = 0.0 if self.cap else self.window
+        if not -self.window <= self.target_gap(teacher, arch) <= highest:
             return False
         if self.weight_memory_mb is not None and weight_bytes(teacher, arch=arch) > self.weight_memory_mb * 2**20:
             return False
@@ -42,9 +47,12 @@ class Budget:
         parts = []
         target = self.target_params(teacher)
         if target is not None:
-            parts.append(f"params {target:,} +-{self.window:.0%}")
+            window = f"at most, down to -{self.window:.0%}" if self.cap else f"+-{self.window:.0%}"
+            parts.append(f"params {target:,} {window}")
         if self.weight_memory_mb is not None:
             parts.append(f"bf16 weights <= {self.weight_memory_mb} MB")
         if self.latency_ms is not None:
             parts.append(f"p50 decode latency <= {self.latency_ms} ms (measured)")
+        if self.kd_tokens is not None:
+            parts.append(f"{self.kd_tokens:,} KD tokens in all")
         return ", ".join(parts) or "none"

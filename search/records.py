@@ -6,19 +6,19 @@ the sampler need (parameters, objective values, rung values, states), written fr
 
     RUN_DIR/run.json                   settings, teacher, corpus, hardware, wall time per stage
     RUN_DIR/study.db                   the Optuna study (SQLite; or a PostgreSQL URL)
-    RUN_DIR/trials/NNNN/record.json    one trial: architecture, stages, final metrics, state
+    RUN_DIR/trials/NNNN/record.json    one trial: architecture, rungs, final metrics, state, why it stopped
+    RUN_DIR/screen.jsonl               every screened candidate's KL right after pruning (one line each)
+    RUN_DIR/race.json                  the leaders' extended last rung, when the race ran one
+    RUN_DIR/front.json                 the Pareto front, computed once (Optuna's best_trials), read by everything
     RUN_DIR/trials.csv, pareto.csv     derived tables (also .json / .parquet)
-    RUN_DIR/zero_shot.json             the candidates screened without KD for the zero-shot pick
     RUN_DIR/retrain/NAME/record.json   a retrained candidate (and retrain/teacher: the teacher's scores)
 """
 
-import fcntl
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import read_json, write_json
+from slimnas.compress.runtime.files import locked, read_json, write_json
 
 RUN_FILE = "run.json"
 RECORD_FILE = "record.json"
@@ -34,24 +34,29 @@ class TrialRecord:
     params_fraction: float  # of the teacher's parameters
     weight_bytes_bf16: int
     pruning: dict  # the layer policy the candidate was cut with
-    reference: str | None = None  # uniform | depth_only | width_only | zero_shot
+    proposed_by: str = "sampler"  # screen | reference | sampler | random | enumerate | retry | fallback
+    reference: str | None = None  # zero_shot (the screen's best) | uniform | depth_only | width_only
     reference_note: str | None = None  # e.g. the uniform reference's per-dimension ratios
     retry_of: int | None = None  # the trial whose killed worker this one replaces
-    state: str = "running"  # complete (reached the last rung) | stopped (by halving) | failed
-    stage: str = ""  # the last stage reached: prune, screen, kd_1, ...
-    stages: list[dict] = field(default_factory=list)  # in order: name, seconds, kd_tokens, heldout metrics
-    final: dict = field(default_factory=dict)  # quality and everything measured at the last stage reached
+    state: str = "running"  # complete (reached the last rung) | stopped (by the race or the KD budget) | failed
+    rung: int = -1  # the last rung reached: 0 is the screen (no KD), rung k ends at search.race.rung_tokens[k-1]
+    rungs: list[dict] = field(default_factory=list)  # per rung: rung, kd_tokens, seconds, heldout (+ kl_per_doc)
+    stop_reason: str | None = None  # why it did not go on (the race's test, or the KD budget)
+    scores: list[dict] = field(default_factory=list)  # lm-eval records (selection pool), when trials are scored
+    speed: dict = field(default_factory=dict)  # against the teacher in ABBA blocks, when timed
+    final: dict = field(default_factory=dict)  # quality and everything measured at the last rung reached
     plan: dict = field(default_factory=dict)  # kept layers / channels / heads / neurons
     kd_tokens: int = 0
     seconds: float = 0.0
+    timings: dict = field(default_factory=dict)  # seconds of prune, score, speed (each rung has its own)
     fail_reason: str | None = None
     worker: str = ""
     command: str = ""
     hardware: dict = field(default_factory=dict)
 
-    def add_stage(self, name: str, seconds: float, kd_tokens: int, heldout: dict | None = None) -> None:
-        self.stages.append({"stage": name, "seconds": seconds, "kd_tokens": kd_tokens, "heldout": heldout})
-        self.stage, self.kd_tokens = name, kd_tokens
+    def add_rung(self, rung: int, seconds: float, kd_tokens: int, heldout: dict) -> None:
+        self.rungs.append({"rung": rung, "seconds": seconds, "kd_tokens": kd_tokens, "heldout": heldout})
+        self.rung, self.kd_tokens = rung, kd_tokens
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,13 +74,12 @@ class RetrainRecord:
     params_fraction: float
     reference: str | None
     kd_tokens: int
-    search: dict  # the trial's search-time quality and KD tokens (selection rows)
+    search: dict  # the trial's search-time quality and KD tokens (selection documents)
     kd: dict  # steps, tokens, seconds, tokens/s, held-out before and after
-    heldout: dict  # full-vocabulary KL and perplexity on the evaluation rows, with per-row values
-    scores: list[dict]  # lm-eval records (task, split, metric, value, stderr, n)
-    summary: float | None
-    summary_stderr: float | None
-    speed: dict  # against the teacher in alternating pairs (the teacher's own: absolute numbers)
+    heldout: dict  # full-vocabulary KL and perplexity on the evaluation documents, with per-document values
+    scores: list[dict]  # lm-eval records (task, split, pool, metric, value, stderr, n): the evaluation pool
+    summary: dict  # the lm-eval summary score (value, stderr, tasks, excluded)
+    speed: dict  # against the teacher in ABBA blocks (the teacher's own: absolute numbers)
     flops_per_token: int
     memory: dict  # peak bytes of the model alone
     generations: list[dict]  # prompt -> greedy continuation
@@ -83,8 +87,9 @@ class RetrainRecord:
     seconds: dict  # per stage
     command: str
     hardware: dict
+    settings_hash: str  # what it was retrained and scored with: a record of other settings is never reused
     heldout_other: dict = field(default_factory=dict)  # the same metrics on other held-out text (e.g. WikiText-2)
-    corpus: dict = field(default_factory=dict)  # the corpus the KD rows and the evaluation rows came from
+    corpus: dict = field(default_factory=dict)  # the corpus the KD rows and the evaluation documents came from
 
 
 def read_retrained(run_dir: Path) -> list[RetrainRecord]:
@@ -98,18 +103,13 @@ def read_retrained(run_dir: Path) -> list[RetrainRecord]:
     return records
 
 
-def outcome_text(state: str, stage: str) -> str:
+def outcome_text(state: str, rung: int) -> str:
     """What became of a trial, in the words of the search's summary and the report."""
     if state == COMPLETE:
         return "reached the last rung"
     if state == STOPPED:
-        return f"stopped by halving after {stage}"
+        return f"stopped after rung {rung}"
     return state
-
-
-def rung_of(stage: str) -> int:
-    """The successive-halving rung a stage ends: the zero-KD screen is rung 0, kd_N is rung N."""
-    return 0 if stage == "screen" else int(stage.removeprefix("kd_"))
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -139,18 +139,9 @@ def read_run(run_dir: Path) -> dict:
     return read_json(run_dir / RUN_FILE)
 
 
-@contextmanager
-def _locked(run_dir: Path):
-    """Workers sharing a run directory take turns with run.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def update_run(run_dir: Path, **values) -> dict:
     """Merge values into run.json (created on first use); dictionaries are merged key by key."""
-    with _locked(run_dir):
+    with locked(run_dir / ".run.lock"):
         run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
         for key, value in values.items():
             run[key] = {**run.get(key, {}), **value} if isinstance(value, dict) and key in run else value
@@ -160,7 +151,7 @@ def update_run(run_dir: Path, **values) -> dict:
 
 def add_wall_seconds(run_dir: Path, stage: str, seconds: float) -> None:
     """Wall time per stage, summed over the runs of a command (a resumed search adds to the first run's)."""
-    with _locked(run_dir):
+    with locked(run_dir / ".run.lock"):
         run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
         run.setdefault("wall_seconds", {})[stage] = run.get("wall_seconds", {}).get(stage, 0.0) + seconds
         write_json(run_dir / RUN_FILE, run)

@@ -1,35 +1,27 @@
-"""Reference candidates: simple choices every study runs to the last rung, so the search has something to beat.
+"""Reference candidates: simple cuts every study runs to the last rung, so the search has something to beat.
 
 uniform (one shrink ratio on every dimension), depth_only (the teacher's width, fewer layers cut as one
-block), width_only (the teacher's depth, narrower layers) and zero_shot (the best of a seeded sample of
-feasible candidates by selection KL right after pruning, as NVIDIA ModelOpt's NAS picks).
+block) and width_only (the teacher's depth, narrower layers). The fourth reference, the zero-shot pick
+(NVIDIA ModelOpt's choice), is the screen's best (search.screen): every study's first trial.
 """
 
-import random
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from slimnas.compress.arch import Architecture
-from slimnas.compress.prune import plan_pruning, prune_model
-from slimnas.compress.runtime.files import read_json, write_json
 from slimnas.search.constraints import Budget
 from slimnas.search.setup import SearchSetup
-from slimnas.search.space import DIMENSIONS
 
 
 @dataclass(frozen=True)
 class Reference:
     """A simple baseline candidate every study runs to the last rung, to be compared against."""
 
-    kind: str  # uniform | depth_only | width_only | zero_shot
+    kind: str  # uniform | depth_only | width_only
     arch: Architecture
     note: str  # how it was chosen, e.g. its per-dimension ratios
     depth_strategy: str | None = None  # overrides pruning.depth_strategy (depth-only drops one block)
-    seconds: float = 0.0  # compute spent choosing it (the zero-shot screen; a rule costs nothing)
 
 
 SHORT_NAMES = {
@@ -108,54 +100,11 @@ def _width(arch: Architecture) -> tuple[int, int, int, int]:
     return arch.hidden_size, arch.intermediate_size, arch.num_attention_heads, arch.num_key_value_heads
 
 
-def zero_shot_reference(setup: SearchSetup) -> tuple[Reference | None, str]:
-    """The best of a seeded sample of feasible candidates by selection KL right after pruning.
-
-    The screen is kept in RUN_DIR/zero_shot.json with the settings hash; a rerun with the same
-    settings and the same sample reads it instead of pruning and scoring every candidate again.
-    """
-    teacher = setup.context.teacher.model
-    candidates = list(setup.feasible)
-    random.Random(setup.settings.seed).shuffle(candidates)
-    sample = candidates[: setup.references.zero_shot_candidates]
-    path = setup.run_dir / "zero_shot.json"
-    screen = _screened_before(path, setup.settings_hash, sample)
-    if screen is None:
-        started, scores = time.perf_counter(), []
-        for arch in tqdm(sample, desc="zero-shot screen", leave=False):
-            plan = plan_pruning(setup.context.importance, teacher.config, arch, setup.policy)
-            metrics = setup.selection.evaluate(prune_model(teacher, plan, arch))
-            score = {"label": arch.label(), "heldout_kl": metrics.kl, "stderr": metrics.kl_stderr}
-            scores.append({**arch.as_dict(), **score})
-        scores.sort(key=lambda s: s["heldout_kl"])
-        screen = {"settings_hash": setup.settings_hash, "seconds": time.perf_counter() - started, "scores": scores}
-        write_json(path, screen)
-    if not screen["scores"]:
-        return None, "zero_shot: no candidate screened"
-    best, count = screen["scores"][0], len(screen["scores"])
-    arch = Architecture(**{k: best[k] for k in DIMENSIONS})
-    note = f"best of {count} by selection KL without KD ({best['heldout_kl']:.3f} ± {best['stderr']:.3f})"
-    reference = Reference("zero_shot", arch, note, seconds=screen["seconds"])
-    return reference, f"zero_shot: {arch.label()}, {note}"
-
-
-def _screened_before(path: Path, settings_hash: str, sample: list[Architecture]) -> dict | None:
-    if not path.is_file():
-        return None
-    screen = read_json(path)
-    if not isinstance(screen, dict) or screen.get("settings_hash") != settings_hash:  # other settings: screen again
-        return None
-    same_sample = sorted(s["label"] for s in screen["scores"]) == sorted(a.label() for a in sample)
-    return screen if same_sample else None
-
-
 def find_reference(kind: str, setup: SearchSetup) -> tuple[Reference | None, str]:
     """The reference of one kind for this search's space and budget, or None and why not."""
-    feasible, teacher, budget = list(setup.feasible), setup.context.teacher.model.config, setup.budget
+    feasible, teacher, budget = list(setup.feasible), setup.context.teacher.model.config, setup.settings.budget
     if kind == "uniform":
-        return uniform_reference(feasible, teacher, budget, setup.references.uniform_tolerance)
+        return uniform_reference(feasible, teacher, budget, setup.settings.references.uniform_tolerance)
     if kind == "depth_only":
         return depth_only_reference(feasible, teacher, budget)
-    if kind == "width_only":
-        return width_only_reference(feasible, teacher, budget)
-    return zero_shot_reference(setup)
+    return width_only_reference(feasible, teacher, budget)

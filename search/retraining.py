@@ -6,7 +6,7 @@ corpus rows, order, schedule and seed, and the same scorer, so their numbers com
 """
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from slimnas.compress.models import cache_root
 from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
 from slimnas.compress.runtime.device import hardware
 from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_write_text, read_json, write_json
+from slimnas.compress.runtime.files import hash_json, hash_tensor, read_json, write_json
 from slimnas.compress.teacher_targets import TeacherTargets
 from slimnas.search.model_card import model_card
 from slimnas.search.records import RECORD_FILE, RetrainRecord
@@ -57,9 +57,8 @@ class Scorer:
     suite: TaskSuite | None
     quality: QualitySettings
     precision: str
-    prompts: tuple[str, ...]
+    prompts: list[str]
     new_tokens: int
-    seed: int
     log_to: Path
 
     def __call__(self, model, name: str) -> dict:
@@ -68,33 +67,32 @@ class Scorer:
             "heldout": asdict(self.evaluation.evaluate(model)),
             "heldout_other": {h.split: asdict(h.evaluate(model)) for h in self.other_heldout},
             "scores": [],
-            "summary": None,
-            "summary_stderr": None,
+            "summary": asdict(summary_score([])),
         }
         seconds = {"heldout": time.perf_counter() - started}
         if self.suite is not None:
             started = time.perf_counter()
             records = score_model(
-                model, self.tokenizer, self.suite, self.quality.limit, self.quality.batch_size, self.seed, name,
-                self.precision, self.quality.max_length, self.log_to,
-            )  # fmt: skip
+                model, self.tokenizer, self.suite, self.quality, "evaluation", name, self.precision, self.log_to
+            )
             part["scores"] = [asdict(r) for r in records]
-            if any(r.metric in ("acc", "acc_norm") for r in records):
-                part["summary"], part["summary_stderr"] = summary_score(records)
+            part["summary"] = asdict(summary_score(records))
             seconds["lm_eval"] = time.perf_counter() - started
         part["generations"] = generate(model, self.tokenizer, list(self.prompts), self.new_tokens)
         return part | {"seconds": seconds}
 
 
-@dataclass(frozen=True)
+@dataclass
 class RetrainSettings:
-    top_k: int = 2  # best trials of the front by quality
-    references: bool = True  # and the reference trials
-    budget_tokens: int = 400_000  # KD tokens for every candidate
-    prompts: tuple[str, ...] = (  # greedy continuations shown beside the teacher's
-        "The capital of France is",
-        "Photosynthesis is the process by which",
-        "In 1969, the first humans",
+    top_k: int = 2  # the search's pick, then the best of the front by quality
+    references: bool = True  # also the reference trials (zero-shot pick, uniform, depth-only, width-only)
+    budget_tokens: int = 400_000  # KD tokens for every candidate: same rows, order, schedule and seed
+    prompts: list[str] = field(  # greedy continuations shown side by side with the teacher's in the report
+        default_factory=lambda: [
+            "The capital of France is",
+            "Photosynthesis is the process by which",
+            "In 1969, the first humans",
+        ]
     )
     new_tokens: int = 24
 
@@ -116,6 +114,24 @@ class Retraining:
     scorer: Scorer
     speed: SpeedSettings | None  # None: no timing and no memory measurement
     command: str
+    settings_hash: str  # of everything above that changes a result: a record of other settings is not reused
+
+
+def retrain_hash(
+    context: TeacherContext,
+    distill: DistillSettings,
+    settings: RetrainSettings,
+    quality: QualitySettings,
+    suite: TaskSuite | None,
+    speed: SpeedSettings | None,
+    other_rows: dict[str, object] | None = None,
+) -> str:
+    """Everything that changes a retrained candidate's numbers, hashed: its record is reused only on a match."""
+    distill = replace(distill, budget_tokens=settings.budget_tokens)
+    other = {name: hash_tensor(rows) for name, rows in (other_rows or {}).items()}
+    scoring = [asdict(quality), suite.tasks if suite else None, asdict(speed) if speed else None]
+    teacher = [context.teacher.fingerprint, context.corpus.fingerprint]
+    return hash_json([*teacher, asdict(distill), *scoring, settings.prompts, settings.new_tokens, other])
 
 
 def prepare_retraining(
@@ -131,6 +147,7 @@ def prepare_retraining(
     other_heldout: tuple[HeldoutSet, ...] = (),
 ) -> Retraining:
     """The teacher's logits for every KD row (filled once, up front) and the scorer."""
+    hashed = retrain_hash(context, distill, settings, quality, suite, speed, {h.split: h.rows for h in other_heldout})
     distill = replace(distill, budget_tokens=settings.budget_tokens)
     targets = make_teacher_targets(distill, context.teacher, context.corpus.train, cache_root())
     targets.prepare(distill.rows_for(context.corpus.seq_len))
@@ -141,21 +158,29 @@ def prepare_retraining(
         suite=suite,
         quality=quality,
         precision=distill.precision,
-        prompts=settings.prompts,
+        prompts=list(settings.prompts),
         new_tokens=settings.new_tokens,
-        seed=quality.seed,
         log_to=log_to,
     )
-    return Retraining(context, teacher_name, targets, distill, scorer, speed, command)
+    return Retraining(context, teacher_name, targets, distill, scorer, speed, command, hashed)
 
 
-def finished(out: Path) -> RetrainRecord | None:
-    return RetrainRecord(**read_json(out / RECORD_FILE)) if (out / RECORD_FILE).is_file() else None
+def reusable(out: Path, settings_hash: str) -> RetrainRecord | None:
+    """The record of a finished candidate, reused only when it was made with the same settings (else one line)."""
+    if not (out / RECORD_FILE).is_file():
+        return None
+    values = read_json(out / RECORD_FILE)
+    if values.get("settings_hash") != settings_hash:
+        raise SlimnasError(
+            f"{out} was retrained with other settings (budget, corpus, scoring or teacher): use another run "
+            f"directory, or delete {out} to redo it"
+        )
+    return RetrainRecord(**values)
 
 
 def score_teacher(retraining: Retraining, out: Path) -> RetrainRecord:
     """The teacher scored by the same scorer (once per directory)."""
-    if (record := finished(out)) is not None:
+    if (record := reusable(out, retraining.settings_hash)) is not None:
         return record
     teacher, speed = retraining.context.teacher.model, retraining.speed
     arch = Architecture.of(teacher.config)
@@ -166,7 +191,8 @@ def score_teacher(retraining: Retraining, out: Path) -> RetrainRecord:
         flops_per_token=flops_per_token(teacher.config, speed.prompt_len if speed else 128),
         memory=asdict(measure_memory(retraining.teacher_name, speed, retraining.context.device)) if speed else {},
         model_dir=None, command=retraining.command, hardware=hardware(retraining.context.device),
-        corpus=retraining.context.corpus.describe(), **retraining.scorer(teacher, "teacher"),
+        corpus=retraining.context.corpus.describe(), settings_hash=retraining.settings_hash,
+        **retraining.scorer(teacher, "teacher"),
     )  # fmt: skip
     write_json(out / RECORD_FILE, asdict(record))
     return record
@@ -185,7 +211,7 @@ class Candidate:
 
 def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: RetrainRecord) -> RetrainRecord:
     """Re-prune, distil through the budget (resuming a killed run), save the checkpoint, score it."""
-    if (record := finished(out)) is not None:
+    if (record := reusable(out, retraining.settings_hash)) is not None:
         return record
     context = retraining.context
     teacher_model = context.teacher.model
@@ -225,9 +251,10 @@ def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: Re
         kd_tokens=result.tokens, search=candidate.search or {}, kd=asdict(result), speed=speed,
         flops_per_token=flops_per_token(student.config, retraining.speed.prompt_len if retraining.speed else 128),
         memory=memory, model_dir=str(out / "model"), command=retraining.command,
-        hardware=hardware(context.device), corpus=context.corpus.describe(), **scored,
+        hardware=hardware(context.device), corpus=context.corpus.describe(), settings_hash=retraining.settings_hash,
+        **scored,
     )  # fmt: skip
-    atomic_write_text(out / "model" / "README.md", model_card(record, teacher, retraining.teacher_name))
+    model_card(record, teacher, retraining.teacher_name, plan.as_dict()).save(out / "model" / "README.md")
     write_json(out / RECORD_FILE, asdict(record))
     (out / "kd" / STATE_FILE).unlink(missing_ok=True)  # finished: its optimizer state is not needed again
     return record

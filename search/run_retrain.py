@@ -4,10 +4,12 @@
 
 Every candidate is re-pruned from the run's cached importance and distilled through the same budget:
 the same tokens, corpus rows, schedule and seed, so the comparison is fair. Then it is scored like
-the teacher: the full-vocabulary KL and perplexity on the evaluation rows (never used to choose),
-the lm-eval suite, speed against the teacher, peak memory on its own, and greedy continuations of a
-few prompts. Resumable per candidate: finished candidates are not redone, a killed one resumes from
-its last KD checkpoint. Each result is a Hugging Face checkpoint with slimnas.json and a model card.
+the teacher: the full-vocabulary KL and perplexity on the evaluation documents (never used to choose),
+lm-eval on each task's evaluation pool, speed against the teacher, peak memory on its own, and greedy
+continuations of a few prompts. Resumable per candidate: a finished candidate is kept when its record
+was made with the same settings (another budget or scorer is refused before any compute), a killed
+one resumes from its last KD checkpoint. Each result is a Hugging Face checkpoint with slimnas.json
+and a model card.
 """
 
 import time
@@ -16,19 +18,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from slimnas.bench.quality import QualitySettings
-from slimnas.bench.speed import SpeedSettings
 from slimnas.bench.tasks import prepare_suite
 from slimnas.compress.arch import Architecture
 from slimnas.compress.context import load_teacher_context
-from slimnas.compress.corpus import DataSettings
-from slimnas.compress.distill import DistillSettings
-from slimnas.compress.importance import ImportanceSettings
 from slimnas.compress.models import cache_root
-from slimnas.compress.prune import PrunePolicy
-from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.tables import format_table, plus_minus
+from slimnas.search.leaders import search_pick
 from slimnas.search.records import (
     COMPLETE,
     RetrainRecord,
@@ -39,22 +36,25 @@ from slimnas.search.records import (
     read_run,
     update_run,
 )
-from slimnas.search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
-from slimnas.search.tables import run_front
+from slimnas.search.retraining import Candidate, prepare_retraining, retrain, retrain_hash, reusable, score_teacher
+from slimnas.search.tables import read_front
 
 RETRAIN_COLUMNS = ["name", "label", "params %", "KD tokens", "held-out KL", "perplexity", "summary", "decode speed-up"]
 
 
-def choose_candidates(records: list[TrialRecord], run: dict, top_k: int, references: bool) -> list[TrialRecord]:
-    """The top_k of the run's front by quality, then the reference trials that reached the last rung."""
+def choose_candidates(run_dir: Path, top_k: int, references: bool) -> list[TrialRecord]:
+    """The search's pick, then the best of the run's front by quality up to top_k (fewer when the front is
+    smaller: said, not refused), then the reference trials that reached the last rung."""
+    records = read_records(run_dir)
     complete = [r for r in records if r.state == COMPLETE]
     if not complete:
         raise SlimnasError("the run has no trial that reached the last rung: nothing to retrain")
-    on_front = set(run_front(run, records))
-    front = [r for r in complete if r.trial in on_front]
-    if top_k > len(front):
-        raise SlimnasError(f"retrain.top_k={top_k} is larger than the run's front ({len(front)} trials)")
-    chosen = sorted(front, key=lambda r: -r.final["quality"])[:top_k]
+    front = [r for r in complete if r.trial in read_front(run_dir)["trials"]]
+    pick = search_pick(run_dir, records)
+    ranked = [pick] + sorted((r for r in front if r is not pick), key=lambda r: -r.final["quality"])
+    if top_k > len(ranked):
+        print(f"note: retrain.top_k={top_k} but the front has {len(ranked)} candidate(s): retraining {len(ranked)}")
+    chosen = ranked[:top_k]
     return chosen + [r for r in complete if references and r.reference and r not in chosen]
 
 
@@ -73,9 +73,9 @@ def retrain_row(r: RetrainRecord) -> dict:
         "params %": f"{100 * r.params_fraction:.1f}",
         "KD tokens": r.kd_tokens,
         "held-out KL": plus_minus(r.heldout["kl"], r.heldout["kl_stderr"]),
-        "perplexity": plus_minus(r.heldout["perplexity"], r.heldout["perplexity_stderr"], 1),
-        "summary": plus_minus(r.summary, r.summary_stderr),
-        "decode speed-up": plus_minus(r.speed.get("decode_speedup"), r.speed.get("decode_speedup_stderr"), 2),
+        "perplexity": plus_minus(r.heldout["perplexity"], r.heldout["perplexity_stderr"]),
+        "summary": plus_minus(r.summary["value"], r.summary["stderr"]),
+        "decode speed-up": plus_minus(r.speed.get("decode_speedup"), r.speed.get("decode_speedup_stderr")),
     }
 
 
@@ -85,46 +85,46 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run = read_run(run_dir)
     cfg = effective_config(cfg, run)
-    settings = settings_from(RetrainSettings, cfg.retrain, "retrain")
-    candidates = choose_candidates(read_records(run_dir), run, settings.top_k, settings.references)
-    data = settings_from(DataSettings, cfg.data, "data")
-    distill = settings_from(DistillSettings, cfg.distill, "distill", precision=cfg.precision)
-    quality = settings_from(QualitySettings, cfg.quality, "quality")
-    speed = settings_from(SpeedSettings, cfg.speed, "speed", precision=cfg.precision)
-    importance = settings_from(ImportanceSettings, cfg.importance, "importance", precision=cfg.precision)
-    policy = settings_from(PrunePolicy, cfg.pruning, "pruning")
+    settings = settings_of(cfg, "retrain")
+    data, distill, quality = settings_of(cfg, "data"), settings_of(cfg, "distill"), settings_of(cfg, "quality")
+    speed, importance, policy = settings_of(cfg, "speed"), settings_of(cfg, "importance"), settings_of(cfg, "pruning")
+    candidates = choose_candidates(run_dir, settings.top_k, settings.references)
     suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
+
+    # 2. Teacher, corpus, importance (the search's, from the cache); records of other settings refused here
+    context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(), importance)
+    hashed = retrain_hash(context, distill, settings, quality, suite, speed)
+    outs = [run_dir / "retrain" / name for name in ["teacher", *(f"{r.trial:04d}" for r in candidates)]]
+    for out in outs:
+        reusable(out, hashed)
     print(
         f"retrain: {len(candidates)} candidates of {run_dir} (trials {', '.join(str(c.trial) for c in candidates)}), "
-        f"{settings.budget_tokens:,} KD tokens each; scored on {data.evaluation_rows} evaluation rows"
-        + (f" and {suite.describe()}, {quality.limit} documents each" if suite else "")
-    )
+        f"{settings.budget_tokens:,} KD tokens each; scored on {context.corpus.documents('evaluation')} evaluation "
+        f"{context.corpus.unit}s" + (f" and {suite.describe()}, {quality.limit} documents each (evaluation pool)"
+                                      if suite else "")
+    )  # fmt: skip
     update_run(run_dir, retrain={"command": cfg.command, "budget_tokens": settings.budget_tokens})
-
-    # 2. Teacher, corpus, importance (the search's, from the cache), the teacher's logits, the scorer
-    context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(), importance)
     retraining = prepare_retraining(
         context, cfg.teacher, distill, settings, quality, suite, speed, log_to=run_dir / "log.txt", command=cfg.command
     )
 
     # 3. The teacher, scored the same way (once)
     print("teacher: scoring")
-    teacher = score_teacher(retraining, run_dir / "retrain" / "teacher")
+    teacher = score_teacher(retraining, outs[0])
 
     # 4. Each candidate: re-prune, distil through the budget (resumable), save, score; finished ones are kept
-    for record in candidates:
-        out = run_dir / "retrain" / f"{record.trial:04d}"
+    for record, out in zip(candidates, outs[1:], strict=True):
         kept = (out / "record.json").is_file()
         print(f"trial {record.trial} ({record.label}, {record.reference or 'front'}): "
               + ("retrained before, kept" if kept else "distilling"))  # fmt: skip
         candidate = Candidate(
-            name=f"{record.trial:04d}",
+            name=out.name,
             arch=Architecture(**record.architecture),
             policy=replace(policy, **record.pruning),
             trial=record.trial,
             reference=record.reference,
             search={"quality": record.final["quality"], "quality_stderr": record.final["quality_stderr"],
-                    "kd_tokens": record.kd_tokens},
+                    "kd_tokens": record.kd_tokens, "rung": record.rung},
             expected_plan=record.plan,
         )  # fmt: skip
         retrain(retraining, candidate, out, teacher)

@@ -8,7 +8,8 @@ is spent on a candidate that could never count.
 
 import itertools
 import math
-from dataclasses import dataclass, fields
+import random
+from dataclasses import dataclass, field, fields
 
 from transformers import PretrainedConfig
 
@@ -19,9 +20,9 @@ from slimnas.search.constraints import Budget
 DIMENSIONS = [f.name for f in fields(Architecture)]
 
 
-@dataclass(frozen=True)
+@dataclass
 class DimensionSpec:
-    choices: tuple[int, ...] | None = None  # explicit values; the rest is ignored when given
+    choices: list[int] | None = None  # explicit values; the rest is ignored when given
     min: int | None = None
     max: int | None = None  # default: the teacher's value
     step: int = 1  # values are max, max - step, ...
@@ -47,25 +48,24 @@ class DimensionSpec:
 
 
 @dataclass
+class SpaceSettings:
+    """Per dimension: explicit choices, or values from max (default: the teacher's) down to min by step."""
+
+    hidden_size: DimensionSpec = field(default_factory=lambda: DimensionSpec(multiple_of=64, max_prune=0.5))
+    intermediate_size: DimensionSpec = field(default_factory=lambda: DimensionSpec(multiple_of=64, max_prune=0.6))
+    num_attention_heads: DimensionSpec = field(default_factory=lambda: DimensionSpec(max_prune=0.67))
+    num_key_value_heads: DimensionSpec = field(default_factory=lambda: DimensionSpec(max_prune=0.67))
+    num_hidden_layers: DimensionSpec = field(default_factory=lambda: DimensionSpec(max_prune=0.5))
+
+
+@dataclass
 class SearchSpace:
     values: dict[str, list[int]]
 
     @classmethod
-    def from_config(cls, specs: dict[str, dict], teacher: PretrainedConfig) -> "SearchSpace":
-        unknown = set(specs) - set(DIMENSIONS)
-        if unknown:
-            raise SlimnasError(f"invalid search space: unknown dimension(s) {', '.join(sorted(unknown))}")
+    def from_settings(cls, settings: SpaceSettings, teacher: PretrainedConfig) -> "SearchSpace":
         source = Architecture.of(teacher).as_dict()
-        values = {}
-        for name in DIMENSIONS:
-            spec = dict(specs.get(name) or {})
-            if spec.get("choices") is not None:
-                spec["choices"] = tuple(spec["choices"])
-            try:
-                values[name] = DimensionSpec(**spec).values(name, source[name])
-            except TypeError as error:
-                raise SlimnasError(f"invalid search space: {name}: {error}") from error
-        return cls(values)
+        return cls({name: getattr(settings, name).values(name, source[name]) for name in DIMENSIONS})
 
     def size(self) -> int:
         return math.prod(len(v) for v in self.values.values())
@@ -128,6 +128,16 @@ class FeasibleEncoding:
         hidden, heads, kv = shape
         return Architecture(hidden, _at(self.widths[(*shape, layers)], width), heads, kv, layers)
 
+    def distributions(self) -> dict:
+        """The sampler's three coordinates as Optuna distributions."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        return {
+            ATTENTION: CategoricalDistribution(list(self.attention)),
+            DEPTH: FloatDistribution(0.0, 1.0),
+            WIDTH: FloatDistribution(0.0, 1.0),
+        }
+
     def encode(self, arch: Architecture) -> dict:
         shape = _attention(arch)
         return {
@@ -147,3 +157,19 @@ def _at(values: list[int], position: float) -> int:
 
 def _position(values: list[int], value: int) -> float:
     return values.index(value) / (len(values) - 1) if len(values) > 1 else 0.0
+
+
+def stratified_sample(feasible: list[Architecture], n: int, seed: int) -> list[Architecture]:
+    """n candidates spread over the space: round-robin over (attention shape, depth) groups, each shuffled."""
+    rng = random.Random(seed)
+    groups: dict[tuple, list[Architecture]] = {}
+    for arch in feasible:
+        groups.setdefault((*_attention(arch), arch.num_hidden_layers), []).append(arch)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(groups.items())]
+    rng.shuffle(queues)
+    sample: list[Architecture] = []
+    while len(sample) < min(n, len(feasible)):
+        for queue in queues:
+            if queue and len(sample) < n:
+                sample.append(queue.pop())
+    return sample

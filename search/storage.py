@@ -1,8 +1,8 @@
 """Optuna storage, workers and recovery: a killed worker's trial is never lost.
 
 The study lives in a SQLite file in the run directory by default, or in any RDB URL (PostgreSQL) for
-many workers on many machines. Every trial records which worker runs it (host, pid and the process's
-start time) and that worker sends heartbeats while it runs. A RUNNING trial is stale when its worker
+many workers on many machines. Every trial records which worker runs it (host, boot id, pid and the
+process's start time) and that worker sends heartbeats while it runs. A RUNNING trial is stale when its worker
 is gone: at once when the worker ran on this host and its process no longer exists, or once its
 heartbeat is older than the grace period (a worker on another host). A stale trial is marked failed
 with the reason and its candidate is queued again, so the next worker that looks runs it.
@@ -123,15 +123,24 @@ def _pid_namespace() -> str:
         return ""
 
 
+def _boot_id() -> str:
+    """Distinct per boot of a machine: two machines (or containers) with one host name still differ."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class Worker:
-    host: str  # the host name and, after '/', the pid namespace: containers may share a host name
+    host: str  # host name / boot id / pid namespace: machines and containers may share a host name
     pid: int
-    started: str  # the process's start time (clock ticks after boot): a reused pid is another process
+    started: str  # the process's start time (clock ticks after boot): a reused pid is another process; "" unknown
 
     @classmethod
     def current(cls) -> "Worker":
-        return cls(f"{socket.gethostname()}/{_pid_namespace()}", os.getpid(), _process_start(os.getpid()) or "")
+        host = f"{socket.gethostname()}/{_boot_id()}/{_pid_namespace()}"
+        return cls(host, os.getpid(), _process_start(os.getpid()) or "")
 
     @property
     def id(self) -> str:
@@ -143,8 +152,11 @@ class Worker:
         return cls(host, int(pid), started)
 
     def gone(self) -> bool:
-        """True when this worker ran here (same host and pid namespace) and its process no longer exists."""
-        return self.host == Worker.current().host and _process_start(self.pid) != self.started
+        """True when this worker ran here and its process no longer exists. Where start times cannot be read (no
+        /proc) nothing is known: not gone, and the heartbeat's grace period decides instead."""
+        if self.host != Worker.current().host or not self.started:
+            return False
+        return _process_start(self.pid) != self.started
 
 
 class Heartbeat:

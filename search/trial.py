@@ -1,16 +1,14 @@
-"""One trial, top to bottom: prune -> screen -> KD rungs -> (score -> speed -> checkpoint) -> record.
+"""One trial, top to bottom: prune -> rung 0 (the screen's KL) -> KD rungs -> (score -> speed -> checkpoint) -> record.
 
-Multi-fidelity: after the zero-KD screen and after each KD rung but the last, `promote(rung, quality)`
-says whether the candidate earns more KD (successive halving across all workers of the study, ranked
-by -KL on the selection rows). A candidate that is not promoted ends there: `finish` records it as
-stopped with everything it earned, plus whatever the sampler needs to be told (its speed when speed is
-an objective, its lm-eval summary when that is the quality). The KD rungs are points on one run to
-the last rung's budget (one warmup + cosine schedule, one optimizer, fresh corpus rows), so a promoted
-candidate continues where it stood. A trial writes no KD checkpoint: a killed trial is retried afresh.
+The KD rungs are points on one KD run to the last rung's budget (one warmup + cosine schedule, one
+optimizer, fresh corpus rows), so a candidate that goes on continues where it stood. After each rung
+the race (search.race) reserves the next rung's KD tokens and says whether the candidate goes on. A
+candidate that stops ends there: `finish` records it with everything it earned and why it stopped,
+plus what the sampler must be told (its speed when speed is an objective, its lm-eval summary when
+that is the quality). A trial writes no KD checkpoint: a killed trial is retried afresh.
 """
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, replace
 
 from slimnas.bench.quality import score_model, summary_score
@@ -19,100 +17,113 @@ from slimnas.compress.arch import Architecture, param_count, weight_bytes
 from slimnas.compress.distill import Distiller, HiddenStateMatch, make_teacher_targets
 from slimnas.compress.heldout import HeldoutMetrics
 from slimnas.compress.models import cache_root
-from slimnas.compress.prune import plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.prune import PrunePlan, PrunePolicy, plan_pruning, prune_model, save_checkpoint
 from slimnas.compress.runtime import interrupt
+from slimnas.search.race import Race
 from slimnas.search.records import COMPLETE, STOPPED, TrialRecord, trial_dir
-from slimnas.search.references import Reference
 from slimnas.search.setup import SearchSetup
 
-Promote = Callable[[int, float], bool]  # (rung, -KL there) -> earns the next rung?
 
-
-def run_trial(
-    setup: SearchSetup,
-    number: int,
-    arch: Architecture,
-    promote: Promote,
-    reference: Reference | None = None,
-    retry_of: int | None = None,
-    worker: str = "",
-) -> TrialRecord:
-    started = time.perf_counter()
-    teacher = setup.context.teacher
-    policy = setup.policy
-    if reference is not None and reference.depth_strategy:
-        policy = replace(policy, depth_strategy=reference.depth_strategy)
-    record = TrialRecord(
+def new_record(setup: SearchSetup, number: int, arch: Architecture, policy: PrunePolicy, attrs: dict) -> TrialRecord:
+    """A trial's record before anything is measured; `attrs` are the study trial's user attributes."""
+    config = setup.context.teacher.model.config
+    return TrialRecord(
         trial=number,
         architecture=arch.as_dict(),
         label=arch.label(),
-        params=param_count(teacher.model.config, arch),
-        params_fraction=param_count(teacher.model.config, arch) / param_count(teacher.model.config),
-        weight_bytes_bf16=weight_bytes(teacher.model.config, arch=arch),
+        params=param_count(config, arch),
+        params_fraction=param_count(config, arch) / param_count(config),
+        weight_bytes_bf16=weight_bytes(config, arch=arch),
         pruning=asdict(policy),
-        reference=reference.kind if reference else None,
-        reference_note=reference.note if reference else None,
-        retry_of=retry_of,
-        worker=worker,
+        proposed_by=attrs.get("proposed_by", "sampler"),
+        reference=attrs.get("reference"),
+        reference_note=attrs.get("reference_note"),
+        retry_of=attrs.get("retry_of"),
+        worker=attrs.get("worker", ""),
         command=setup.command,
         hardware=setup.hardware,
     )
 
+
+def policy_of(setup: SearchSetup, attrs: dict) -> PrunePolicy:
+    """The search's pruning policy, with a reference's own depth strategy (depth-only drops one block)."""
+    strategy = attrs.get("depth_strategy")
+    return replace(setup.policy, depth_strategy=strategy) if strategy else setup.policy
+
+
+def distiller(setup: SearchSetup, student, plan: PrunePlan, budget_tokens: int | None = None) -> Distiller:
+    """A KD run of this candidate to the last rung (or another budget: the leaders' extended rung)."""
+    settings = setup.distill if budget_tokens is None else replace(setup.distill, budget_tokens=budget_tokens)
+    teacher, match, targets = setup.context.teacher, None, setup.teacher_targets
+    if settings.hidden_weight > 0:  # the teacher layers to match depend on this candidate's cut
+        hidden = teacher.model.config.hidden_size
+        match = HiddenStateMatch.build(settings.hidden_layers, plan.layers, plan.channels, hidden)
+        targets = make_teacher_targets(settings, teacher, setup.context.corpus.train, cache_root(), match)
+    return Distiller(student, targets, setup.context.corpus.train, settings, match)
+
+
+def run_trial(setup: SearchSetup, number: int, arch: Architecture, race: Race, attrs: dict) -> TrialRecord:
+    started = time.perf_counter()
+    teacher = setup.context.teacher.model
+    policy = policy_of(setup, attrs)
+    record = new_record(setup, number, arch, policy, attrs)
+
     # 1. Prune from the cached importance
     stage_started = time.perf_counter()
-    plan = plan_pruning(setup.context.importance, teacher.model.config, arch, policy)
-    student = prune_model(teacher.model, plan, arch)
+    plan = plan_pruning(setup.context.importance, teacher.config, arch, policy)
+    student = prune_model(teacher, plan, arch)
     record.plan = plan.as_dict()
-    record.add_stage("prune", time.perf_counter() - stage_started, 0)
+    record.timings["prune"] = time.perf_counter() - stage_started
 
-    # 2. Screen: held-out KL before any KD
+    # 2. Rung 0: held-out KL before any KD (the screen's number; it ranks, it never stops a candidate)
     stage_started = time.perf_counter()
     heldout = setup.selection.evaluate(student)
-    record.add_stage("screen", time.perf_counter() - stage_started, 0, heldout.summary())
-    if not promote(0, -heldout.kl):
-        return finish(setup, record, STOPPED, heldout, student, started)
+    record.add_rung(0, time.perf_counter() - stage_started, 0, asdict(heldout))
+    race.report(0, heldout)
 
-    # 3. KD rungs: one schedule to the last rung, ranked at the end of each
-    match, targets = None, setup.teacher_targets
-    if setup.distill.hidden_weight > 0:  # the teacher layers to match depend on this candidate's cut
-        hidden = teacher.model.config.hidden_size
-        match = HiddenStateMatch.build(setup.distill.hidden_layers, plan.layers, plan.channels, hidden)
-        targets = make_teacher_targets(setup.distill, teacher, setup.context.corpus.train, cache_root(), match)
-    kd = Distiller(student, targets, setup.context.corpus.train, setup.distill, match)
+    # 3. KD rungs: one schedule to the last rung; the race decides after each
+    kd = distiller(setup, student, plan)
     for rung, steps in enumerate(setup.rung_steps, start=1):
+        if reason := race.reserve(rung):
+            return finish(setup, record, STOPPED, reason, heldout, student, started)
         stage_started = time.perf_counter()
         kd.train_until(steps)
         heldout = setup.selection.evaluate(student)
-        seconds = time.perf_counter() - stage_started
-        record.add_stage(f"kd_{rung}", seconds, kd.step * kd.tokens_per_step, heldout.summary())
-        if not promote(rung, -heldout.kl):  # the last rung is recorded only
-            return finish(setup, record, STOPPED, heldout, student, started)
-    return finish(setup, record, COMPLETE, heldout, student, started)
+        record.add_rung(rung, time.perf_counter() - stage_started, kd.step * kd.tokens_per_step, asdict(heldout))
+        if reason := race.report(rung, heldout):
+            return finish(setup, record, STOPPED, reason, heldout, student, started)
+    return finish(setup, record, COMPLETE, None, heldout, student, started)
 
 
 def finish(
-    setup: SearchSetup, record: TrialRecord, state: str, heldout: HeldoutMetrics, student, started: float
+    setup: SearchSetup,
+    record: TrialRecord,
+    state: str,
+    stop_reason: str | None,
+    heldout: HeldoutMetrics,
+    student,
+    started: float,
 ) -> TrialRecord:
     """Where a trial ends: score, time and keep what the record and the sampler need; then the record."""
     interrupt.check()
     complete = state == COMPLETE
-    summary = None
+    quality = {"quality": -heldout.kl, "quality_stderr": heldout.kl_stderr}
 
-    # 4. lm-eval scores on fixed seeded subsets (of stopped trials too, when the summary is the quality)
+    # 4. lm-eval on the selection pool (of stopped trials too, when the summary is the quality)
     if setup.suite is not None and (complete or setup.settings.quality_metric == "summary"):
         stage_started = time.perf_counter()
         scores = score_model(
-            student, setup.context.teacher.tokenizer, setup.suite, limit=setup.quality.trial_limit,
-            batch_size=setup.quality.batch_size, seed=setup.quality.seed, model_name=record.label,
-            precision=setup.distill.precision, max_length=setup.quality.max_length, log_to=setup.log_file,
+            student, setup.context.teacher.tokenizer, setup.suite, setup.quality, "selection", record.label,
+            setup.distill.precision, setup.log_file,
         )  # fmt: skip
         summary = summary_score(scores)
-        record.final.update(summary=summary[0], summary_stderr=summary[1])
-        record.stages.append(
-            {"stage": "score", "seconds": time.perf_counter() - stage_started, "scores": [asdict(s) for s in scores]}
-        )
+        record.scores = [asdict(s) for s in scores]
+        record.final.update(summary=summary.value, summary_stderr=summary.stderr)
+        if setup.settings.quality_metric == "summary":
+            quality = {"quality": summary.value, "quality_stderr": summary.stderr}
+        record.timings["score"] = time.perf_counter() - stage_started
 
-    # 5. Speed, timed in alternation with the teacher (of stopped trials too, when speed is an objective)
+    # 5. Speed, timed in ABBA blocks with the teacher (of stopped trials too, when speed is an objective)
     if setup.speed is not None and (complete or setup.timings_rank):
         stage_started = time.perf_counter()
         comparison = compare_speed(student, setup.context.teacher.model, setup.speed, record.label, "teacher")
@@ -124,21 +135,18 @@ def finish(
             latency_p50_ms=comparison.model.latency_p50_ms,
             latency_vs_teacher=comparison.model.latency_p50_ms / comparison.reference.latency_p50_ms,
         )
-        record.stages.append(
-            {"stage": "speed", "seconds": time.perf_counter() - stage_started, **comparison.as_row(),
-             "model": asdict(comparison.model), "reference": asdict(comparison.reference)}
-        )  # fmt: skip
+        record.speed = comparison.as_row() | {
+            "model": asdict(comparison.model),
+            "reference": asdict(comparison.reference),
+        }
+        record.timings["speed"] = time.perf_counter() - stage_started
 
     # 6. The checkpoint, when asked for
     if complete and setup.settings.keep_checkpoints:
         model_dir = trial_dir(setup.run_dir, record.trial) / "model"
         save_checkpoint(student, setup.context.teacher.tokenizer, model_dir, {"trial": record.trial})
 
-    if setup.settings.quality_metric == "summary" and summary is not None:
-        quality = {"quality": summary[0], "quality_stderr": summary[1]}
-    else:
-        quality = {"quality": -heldout.kl, "quality_stderr": heldout.kl_stderr}
-    record.state = state
+    record.state, record.stop_reason = state, stop_reason
     record.final = {
         **quality,
         "params": record.params,
@@ -146,7 +154,7 @@ def finish(
         "heldout_kl_stderr": heldout.kl_stderr,
         "perplexity": heldout.perplexity,
         "perplexity_stderr": heldout.perplexity_stderr,
-        "kl_per_row": heldout.kl_per_row,
+        "kl_per_doc": heldout.kl_per_doc,
         **record.final,
     }
     record.seconds = time.perf_counter() - started

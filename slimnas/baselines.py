@@ -1,60 +1,68 @@
-"""slimnas baselines: does the search find better pruned models than simple choices? (the proof benchmark)
+"""slimnas baselines: does the search pick better pruned models than simpler choices, at equal size? (the proof)
 
     slimnas baselines preset=baselines-cpu run_dir=runs/baselines
 
-For one teacher and one parameter budget, each method picks one finalist; every finalist is then
-retrained with the same KD tokens, rows, schedule and seed and scored on text no method saw, so the
-table compares the choices alone:
-  search      the search as users run it (default sampler, multi-fidelity), its best by selection quality
-  random      random search, same trials and the same KD tokens per trial
-  zero_shot   the best feasible candidate by selection KL right after pruning (NVIDIA ModelOpt's pick)
-  uniform     one ratio on every dimension (when the space can express one)
-  depth_only  the teacher's width, one contiguous block of layers dropped
-  width_only  the teacher's depth, narrower hidden / FFN / heads (Minitron's choice for models <= 15B)
-The whole comparison repeats per seed (the sampler's seed and the KD row order); per method the
-table gives the mean and a 95% t-interval over seeds, and each method is compared with the search
-seed by seed (paired). Results go to RUN_DIR/proof/: proof.md and proof.json (the tables as shown;
-`slimnas report RUN_DIR` shows them), methods.* and paired.* (the numbers), per_seed.json, proof.png.
+For one teacher and one parameter cap (`search.budget.cap=true`: every candidate of every method has at
+most the target's parameters, and at least the target less `window`), each method picks one finalist:
+  search      the search as users run it: the screen's best first, TPE told the screen, the race, the leaders'
+              extension, within `search.budget.kd_tokens`
+  modelopt    NVIDIA ModelOpt's recipe: the screen's best `baselines.modelopt_top_k`, each distilled with the same
+              KD budget split evenly among them, the best kept
+  random      feasible candidates drawn uniformly at random, the same race and the same KD budget
+  zero_shot   the screen's best, no KD (ModelOpt's NAS pick without distillation)
+  uniform, depth_only, width_only: the rule-based cuts, no KD
+The three methods that spend KD tokens to choose get the same budget; every finalist is then retrained
+with the same KD tokens, rows, schedule and seed and scored on the evaluation documents, on a text no
+method saw (WikiText-2 valid, one row per article) and on lm-eval's evaluation pool. All of it repeats
+per seed (the sampler's seed and the KD row order). The tables give, per method, the finalist's size, the
+mean and a 95% interval over seeds, what choosing cost (KD tokens, wall time), and each method minus the
+search: paired by seed, and for the KL also paired by document (each document's difference averaged over
+the seeds, then a 95% interval over documents). Results go to RUN_DIR/proof/ (proof.md, proof.json: the
+tables as shown, which `slimnas report RUN_DIR` shows; methods.*, paired.*, per_seed.json; proof.png).
 """
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import optuna
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from scipy.stats import t as student_t
 
-from slimnas.bench.quality import QualitySettings
 from slimnas.bench.tasks import prepare_suite
-from slimnas.compress.arch import Architecture, param_count
-from slimnas.compress.corpus import DataSettings
-from slimnas.compress.distill import DistillSettings
+from slimnas.compress.arch import Architecture
+from slimnas.compress.corpus import text_rows
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.prune import PrunePolicy
-from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.data import find_data_dir
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.files import atomic_write_text, write_json
-from slimnas.compress.runtime.stats import mean_ci95
+from slimnas.compress.runtime.stats import mean_and_stderr, mean_ci95
 from slimnas.compress.runtime.tables import plus_minus, save_records
-from slimnas.search.records import COMPLETE, RetrainRecord, add_wall_seconds, update_run
+from slimnas.search.leaders import search_pick
+from slimnas.search.race import kd_spent
+from slimnas.search.records import RetrainRecord, add_wall_seconds, read_records, update_run
 from slimnas.search.references import find_reference
-from slimnas.search.retraining import Candidate, RetrainSettings, prepare_retraining, retrain, score_teacher
+from slimnas.search.retraining import Candidate, prepare_retraining, retrain, score_teacher
+from slimnas.search.screen import run_screen
 from slimnas.search.setup import build_setup
 from slimnas.search.study import run_study
 from slimnas.search.tables import write_trial_tables
 
-METHODS = ("search", "random", "zero_shot", "uniform", "depth_only", "width_only")
+SEARCHING = ("search", "modelopt", "random")  # methods that spend KD tokens to choose
+RULES = ("uniform", "depth_only", "width_only")
+METHODS = (*SEARCHING, "zero_shot", *RULES)
 
 
-@dataclass(frozen=True)
+@dataclass
 class BaselineSettings:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = METHODS
-    heldout_text: str | None = "wikitext2/wiki.valid.tokens"  # under data.dir: text no method trained on or chose by
-    heldout_text_rows: int = 32
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the sampler's seed and the KD row order
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    modelopt_top_k: int = 4  # ModelOpt's recipe: the screen's best k, each distilled with 1/k of the KD budget
+    heldout_text: str | None = "wikitext2/wiki.valid.tokens"  # under data.dir: text no method saw (one row an article)
 
     def __post_init__(self):
         if len(self.seeds) < 2:
@@ -62,59 +70,70 @@ class BaselineSettings:
         unknown = set(self.methods) - set(METHODS)
         if unknown or "search" not in self.methods:
             raise SlimnasError(f"baselines.methods must include search and come from {', '.join(METHODS)}")
+        if self.modelopt_top_k < 1:
+            raise SlimnasError("baselines.modelopt_top_k must be at least 1")
 
 
-def text_rows(path: Path, tokenizer, seq_len: int, n_rows: int) -> torch.Tensor:
-    ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"][: n_rows * seq_len]
-    if len(ids) < n_rows * seq_len:
-        raise SlimnasError(f"{path} holds fewer than {n_rows} rows of {seq_len} tokens")
-    return torch.tensor(ids).view(n_rows, seq_len)
-
-
-def seeded(cfg: DictConfig, run_dir: Path, seed: int, sampler: str) -> DictConfig:
-    """One search of the comparison: its own run directory, the seed for sampler and KD order, no references."""
+def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k: int) -> DictConfig:
+    """One method's search: its own run directory, the seed for sampler and KD order, no reference cuts, quality
+    alone as the objective (every candidate lies under the same cap: the best one is the finalist)."""
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.run_dir, run_cfg.search.seed, run_cfg.distill.seed = str(run_dir), seed, seed
         run_cfg.search.references.kinds = []
-        run_cfg.search.sampler = sampler
+        run_cfg.search.objectives = ["quality"]
+        run_cfg.search.measure_speed = False
+        if method == "modelopt":  # the screen's best k, one rung each, sharing the KD budget; nothing else
+            share = cfg.search.budget.kd_tokens // top_k
+            run_cfg.search.screen.top_k, run_cfg.search.n_trials = top_k, top_k
+            run_cfg.search.race.rung_tokens, run_cfg.search.race.extensions = [share], 0
+        if method == "random":
+            run_cfg.search.proposals = "uniform"
     return run_cfg
 
 
-def search_sampler(configured: str) -> str:
-    """The search as users run it; auto and enumerate would evaluate every candidate of a small space, so the
-    comparison pins TPE there: the search and random search then get the same number of trials."""
-    return "tpe" if configured in ("auto", "enumerate") else configured
+def search_finalist(cfg: DictConfig) -> tuple[Architecture, PrunePolicy, dict]:
+    """Run (or resume) one method's search; its pick, and what choosing cost (from the records: a resumed run
+    counts what its earlier runs did)."""
+    setup = build_setup(cfg)
+    update_run(setup.run_dir, settings=OmegaConf.to_container(cfg, resolve=True), command=cfg.command)
+    study = run_study(setup)
+    records, _ = write_trial_tables(setup.run_dir, study, list(setup.objectives))
+    pick = search_pick(setup.run_dir, read_records(setup.run_dir))
+    if pick is None:
+        raise SlimnasError(f"the search in {setup.run_dir} completed no trial")
+    cost = {"search_kd_tokens": kd_spent(study), "search_seconds": sum(r.seconds for r in records)}
+    return Architecture(**pick.architecture), PrunePolicy(**pick.pruning), cost
 
 
-def search_best(cfg: DictConfig, run_dir: Path, seed: int, sampler: str) -> tuple[Architecture, dict]:
-    """Run (or resume) one search; its best trial by selection quality, and what it cost."""
-    run_cfg = seeded(cfg, run_dir, seed, sampler)
-    setup = build_setup(run_cfg)
-    update_run(run_dir, settings=OmegaConf.to_container(run_cfg, resolve=True), command=cfg.command)
-    run_study(setup)
-    records, _ = write_trial_tables(run_dir, list(setup.objectives), setup.budget.latency_ms)
-    complete = [r for r in records if r.state == COMPLETE]
-    if not complete:
-        raise SlimnasError(f"the search in {run_dir} completed no trial")
-    best = max(complete, key=lambda r: r.final["quality"])
-    # what every trial spent, from the records: a resumed search counts what its earlier runs did
-    cost = {"search_kd_tokens": sum(r.kd_tokens for r in records), "search_seconds": sum(r.seconds for r in records)}
-    return Architecture(**best.architecture), cost
-
-
-METRICS = {  # what the table reports per finalist: name -> how to read it from a retrain record
+METRICS = {  # what the tables report per finalist: name -> how to read it from a retrain record
     "kl": lambda r: r.heldout["kl"],
     "perplexity": lambda r: r.heldout["perplexity"],
     "text_perplexity": lambda r: next(iter(r.heldout_other.values()))["perplexity"] if r.heldout_other else None,
     "text_kl": lambda r: next(iter(r.heldout_other.values()))["kl"] if r.heldout_other else None,
-    "summary": lambda r: r.summary,
-    "summary_stderr": lambda r: r.summary_stderr,
+    "summary": lambda r: r.summary["value"],
+    "summary_stderr": lambda r: r.summary["stderr"],
 }
 
 
+def result(record: RetrainRecord, cost: dict) -> dict:
+    values = {metric: read(record) for metric, read in METRICS.items()}
+    seconds = cost["search_seconds"] + sum(record.seconds.values())
+    return {"label": record.label, "params": record.params, "kd_tokens": record.kd_tokens, **cost,
+            "seconds": seconds, "kl_per_doc": record.heldout["kl_per_doc"], **values}  # fmt: skip
+
+
+def by_documents(mine: dict[int, dict], search: dict[int, dict], seeds: list[int]) -> tuple[float, float, int]:
+    """KL minus the search's, document by document: averaged over the seeds, then a 95% interval over documents."""
+    documents = zip(*(mine[s]["kl_per_doc"] for s in seeds), *(search[s]["kl_per_doc"] for s in seeds), strict=True)
+    n = len(seeds)
+    differences = [sum(values[:n]) / n - sum(values[n:]) / n for values in documents]
+    mean, stderr = mean_and_stderr(differences)
+    return mean, float(student_t.ppf(0.975, len(differences) - 1)) * stderr, len(differences)
+
+
 def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[list[dict], list[dict]]:
-    """Per method mean ± 95% CI over seeds, and each method minus the search, paired by seed."""
+    """Per method mean ± 95% CI over seeds; each method minus the search, paired by seed (and by document for KL)."""
     rows, paired = [], []
     for method, per_seed in results.items():
         row = {"method": method, "seeds": len(per_seed), "label": per_seed[seeds[0]]["label"]}
@@ -122,6 +141,7 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
             values = [per_seed[s][metric] for s in seeds if per_seed[s].get(metric) is not None]
             if len(values) == len(seeds):
                 row[metric], row[f"{metric}_ci95"] = mean_ci95(values)
+        row["params_range"] = (min(per_seed[s]["params"] for s in seeds), max(per_seed[s]["params"] for s in seeds))
         rows.append(row)
         if method == "search":
             continue
@@ -131,53 +151,85 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
                 for s in seeds
                 if results[method][s].get(metric) is not None and results["search"][s].get(metric) is not None
             ]
-            if len(differences) == len(seeds):
-                difference, half_width = mean_ci95(differences)
-                paired.append(
-                    {"method": method, "metric": metric, "minus_search": difference, "ci95": half_width,
-                     "significant": abs(difference) > half_width}
-                )  # fmt: skip
+            if len(differences) != len(seeds):
+                continue
+            difference, half_width = mean_ci95(differences)
+            pair = {"method": method, "metric": metric, "minus_search": difference, "ci95_seeds": half_width,
+                    "wins_for_search": sum(d > 0 if metric != "summary" else d < 0 for d in differences)}  # fmt: skip
+            if metric == "kl":
+                _, pair["ci95_documents"], pair["documents"] = by_documents(results[method], results["search"], seeds)
+            pair["significant"] = abs(difference) > max(half_width, pair.get("ci95_documents", 0.0))
+            paired.append(pair)
     rows.sort(key=lambda row: row.get("kl", math.inf))
     return rows, paired
 
 
+def display_tables(rows: list[dict], paired: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The two tables as people read them (± 95% intervals, rounded): proof.md, proof.json and the report show these."""
+    table = [
+        {
+            "method": r["method"],
+            "finalist (first seed)": r["label"],
+            "params (seeds)": " - ".join(f"{p / 1e6:.2f}M" for p in sorted(set(r["params_range"]))),
+            "KL (evaluation docs)": plus_minus(r.get("kl"), r.get("kl_ci95")),
+            "perplexity (unseen text)": plus_minus(r.get("text_perplexity"), r.get("text_perplexity_ci95")),
+            "lm-eval summary": plus_minus(r.get("summary"), r.get("summary_ci95")),
+            "KD tokens to choose": f"{r['search_kd_tokens']:,.0f}",
+            "wall s to choose + retrain": f"{r['seconds']:.0f}",
+        }
+        for r in rows
+    ]
+    pairs = [
+        {"method": p["method"], "metric": p["metric"], "minus search (95% over seeds)": plus_minus(p["minus_search"],
+         p["ci95_seeds"]), "95% over documents": plus_minus(p["minus_search"], p["ci95_documents"])
+         if "ci95_documents" in p else "", "seeds where the search is better": p["wins_for_search"],
+         "significant": "yes" if p["significant"] else "no"}
+        for p in paired
+    ]  # fmt: skip
+    return table, pairs
+
+
+def markdown(table: list[dict], pairs: list[dict], notes: list[str]) -> str:
+    parts = [pd.DataFrame(table).to_markdown(index=False), "", "Each method minus the search, paired:", ""]
+    parts += [pd.DataFrame(pairs).to_markdown(index=False) if pairs else "(no other method)", ""]
+    return "\n".join(parts + [f"- {note}" for note in notes])
+
+
 def plot(rows: list[dict], results: dict[str, dict[int, dict]], path: Path) -> None:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("kl", "KL to the teacher (evaluation rows)"), ("text_perplexity", "perplexity on unseen text")]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("kl", "KL to the teacher (evaluation documents)"), ("text_perplexity", "perplexity on unseen text")]
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
     methods = [row["method"] for row in rows]
     for axis, (metric, title) in zip(axes, panels, strict=True):
-        for x, method in enumerate(methods):
-            row = next(r for r in rows if r["method"] == method)
+        for x, row in enumerate(rows):
             if metric not in row:
                 continue
             axis.errorbar(x, row[metric], yerr=row[f"{metric}_ci95"], fmt="o", capsize=6, color="tab:blue")
-            values = [v[metric] for v in results[method].values() if v.get(metric) is not None]
+            values = [v[metric] for v in results[row["method"]].values() if v.get(metric) is not None]
             axis.scatter([x + 0.12] * len(values), values, s=12, color="tab:gray", label="seeds" if x == 0 else None)
         axis.set_xticks(range(len(methods)), methods, rotation=20)
-        axis.set_title(f"{title}: mean ± 95% CI over seeds")
+        axis.set_title(f"{title}: mean ± 95% CI over seeds", fontsize=10)
         axis.grid(alpha=0.3)
     axes[0].legend()
-    figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=110)
     figure.savefig(path.with_suffix(".svg"))
-    plt.close(figure)
 
 
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     # 1. Settings, task files and the unseen text, checked before any compute
     run_dir = Path(cfg.run_dir)
-    settings = settings_from(BaselineSettings, cfg.baselines, "baselines")
-    data = settings_from(DataSettings, cfg.data, "data")
-    distill = settings_from(DistillSettings, cfg.distill, "distill", precision=cfg.precision)
-    quality = settings_from(QualitySettings, cfg.quality, "quality")
-    retrain_settings = RetrainSettings(budget_tokens=cfg.retrain.budget_tokens, prompts=())  # no continuations
-    policy = settings_from(PrunePolicy, cfg.pruning, "pruning")
+    settings: BaselineSettings = settings_of(cfg, "baselines")
+    data, distill, quality = settings_of(cfg, "data"), settings_of(cfg, "distill"), settings_of(cfg, "quality")
+    retrain_settings = replace(settings_of(cfg, "retrain"), prompts=[])  # no continuations
+    search = settings_of(cfg, "search")
+    if not search.budget.cap or search.budget.kd_tokens is None:
+        raise SlimnasError("the proof compares at equal size and equal KD: set search.budget.cap=true and "
+                           "search.budget.kd_tokens (preset=baselines-cpu does)")  # fmt: skip
     suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
     text_path = None
     if settings.heldout_text:
@@ -186,128 +238,91 @@ def main(cfg: DictConfig) -> None:
         if text_path is None or not text_path.is_file():
             raise SlimnasError(f"baselines.heldout_text {settings.heldout_text} not found under data.dir ({data_dir})")
     seeds = list(settings.seeds)
-    samplers = {"search": search_sampler(cfg.search.sampler), "random": "random"}
     print(
-        f"baselines: {', '.join(settings.methods)} at {cfg.search.budget.params} ± {cfg.search.budget.window} of the "
-        f"teacher's parameters; seeds {seeds}; searches of {cfg.search.n_trials} trials (rungs "
-        f"{list(cfg.search.fidelity.rung_tokens)}, sampler {samplers['search']}); every finalist retrained with "
+        f"baselines: {', '.join(settings.methods)} under a cap of {search.budget.params} of the teacher's parameters "
+        f"(down to -{search.budget.window:.0%}); seeds {seeds}; {search.budget.kd_tokens:,} KD tokens to choose for "
+        f"{', '.join(m for m in SEARCHING if m in settings.methods)}; every finalist retrained with "
         f"{retrain_settings.budget_tokens:,} KD tokens"
     )
 
-    # 2. The fixed baselines, from the first search's set-up (its feasible set; the zero-shot screen sees all of it)
-    screen_all = seeded(cfg, run_dir / f"seed_{seeds[0]}" / "search", seeds[0], samplers["search"])
-    with open_dict(screen_all):
-        screen_all.search.references.zero_shot_candidates = 10**9
-    first_setup = build_setup(screen_all)
-    context, teacher_config = first_setup.context, first_setup.context.teacher.model.config
+    # 2. The screen and the rule-based cuts, from the first seed's set-up (the screen is cached for every method)
+    first = build_setup(method_config(cfg, "search", seeds[0], run_dir / f"seed_{seeds[0]}" / "search", 1))
+    screened = run_screen(first)
+    context = first.context
     fixed: dict[str, tuple[Architecture, PrunePolicy, dict]] = {}
-    notes = []
-    for method in [m for m in settings.methods if m not in samplers]:
-        reference, note = find_reference(method, first_setup)
+    screen_seconds = sum(s.seconds for s in screened)
+    if "zero_shot" in settings.methods:
+        fixed["zero_shot"] = (screened[0].arch, first.policy, {"search_kd_tokens": 0, "search_seconds": screen_seconds})
+    notes = [f"zero_shot: {screened[0].arch.label()}, the best of {len(screened)} screened candidates"]
+    for method in [m for m in settings.methods if m in RULES]:
+        reference, note = find_reference(method, first)
         notes.append(note)
         print(f"{method}: {note}")
         if reference is not None:
-            method_policy = replace(policy, depth_strategy=reference.depth_strategy or policy.depth_strategy)
-            cost = {"search_kd_tokens": 0, "search_seconds": reference.seconds}
-            fixed[method] = (reference.arch, method_policy, cost)
+            policy = replace(first.policy, depth_strategy=reference.depth_strategy or first.policy.depth_strategy)
+            fixed[method] = (reference.arch, policy, {"search_kd_tokens": 0, "search_seconds": 0.0})
 
-    # 3. Per seed: the two searches, then every finalist retrained alike and scored on unseen text
+    # 3. Per seed: the methods that search, then every finalist retrained alike and scored on unseen text
     heldout_text = ()
     if text_path is not None:
-        rows = text_rows(text_path, context.teacher.tokenizer, data.seq_len, settings.heldout_text_rows)
+        rows, unit = text_rows(text_path, context.teacher.tokenizer, data.seq_len, data.seed)
         heldout_text = (HeldoutSet(text_path.stem, rows, context.teacher.model, cfg.precision),)
-    methods = [m for m in settings.methods if m in samplers or m in fixed]
+        notes.append(f"unseen text: {len(rows)} {unit}s of {settings.heldout_text}, one row each")
+    methods = [m for m in settings.methods if m in SEARCHING or m in fixed]
     results: dict[str, dict[int, dict]] = {method: {} for method in methods}
     teacher = None
     for seed in seeds:
         chosen = dict(fixed)
-        for method in [m for m in settings.methods if m in samplers]:
-            arch, cost = search_best(cfg, run_dir / f"seed_{seed}" / method, seed, samplers[method])
-            chosen[method] = (arch, policy, cost)
+        for method in [m for m in settings.methods if m in SEARCHING]:
+            method_dir = run_dir / f"seed_{seed}" / method
+            chosen[method] = search_finalist(method_config(cfg, method, seed, method_dir, settings.modelopt_top_k))
         retraining = prepare_retraining(
             context, cfg.teacher, replace(distill, seed=seed), retrain_settings, quality, suite, speed=None,
             log_to=run_dir / "log.txt", command=cfg.command, other_heldout=heldout_text,
         )  # fmt: skip
         teacher = teacher or score_teacher(retraining, run_dir / "teacher")  # the scale every row is read against
         picks = {}
-        for method, (arch, method_policy, cost) in chosen.items():
-            name = f"{arch.label()}-{method_policy.depth_strategy}"
+        for method, (arch, policy, cost) in chosen.items():
+            name = f"{arch.label()}-{policy.depth_strategy}"
             out = run_dir / f"seed_{seed}" / "finalists" / name
-            print(f"seed {seed}, {method}: {arch.label()} ({param_count(teacher_config, arch):,} params)")
-            record = retrain(retraining, Candidate(name, arch, method_policy), out, teacher)
-            results[method][seed] = _result(record, cost)
+            print(f"seed {seed}, {method}: {arch.label()}")
+            record = retrain(retraining, Candidate(name, arch, policy), out, teacher)
+            results[method][seed] = result(record, cost)
             picks[method] = {"finalist": name, **cost}
         write_json(run_dir / f"seed_{seed}" / "methods.json", picks)  # methods that chose alike share a finalist
 
-    # 4. The table: mean and 95% CI per method, each method against the search paired by seed; and a plot
+    # 4. The tables, each method against the search paired by seed and by document; a plot
     rows, paired = summarise(results, seeds)
-    proof_dir = run_dir / "proof"
+    last_rung = first.tokens_at(first.last_rung)
     notes += [
         f"seeds {seeds}: the sampler's seed and the KD row order; every finalist retrained with "
-        f"{cfg.retrain.budget_tokens:,} KD tokens; kl on {data.evaluation_rows} evaluation rows of "
-        f"{context.corpus.source}; text_perplexity on {settings.heldout_text_rows} rows of {settings.heldout_text}",
-        f"the teacher: kl 0, perplexity on unseen text {METRICS['text_perplexity'](teacher) or float('nan'):.2f}, "
-        f"lm-eval summary {plus_minus(teacher.summary, teacher.summary_stderr)}",
-        "a paired difference is significant when its 95% interval over seeds excludes zero",
-        "wall s: the method's own cost from the records (its search's trials or the zero-shot screen, plus the "
-        "finalist's retraining; a resumed run counts what its earlier runs did, but a trial lost with a killed "
-        "worker counts 0 s)",
+        f"{retrain_settings.budget_tokens:,} KD tokens; KL over {context.corpus.documents('evaluation')} evaluation "
+        f"documents of {context.corpus.source}",
+        f"every method chooses under one cap: {search.budget.describe(context.teacher.model.config)}; "
+        f"the params column gives each finalist's size over the seeds",
+        f"search, modelopt and random may spend {search.budget.kd_tokens:,} KD tokens to choose; enumerating all "
+        f"{len(first.feasible)} feasible candidates to the last rung ({last_rung:,} tokens each) would cost "
+        f"{len(first.feasible) * last_rung:,}",
+        f"the teacher: perplexity on unseen text {METRICS['text_perplexity'](teacher) or float('nan'):.2f}, lm-eval "
+        f"summary {plus_minus(teacher.summary['value'], teacher.summary['stderr'])}",
+        "a paired difference is significant when it lies outside both 95% intervals (over seeds, and for KL over "
+        "documents, each document's difference averaged over the seeds)",
+        f"wall s: the method's own cost from the records (its search's trials, or the screen's {screen_seconds:.0f} s "
+        f"for zero_shot, plus the finalist's retraining; the search and modelopt also read the cached screen)",
     ]
-    summary_errors = [row["summary_stderr"] for row in rows if "summary_stderr" in row]
-    if summary_errors:
-        typical = sum(summary_errors) / len(summary_errors)
-        notes.append(
-            f"lm-eval: one finalist's summary score has a standard error of about {typical:.3f} ({quality.limit} "
-            "documents per task), so a single seed cannot separate gaps smaller than about twice that"
-        )
     table, pairs = display_tables(rows, paired)
+    proof_dir = run_dir / "proof"
     write_json(proof_dir / "proof.json", {"columns": list(table[0]), "rows": table,
                                          "paired_columns": list(pairs[0]) if pairs else [], "paired": pairs,
                                          "notes": notes})  # fmt: skip
-    save_records(rows, proof_dir / "methods")
+    save_records([{k: v for k, v in row.items() if k != "params_range"} for row in rows], proof_dir / "methods")
     save_records(paired, proof_dir / "paired")
     write_json(proof_dir / "per_seed.json", results)
-    atomic_write_text(proof_dir / "proof.md", _markdown(table, pairs, notes))
+    atomic_write_text(proof_dir / "proof.md", markdown(table, pairs, notes))
     plot(rows, results, proof_dir / "proof")
     update_run(run_dir, kind="baselines", teacher=cfg.teacher, settings=OmegaConf.to_container(cfg, resolve=True))
     add_wall_seconds(run_dir, "baselines (runs that finished)", time.perf_counter() - started)
-    print(_markdown(table, pairs, notes))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(markdown(table, pairs, notes))
     print(f"written to {proof_dir} (proof.md, proof.json, methods.csv, paired.csv, per_seed.json, proof.png); "
           f"wall time {time.perf_counter() - started:.0f} s")  # fmt: skip
-
-
-def _result(record: RetrainRecord, cost: dict) -> dict:
-    values = {metric: read(record) for metric, read in METRICS.items()}
-    seconds = cost["search_seconds"] + sum(record.seconds.values())
-    return {"label": record.label, "params": record.params, "kd_tokens": record.kd_tokens, **cost,
-            "seconds": seconds, **values}  # fmt: skip
-
-
-def display_tables(rows: list[dict], paired: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The two tables as people read them (± intervals, rounded): proof.md, proof.json and the report show these."""
-    table = [
-        {
-            "method": r["method"],
-            "finalist (first seed)": r["label"],
-            "params": f"{r['params'] / 1e6:.1f}M",
-            "KL (eval rows)": plus_minus(r.get("kl"), r.get("kl_ci95")),
-            "perplexity (unseen text)": plus_minus(r.get("text_perplexity"), r.get("text_perplexity_ci95"), 1),
-            "lm-eval summary": plus_minus(r.get("summary"), r.get("summary_ci95")),
-            "search KD tokens": f"{r['search_kd_tokens']:,.0f}",
-            "wall s": f"{r['seconds']:.0f}",
-        }
-        for r in rows
-    ]
-    pairs = [
-        {"method": p["method"], "metric": p["metric"],
-         "minus search": plus_minus(p["minus_search"], p["ci95"], 1 if "perplexity" in p["metric"] else 3),
-         "significant": "yes" if p["significant"] else "no"}
-        for p in paired
-    ]  # fmt: skip
-    return table, pairs
-
-
-def _markdown(table: list[dict], pairs: list[dict], notes: list[str]) -> str:
-    parts = [pd.DataFrame(table).to_markdown(index=False), "", "Each method minus the search, paired by seed:", ""]
-    parts += [pd.DataFrame(pairs).to_markdown(index=False) if pairs else "(no other method)", ""]
-    return "\n".join(parts + [f"- {note}" for note in notes])

@@ -1,10 +1,9 @@
-"""The `slimnas` console script: `slimnas COMMAND [RUN_DIR ...] [key=value ...]`.
+"""The `slimnas` console script: `slimnas COMMAND [PATH ...] [key=value ...]`.
 
 One dispatcher for every stage. Each command is a recipe module (`main(cfg)`, numbered steps, top to
-bottom) in the package of its stage, with its settings in conf/COMMAND.yaml (Hydra syntax for
-overrides). The dispatcher sits in search/ because a search drives the whole pipeline. Every
-user-facing failure ends as one line on stderr and exit status 2; Ctrl-C ends with status 130 and
-keeps completed work.
+bottom) in the package of its stage, with its settings composed by Hydra from conf/COMMAND.yaml and
+the settings dataclasses (slimnas.config). Every user-facing failure ends as one line on stderr and
+exit status 2; Ctrl-C ends with status 130 and keeps completed work.
 """
 
 import importlib
@@ -14,42 +13,46 @@ from pathlib import Path
 
 from slimnas.compress.runtime.errors import SlimnasError, one_line
 
-CONFIG_MODULE = "slimnas.conf"  # the configs ship inside the package (conf/ in the repository)
 COMMANDS = {  # name: (recipe module, config, what it does)
-    "importance": (
-        "slimnas.compress.run_importance",
-        "common",
-        "score heads, neurons, channels and layers",
-    ),
+    "importance": ("slimnas.compress.run_importance", "common", "score heads, neurons, channels and layers"),
     "prune": ("slimnas.compress.run_prune", "prune", "cut the teacher to a target architecture, save a HF checkpoint"),
-    "distill": (
-        "slimnas.compress.run_distill",
-        "distill",
-        "retrain a student by knowledge distillation",
-    ),
+    "distill": ("slimnas.compress.run_distill", "distill", "retrain a student by knowledge distillation"),
+    "correct": ("slimnas.compress.run_correct", "correct", "fine-tune the teacher on the KD corpus (Minitron)"),
     "bench": ("slimnas.bench.run_bench", "bench", "score quality (lm-eval), held-out KL, speed and memory of a model"),
     "search": ("slimnas.search.run_search", "search", "Optuna search over pruned architectures: Pareto front"),
     "retrain": ("slimnas.search.run_retrain", "retrain", "fully distil and score a search's best candidates"),
     "report": ("slimnas.reports.run_report", "report", "leaderboard, plots and a page from run directories"),
-    "pipeline": ("slimnas.pipeline", "pipeline", "search -> retrain -> report in one run directory"),
+    "export": ("slimnas.compress.run_export", "export", "write a checkpoint as a GGUF file (llama.cpp)"),
+    "pipeline": ("slimnas.pipeline", "pipeline", "[correct ->] search -> retrain -> report; chains of stages"),
     "baselines": ("slimnas.baselines", "baselines", "the search against simple choices, over seeds"),
 }
-POSITIONAL = {"retrain": "run_dir", "report": "run_dirs"}  # commands that take run directories as arguments
-USAGE = "usage: slimnas COMMAND [RUN_DIR ...] [key=value ...]\n\ncommands:\n" + "\n".join(
+POSITIONAL = {"retrain": "run_dir", "report": "run_dirs", "export": "model"}  # what bare paths stand for
+FLAGS = {"export": ("--format",)}  # `--format gguf` is format=gguf
+USAGE = "usage: slimnas COMMAND [PATH ...] [key=value ...]\n\ncommands:\n" + "\n".join(
     f"  {name:<11} {help_text}" for name, (_, _, help_text) in COMMANDS.items()
 )
 
 
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+def flags_as_settings(command: str, arguments: list[str]) -> list[str]:
+    """`--name value` (or `--name=value`) of the command's known flags as `name=value`."""
+    result, arguments = [], list(arguments)
+    while arguments:
+        argument = arguments.pop(0)
+        flag, _, value = argument.partition("=")
+        if flag in FLAGS.get(command, ()):
+            if not value and not arguments:
+                raise SlimnasError(f"{flag} needs a value")
+            result.append(f"{flag.removeprefix('--')}={value or arguments.pop(0)}")
+        elif argument.startswith("--"):
+            raise SlimnasError(f"unknown option {flag} for slimnas {command}: settings are key=value")
+        else:
+            result.append(argument)
+    return result
 
 
 def overrides_of(command: str, arguments: list[str]) -> list[str]:
-    """key=value arguments as they are; leading bare paths become the command's run directory setting."""
+    """key=value arguments as they are; bare paths become the command's positional setting."""
+    arguments = flags_as_settings(command, arguments)
     paths = [a for a in arguments if "=" not in a]
     rest = [a for a in arguments if "=" in a]
     if not paths:
@@ -58,8 +61,8 @@ def overrides_of(command: str, arguments: list[str]) -> list[str]:
         raise SlimnasError(f"'{paths[0]}' is not key=value: slimnas {command} takes only settings")
     key = POSITIONAL[command]
     value = f"[{','.join(paths)}]" if key == "run_dirs" else paths[0]
-    if key == "run_dir" and len(paths) > 1:
-        raise SlimnasError(f"slimnas {command} takes one run directory, not {len(paths)}")
+    if key != "run_dirs" and len(paths) > 1:
+        raise SlimnasError(f"slimnas {command} takes one path, not {len(paths)}")
     return [f"{key}={value}", *rest]
 
 
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     module_name, config_name, _ = COMMANDS[command]
     interrupted = False
     try:
+        from slimnas.config import compose
+
         cfg = compose(config_name, overrides_of(command, arguments))
         with open_dict(cfg):
             cfg.command = " ".join(["slimnas", *argv])

@@ -10,26 +10,25 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
-from slimnas.bench.quality import QualitySettings
 from slimnas.bench.tasks import prepare_suite
-from slimnas.compress.runtime.config import settings_from
+from slimnas.compress.runtime.config import settings_of
 from slimnas.reports import run_report
 from slimnas.search import run_retrain, run_search
-from slimnas.search.retraining import RetrainSettings
 
 
 def budgets(cfg: DictConfig) -> list[str]:
     search, retrain = cfg.search, cfg.retrain
-    rungs = ", ".join(f"{t:,}" for t in search.fidelity.rung_tokens)
+    rungs = ", ".join(f"{t:,}" for t in search.race.rung_tokens)
     scored = f"{', '.join(cfg.quality.tasks)} ({cfg.quality.limit} documents each)" if cfg.quality.tasks else "no tasks"
     return [
         f"pipeline in {cfg.run_dir}, teacher {cfg.teacher}:",
-        f"  1. search: {search.n_trials} trials to the last rung, KD rungs at {rungs} tokens, "
-        f"budget {search.budget.params} of the teacher's parameters ± {search.budget.window}",
+        f"  1. search: screen, then {search.n_trials} trials to the last rung, KD rungs at {rungs} tokens, "
+        f"budget {search.budget.params} of the teacher's parameters ± {search.budget.window}"
+        + (f", {search.budget.kd_tokens:,} KD tokens in all" if search.budget.kd_tokens else ""),
         f"  2. retrain: the best {retrain.top_k} of the front"
         + (" and the references" if retrain.references else "")
-        + f", {retrain.budget_tokens:,} KD tokens each; scored on {cfg.data.evaluation_rows} evaluation rows"
-        f" and {scored}",
+        + f", {retrain.budget_tokens:,} KD tokens each; scored on {cfg.data.evaluation_docs} evaluation documents"
+        f" and {scored} (evaluation pool)",
         f"  3. report: {cfg.run_dir}/report/index.html",
     ]
 
@@ -37,8 +36,8 @@ def budgets(cfg: DictConfig) -> list[str]:
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     # 0. The later stages' own settings, checked before the search spends anything (the search checks its own)
-    settings_from(RetrainSettings, cfg.retrain, "retrain")
-    quality = settings_from(QualitySettings, cfg.quality, "quality")
+    settings_of(cfg, "retrain")
+    quality = settings_of(cfg, "quality")
     if quality.tasks:
         prepare_suite(list(quality.tasks), cfg.data.dir)
     print("\n".join(budgets(cfg)))

@@ -15,7 +15,10 @@ needs_data = pytest.mark.skipif(
     not (SHARED_DATA / "SOURCES.md").is_file(), reason=f"benchmark data not found at {SHARED_DATA}"
 )
 # Fast CLI settings for a tiny teacher: the small built-in corpus, short rows, fp32 for exact comparisons.
-FAST = ["data.corpus=builtin", "data.seq_len=32", "importance.n_samples=16", "precision=fp32"]
+FAST = [
+    "data.corpus=builtin", "data.seq_len=32", "data.selection_docs=8", "data.evaluation_docs=8",
+    "importance.n_samples=16", "precision=fp32",
+]  # fmt: skip
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -94,10 +97,8 @@ SEARCH_SPACE = [
     "search.space.num_hidden_layers={choices:[2,3,4]}",
 ]
 SEARCH_FAST = [
-    *FAST, "distill.batch_size=4", "data.selection_rows=8", "data.evaluation_rows=8",
-    "search.fidelity.rung_tokens=[128,384]", "search.fidelity.min_peers=2", "search.references.zero_shot_candidates=3",
-    "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1", "speed.max_repeats=2",
-    "search.budget.params=0.7", "search.budget.window=0.3",
+    *FAST, "distill.batch_size=4", "search.race.rung_tokens=[128,384]", "speed.prompt_len=16", "speed.new_tokens=4",
+    "speed.repeats=2", "search.budget.params=0.7", "search.budget.window=0.3",
 ]  # fmt: skip
 
 

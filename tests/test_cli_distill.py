@@ -28,7 +28,7 @@ def test_prune_distill_bench_chain(tiny_checkpoint, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(distilled / "model")
     assert model.config.num_hidden_layers == 2
     record = json.loads((distilled / "model" / "slimnas.json").read_text())
-    assert record["distill"]["tokens"] == 2048 and record["corpus"]["rows"]["evaluation"] == 64
+    assert record["distill"]["tokens"] == 2048 and record["corpus"]["evaluation_documents"] == 8
 
     assert main(distill) == 0  # the same command again: already finished, resumes at the last step
     assert "held-out after" in capsys.readouterr().out
@@ -37,7 +37,7 @@ def test_prune_distill_bench_chain(tiny_checkpoint, tmp_path, capsys):
         assert torch.equal(a, b)
 
     bench_args = ["bench", teacher, f"model={distilled / 'model'}", f"out={bench}", "quality.tasks=[]"]
-    bench_args += ["speed.prompt_len=8", "speed.new_tokens=2", "speed.repeats=1", "compare_teacher=true", *FAST]
+    bench_args += ["speed.prompt_len=8", "speed.new_tokens=2", "speed.repeats=2", "compare_teacher=true", *FAST]
     assert main(bench_args) == 0
     heldout = pd.read_parquet(bench / "heldout.parquet")
     assert heldout.kl.item() == pytest.approx(evaluations[-1]["heldout"]["kl"], rel=1e-4)  # the same rows

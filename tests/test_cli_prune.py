@@ -26,7 +26,7 @@ def test_prune_command_writes_a_loadable_checkpoint_with_its_provenance(tiny_che
     assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 48
     record = json.loads((out / "slimnas.json").read_text())
     assert record["architecture"]["num_hidden_layers"] == 3 and len(record["plan"]["layers"]) == 3
-    assert record["heldout"]["pruned"]["rows"] == 64 and record["heldout"]["pruned"]["kl_stderr"] > 0
+    assert record["heldout"]["pruned"]["documents"] == 8 and record["heldout"]["pruned"]["kl_stderr"] > 0
     assert record["command"].startswith("slimnas prune") and record["corpus"]["source"] == "builtin"
     assert (out / "tokenizer.json").is_file() and "saved checkpoint" in capsys.readouterr().out
 
@@ -52,7 +52,7 @@ def test_prune_with_nothing_removed_reproduces_the_teacher(tiny_checkpoint, tmp_
         ("pruning.depth_strategy=sideways", "unknown depth strategy"),
         ("precision=bogus", "precision must be one of"),
         ("device=tpu", "unknown device"),
-        ("data.seq_len=1", "data.seq_len must be at least 2"),
+        ("data.seq_len=1", "data.seq_len and data.heldout_tokens must be at least 2"),
         ("data.corpus=/nowhere.txt", "corpus not found"),
         ("importance.seq_agg=median", "seq_agg must be one of"),
     ],

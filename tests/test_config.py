@@ -1,53 +1,77 @@
-"""One name and one default per setting: the YAML files and the settings records agree."""
+"""One source per default: every section's defaults are its dataclass's, and no YAML file writes them again."""
 
 import dataclasses
+from pathlib import Path
 
+import optuna
 import pytest
+import yaml
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from slimnas.baselines import BaselineSettings
-from slimnas.bench.quality import QualitySettings
-from slimnas.bench.speed import SpeedSettings
-from slimnas.cli import COMMANDS, compose
-from slimnas.compress.corpus import DataSettings
-from slimnas.compress.distill import DistillSettings
-from slimnas.compress.importance import ImportanceSettings
-from slimnas.compress.prune import PrunePolicy
-from slimnas.search.constraints import Budget
-from slimnas.search.retraining import RetrainSettings
-from slimnas.search.setup import Fidelity, ReferenceSettings, SearchSettings, StorageSettings
+from slimnas.cli import COMMANDS
+from slimnas.compress.runtime.config import settings_of
+from slimnas.config import SECTIONS, compose
 
-RECORDS = [  # (record, the config section it is read from, in the config that has it)
-    (DataSettings, "data", "common"),
-    (ImportanceSettings, "importance", "common"),
-    (PrunePolicy, "pruning", "prune"),
-    (DistillSettings, "distill", "distill"),
-    (QualitySettings, "quality", "bench"),
-    (SpeedSettings, "speed", "bench"),
-    (SearchSettings, "search", "search"),
-    (Fidelity, "search.fidelity", "search"),
-    (ReferenceSettings, "search.references", "search"),
-    (StorageSettings, "search.storage", "search"),
-    (Budget, "search.budget", "search"),
-    (RetrainSettings, "retrain", "retrain"),
-    (BaselineSettings, "baselines", "baselines"),
-]
+CONF = Path(__file__).resolve().parents[1] / "conf"
+COMMAND_FILES = sorted(path for path in CONF.glob("*.yaml"))
 
 
-@pytest.mark.parametrize("record, section, config", RECORDS, ids=[r[1] for r in RECORDS])
-def test_every_yaml_default_is_the_records_default(record, section, config):
-    values = OmegaConf.to_container(OmegaConf.select(compose(config, []), section), resolve=True)
-    for field in dataclasses.fields(record):
-        if field.name not in values:
-            continue  # set by the command (precision), not a setting of this section
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        yaml_value = tuple(values[field.name]) if isinstance(default, tuple) else values[field.name]
-        assert yaml_value == default, f"{section}.{field.name}: YAML {yaml_value!r}, record {default!r}"
-    nested = {f.name for f in dataclasses.fields(record)}
-    unknown = {k for k, v in values.items() if k not in nested and not isinstance(v, dict)}
-    assert not unknown, f"{section} has settings no record reads: {unknown}"
+COMMAND_OF = {  # a command whose config has the section
+    "data": "common", "importance": "common", "pruning": "prune", "distill": "distill", "correct": "correct",
+    "quality": "bench", "speed": "bench", "search": "search", "retrain": "retrain", "baselines": "baselines",
+}  # fmt: skip
+
+
+def defaults_of(settings: type) -> dict:
+    """The dataclass's own defaults, field by field."""
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(settings)
+    }
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_a_composed_section_is_its_dataclass_and_nothing_else(section):
+    composed = settings_of(compose(COMMAND_OF[section], []), section)
+    values = {f.name: getattr(composed, f.name) for f in dataclasses.fields(composed)}
+    expected = defaults_of(SECTIONS[section])
+    if section == "search":  # the sampler is a group default (search/sampler: tpe), not a dataclass value
+        assert values.pop("sampler")["_target_"] == "optuna.samplers.TPESampler" and expected.pop("sampler") is None
+    assert type(composed) is SECTIONS[section] and values == expected
+
+
+@pytest.mark.parametrize("path", COMMAND_FILES, ids=[p.name for p in COMMAND_FILES])
+def test_command_files_hold_no_section_defaults(path):
+    """A command file lists its groups and sets its own few keys: it never repeats a section's settings."""
+    content = yaml.safe_load(path.read_text()) or {}
+    assert not set(content) & set(SECTIONS), f"{path.name} sets {set(content) & set(SECTIONS)}"
 
 
 def test_every_command_has_a_config_that_composes():
     for name, (_, config, _) in COMMANDS.items():
         assert compose(config, []) is not None, name
+
+
+def test_a_sections_precision_follows_the_commands_precision():
+    cfg = compose("search", ["precision=fp32"])
+    assert {settings_of(cfg, key).precision for key in ("distill", "importance", "speed")} == {"fp32"}
+
+
+def test_overrides_are_type_checked_when_composed():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose("search", ["search.n_trials=many"])
+    with pytest.raises(ConfigCompositionException):
+        compose("search", ["data.no_such_setting=1"])
+
+
+@pytest.mark.parametrize(
+    "choice, sampler",
+    [("tpe", optuna.samplers.TPESampler), ("nsga2", optuna.samplers.NSGAIISampler),
+     ("gp", optuna.samplers.GPSampler), ("random", optuna.samplers.RandomSampler)],
+)  # fmt: skip
+def test_any_optuna_sampler_by_configuration_alone(choice, sampler):
+    cfg = compose("search", [f"search/sampler={choice}"])
+    assert isinstance(instantiate(OmegaConf.to_object(cfg.search.sampler), seed=3), sampler)

@@ -4,30 +4,61 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_data, tiny_tokenizer
 
-from slimnas.compress.corpus import BUILTIN, DataSettings, load_corpus, load_documents, pack, resolve_corpus
+from slimnas.compress.corpus import (
+    BUILTIN,
+    DataSettings,
+    load_corpus,
+    load_documents,
+    pack,
+    resolve_corpus,
+    text_rows,
+)
 from slimnas.compress.runtime.data import find_data_dir
 from slimnas.compress.runtime.errors import SlimnasError
 
 
 def test_builtin_corpus_is_real_prose_available_offline():
     documents = load_documents(BUILTIN)
-    assert len(documents) > 50
-    assert sum(len(d) for d in documents) > 300_000
+    assert len(documents.texts) > 50 and documents.unit == "topic"
+    assert sum(len(d) for d in documents.texts) > 300_000
+    assert len(set(documents.ids)) == len(documents.ids)
 
 
-def test_splits_are_deterministic_disjoint_by_document_and_cut_to_the_row_settings():
+def test_no_document_is_in_two_splits_and_each_held_out_document_gives_one_row():
     tokenizer = tiny_tokenizer(300)
-    settings = DataSettings(corpus=BUILTIN, seq_len=64, selection_rows=8, evaluation_rows=16, seed=3)
+    settings = DataSettings(corpus=BUILTIN, seq_len=64, selection_docs=8, evaluation_docs=12, seed=3)
     first, again = load_corpus(tokenizer, settings), load_corpus(tokenizer, settings)
-    other = load_corpus(tokenizer, DataSettings(corpus=BUILTIN, seq_len=64, seed=4))
     assert torch.equal(first.train, again.train) and first.fingerprint == again.fingerprint
-    assert first.fingerprint != other.fingerprint
-    assert (len(first.selection), len(first.evaluation)) == (8, 16)
-    assert sum(first.documents.values()) == len(load_documents(BUILTIN))
-    rows = {split: {tuple(r) for r in first.rows(split).tolist()} for split in ("train", "selection", "evaluation")}
-    assert not rows["train"] & rows["selection"] and not rows["train"] & rows["evaluation"]
-    assert not rows["selection"] & rows["evaluation"]
-    assert first.describe()["rows"] == {"train": len(first.train), "selection": 8, "evaluation": 16}
+    ids = {split: set(first.document_ids[split]) for split in ("train", "selection", "evaluation")}
+    assert not ids["train"] & ids["selection"] and not ids["train"] & ids["evaluation"]
+    assert not ids["selection"] & ids["evaluation"]
+    assert ids["train"] | ids["selection"] | ids["evaluation"] == set(load_documents(BUILTIN).ids)
+    assert (len(first.selection), len(first.evaluation)) == (8, 12) == (len(ids["selection"]), len(ids["evaluation"]))
+    described = first.describe()
+    assert (described["selection_documents"], described["evaluation_documents"]) == (8, 12)
+    # each held-out row is a stretch of its own document's tokens, at a position the seed chooses
+    documents = load_documents(BUILTIN)
+    texts = dict(zip(documents.ids, documents.texts, strict=True))
+    for row, document in zip(first.selection, first.document_ids["selection"], strict=True):
+        tokens = tokenizer(texts[document], add_special_tokens=False)["input_ids"]
+        assert any(tokens[i : i + 64] == row.tolist() for i in range(len(tokens) - 63))
+    other = load_corpus(
+        tokenizer, DataSettings(corpus=BUILTIN, seq_len=64, selection_docs=8, evaluation_docs=12, seed=4)
+    )
+    assert set(other.document_ids["selection"]) != ids["selection"] and other.fingerprint != first.fingerprint
+
+
+def test_held_out_rows_can_be_shorter_than_the_kd_rows():
+    corpus = load_corpus(
+        tiny_tokenizer(300), DataSettings(corpus=BUILTIN, seq_len=64, heldout_tokens=32, selection_docs=4)
+    )
+    assert corpus.train.shape[1] == 64 and corpus.selection.shape[1] == corpus.evaluation.shape[1] == 32
+
+
+def test_a_corpus_with_too_few_documents_scales_its_held_out_sets_and_says_so(capsys):
+    corpus = load_corpus(tiny_tokenizer(300), DataSettings(corpus=BUILTIN, seq_len=32))  # asks for 64 + 128
+    assert 2 <= len(corpus.selection) < 64 and len(corpus.evaluation) < 128
+    assert "too few for 64 selection and 128 evaluation documents" in capsys.readouterr().out
 
 
 @needs_data
@@ -36,6 +67,7 @@ def test_auto_corpus_is_the_wikipedia_file_when_the_data_directory_has_it(tmp_pa
     assert resolve_corpus("auto", tmp_path) == BUILTIN  # a data directory without the corpus
     assert resolve_corpus("auto", None) == BUILTIN
     assert resolve_corpus("my.txt", SHARED_DATA) == "my.txt"
+    assert load_documents(str(SHARED_DATA / "corpus" / "wiki_en_core.jsonl")).unit == "article"
 
 
 def test_data_directory_resolution(tmp_path, monkeypatch):
@@ -47,13 +79,31 @@ def test_data_directory_resolution(tmp_path, monkeypatch):
         find_data_dir(str(tmp_path / "nowhere"))
 
 
-def test_local_txt_and_jsonl_files(tmp_path):
+def test_text_files_are_articles_when_marked_and_paragraphs_otherwise(tmp_path):
     (tmp_path / "a.txt").write_text("first paragraph here.\n\nsecond one there.\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "alpha"}) + "\n" + json.dumps({"text": "beta"}) + "\n")
-    assert load_documents(str(tmp_path / "a.txt")) == ["first paragraph here.", "second one there.\n"]
-    assert load_documents(str(tmp_path / "b.jsonl")) == ["alpha", "beta"]
-    rows = pack(["one two three four"] * 20, tiny_tokenizer(300), seq_len=8)
-    assert rows.shape[1] == 8 and rows.dtype == torch.int64
+    paragraphs = load_documents(str(tmp_path / "a.txt"))
+    assert paragraphs.texts == ["first paragraph here.", "second one there.\n"] and paragraphs.unit == "paragraph"
+    wiki = " = Alpha = \n\n one paragraph . \n\n two paragraphs . \n\n = Beta = \n\n three . \n"
+    (tmp_path / "w.txt").write_text(wiki)
+    articles = load_documents(str(tmp_path / "w.txt"))  # one article may not straddle two splits
+    assert articles.unit == "article" and len(articles.texts) == 2 and "two paragraphs" in articles.texts[0]
+    (tmp_path / "f.txt").write_text("doc one.\n\npart two of one.\fdoc two.")
+    blocks = load_documents(str(tmp_path / "f.txt"))
+    assert blocks.unit == "form-feed block" and blocks.texts == ["doc one.\n\npart two of one.", "doc two."]
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "alpha", "id": "x"}) + "\n" + json.dumps({"text": "b"}) + "\n"
+    )
+    lines = load_documents(str(tmp_path / "b.jsonl"))
+    assert lines.texts == ["alpha", "b"] and lines.ids == ["x", "1"] and lines.unit == "line"
+    rows = pack([[5, 6, 7]] * 20, eos=1, seq_len=8)
+    assert rows.shape == (10, 8) and rows.dtype == torch.int64 and rows[0].tolist() == [5, 6, 7, 1, 5, 6, 7, 1]
+
+
+@needs_data
+def test_wikitext_valid_gives_one_row_per_article():
+    rows, unit = text_rows(SHARED_DATA / "wikitext2" / "wiki.valid.tokens", tiny_tokenizer(300), 64, seed=0)
+    assert unit == "article" and 30 <= len(rows) <= 70 and rows.shape[1] == 64
+    assert len({tuple(r) for r in rows.tolist()}) == len(rows)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +122,7 @@ def test_bad_corpus_inputs_give_clear_errors(tmp_path, content, name, message):
         load_documents(str(tmp_path / name))
 
 
-def test_a_corpus_too_small_for_one_row_per_split_is_refused(tmp_path):
+def test_a_corpus_too_small_for_its_held_out_sets_is_refused(tmp_path):
     (tmp_path / "tiny.txt").write_text("\n\n".join(["a short paragraph of text."] * 3))
     with pytest.raises(SlimnasError, match="corpus too small"):
         load_corpus(tiny_tokenizer(300), DataSettings(corpus=str(tmp_path / "tiny.txt"), seq_len=64))

@@ -32,7 +32,9 @@ IDENTITY = {"student": "s", "teacher": "t", "corpus": "c"}
 
 @pytest.fixture(scope="module")
 def data():
-    return load_corpus(tiny_tokenizer(VOCAB), DataSettings(corpus=BUILTIN, seq_len=32, evaluation_rows=8))
+    return load_corpus(
+        tiny_tokenizer(VOCAB), DataSettings(corpus=BUILTIN, seq_len=32, selection_docs=8, evaluation_docs=8)
+    )
 
 
 def sharp_teacher():
@@ -236,7 +238,8 @@ def test_hidden_state_loss_with_learned_map_trains(data, tmp_path):
     result = distill_to_budget(kd, evaluation(teacher, data), tmp_path / "hidden", IDENTITY, progress_bar=False)
     lines = [json.loads(line) for line in (tmp_path / "hidden" / "metrics.jsonl").read_text().splitlines()]
     hidden = [line["train_hidden"] for line in lines if "train_hidden" in line]
-    assert hidden[0] > 0 and hidden[-1] < 0.9 * hidden[0]
+    first, last = sum(hidden[:8]) / 8, sum(hidden[-8:]) / 8  # one batch a step: compare the ends, not two steps
+    assert first > 0 and last < 0.95 * first, (first, last)
     assert result.final["kl"] < result.initial["kl"]
 
 

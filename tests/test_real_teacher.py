@@ -24,7 +24,7 @@ def wikitext_tokens(tokenizer, n_tokens: int = 1024, seq_len: int = 256) -> torc
 def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
     out = tmp_path / "smollm2-60"
     overrides = ["importance.n_samples=16", "target.num_hidden_layers=20", "target.intermediate_size=1024"]
-    assert main(["prune", f"out={out}", "data.evaluation_rows=8", *overrides]) == 0
+    assert main(["prune", f"out={out}", "data.evaluation_docs=8", "data.selection_docs=8", *overrides]) == 0
 
     student = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no project code
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -42,11 +42,12 @@ def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
 
 
 def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
-    from slimnas.bench.quality import score_model
+    from slimnas.bench.quality import QualitySettings, score_model
     from slimnas.bench.tasks import prepare_suite
 
     teacher = load_model(DEFAULT_TEACHER)
     suite = prepare_suite(["piqa", "arc_easy_dev"], None)
-    records = score_model(teacher.model, teacher.tokenizer, suite, limit=40, log_to=tmp_path / "log")
+    quality = QualitySettings(tasks=["piqa", "arc_easy_dev"], limit=40)
+    records = score_model(teacher.model, teacher.tokenizer, suite, quality, "evaluation", log_to=tmp_path / "log")
     accuracy = {r.task: r.value for r in records if r.metric == "acc"}
     assert accuracy["piqa"] > 0.5 + 0.1 and accuracy["arc_easy_dev"] > 0.25 + 0.1

@@ -18,13 +18,13 @@ from matplotlib.figure import Figure
 
 from slimnas.cli import main
 from slimnas.reports.plots import FRONT_LABEL, quality_vs_params
-from slimnas.reports.runs import read_runs, zero_shot_scores
+from slimnas.reports.runs import read_runs
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()  # without the benchmark files: no lm-eval scores to plot
 RETRAIN_FAST = [
     "precision=fp32", "distill.batch_size=4", "retrain.budget_tokens=512", "distill.eval_every=2",
     "quality.tasks=[piqa]" if HAS_DATA else "quality.tasks=[]", "quality.limit=4", "speed.prompt_len=16",
-    "speed.new_tokens=4", "speed.repeats=1", "speed.max_repeats=2", "retrain.new_tokens=4", "retrain.top_k=1",
+    "speed.new_tokens=4", "speed.repeats=2", "retrain.new_tokens=4", "retrain.top_k=1",
 ]  # fmt: skip
 PROOF = {
     "columns": ["method", "params %", "held-out KL", "trials"],
@@ -120,18 +120,23 @@ def test_the_leaderboard_values_are_the_records_values(retrained, capsys):
         assert row.decode_speedup == pytest.approx(record["speed"]["decode_speedup"], rel=1e-12)
         assert row.flops_ratio == pytest.approx(teacher["flops_per_token"] / record["flops_per_token"], rel=1e-12)
         assert row.peak_memory_bytes == record["memory"]["peak_bytes"]
-        assert row.summary == pytest.approx(record["summary"], rel=1e-12)
-        assert row.teacher_score_kept_pct == pytest.approx(100 * record["summary"] / teacher["summary"], rel=1e-12)
+        assert row.summary == pytest.approx(record["summary"]["value"], rel=1e-12)
+        kept = 100 * record["summary"]["value"] / teacher["summary"]["value"]
+        assert row.teacher_score_kept_pct == pytest.approx(kept, rel=1e-12)
         for score in record["scores"]:
             assert row[f"{score['task']}/{score['metric']}"] == pytest.approx(score["value"], rel=1e-12)
             assert row[f"{score['task']}/{score['metric']}_stderr"] == pytest.approx(score["stderr"], rel=1e-12)
-            assert row[f"{score['task']}/split"] == score["split"]
+            assert row[f"{score['task']}/split"] == f"{score['split']}, evaluation pool"
 
     searched_rows = table[~table.stage.isin(["teacher", "retrained"])]
     assert {int(n) for n in searched_rows.name} == set(trials) - {r["trial"] for r in retrain.values()}
     for _, row in searched_rows.iterrows():
         record = trials[int(row["name"])]
-        assert (row.stage, row.kd_tokens, row.heldout_split) == (record["stage"], record["kd_tokens"], "selection")
+        assert (row.stage, row.kd_tokens, row.heldout_split) == (
+            f"rung {record['rung']}",
+            record["kd_tokens"],
+            "selection",
+        )
         assert row.heldout_kl == pytest.approx(record["final"]["heldout_kl"], rel=1e-12)
         if record["state"] == "complete":  # stopped trials are not timed (speed is not an objective here)
             assert row.decode_speedup == pytest.approx(record["final"]["decode_speedup"], rel=1e-12)
@@ -143,11 +148,27 @@ def test_the_leaderboard_values_are_the_records_values(retrained, capsys):
     assert "evaluation" in markdown and "selection" in markdown and "±" in markdown and "nan" not in markdown
 
 
-def test_the_front_line_is_the_runs_pareto_front(retrained):
+def test_vs_best_pairs_only_rows_of_the_same_documents_and_kd_budget(retrained):
+    table = leaderboard(retrained)
+    for stage in ("retrained", "rung 2"):
+        rows = table[table.stage == stage]
+        assert (rows.kl_vs_best == 0).sum() == 1 and rows.kl_vs_best.notna().all()  # one best per group
+    assert table[table.stage.isin(["teacher", "rung 0", "rung 1"])].kl_vs_best.isna().all()
+
+
+def test_the_front_line_is_the_front_the_search_stored(retrained, tmp_path):
     figure = quality_vs_params(read_runs([retrained])[0])
     (line,) = [line for line in figure.axes[0].get_lines() if line.get_label().startswith(FRONT_LABEL)]
     pareto = pd.read_csv(retrained / "pareto.csv").sort_values("params")
     np.testing.assert_allclose(line.get_xydata(), pareto[["params", "quality"]].to_numpy(), rtol=1e-12)
+    # with a third objective the plot draws the stored two-dimensional subset, never a front of its own
+    run_dir = shutil.copytree(retrained, tmp_path / "three", ignore=shutil.ignore_patterns("report", "retrain"))
+    front = read_json(run_dir / "front.json")
+    front |= {"objectives": ["quality", "params", "throughput"], "quality_params": front["trials"][:1]}
+    (run_dir / "front.json").write_text(json.dumps(front))
+    figure = quality_vs_params(read_runs([run_dir])[0])
+    (line,) = [line for line in figure.axes[0].get_lines() if line.get_label().startswith(FRONT_LABEL)]
+    assert len(line.get_xydata()) == 1 and "of the front over quality, params, throughput" in line.get_label()
 
 
 def test_several_runs_give_one_leaderboard_tagged_by_run(searched, retrained, tmp_path):
@@ -160,13 +181,13 @@ def test_several_runs_give_one_leaderboard_tagged_by_run(searched, retrained, tm
         assert rows.name.iloc[0] == "teacher" and len(rows) == 1 + len(trial_records(run_dir))
     assert (out / "plots" / "retrained" / "kd_curves.png").is_file()
     assert not (out / "plots" / "searched" / "kd_curves.png").exists()
-    assert "| run |" in (out / "leaderboard.md").read_text()
+    assert (out / "leaderboard.md").read_text().startswith("| run ")
 
 
 def test_a_search_only_run_says_so_and_leaves_failed_trials_out(searched, tmp_path):
     run_dir = shutil.copytree(searched, tmp_path / "search_only")
     failed = {**read_json(run_dir / "trials" / "0000" / "record.json"), "trial": 99, "state": "failed"}
-    failed |= {"stage": "prune", "final": {}, "fail_reason": "OutOfMemoryError: hand-written for this test"}
+    failed |= {"rung": -1, "rungs": [], "final": {}, "fail_reason": "OutOfMemoryError: hand-written for this test"}
     (run_dir / "trials" / "0099").mkdir()
     (run_dir / "trials" / "0099" / "record.json").write_text(json.dumps(failed))
     assert main(["report", str(run_dir)]) == 0
@@ -328,13 +349,23 @@ def test_the_browser_checks_see_requests_console_errors_and_broken_images(tmp_pa
     assert loaded.images == [{"alt": "remote", "width": 0}]
 
 
-def test_the_zero_shot_screen_reads_in_both_formats(tmp_path):
-    """Runs made before the screen kept its settings hash hold a bare list of scores."""
-    scores = [{"label": "h64-ffn64-q4-kv2-L4", "heldout_kl": 0.5, "stderr": 0.1}]
-    (tmp_path / "old.json").write_text(json.dumps(scores))
-    (tmp_path / "new.json").write_text(json.dumps({"settings_hash": "abc", "seconds": 1.5, "scores": scores}))
-    assert zero_shot_scores(tmp_path / "old.json") == zero_shot_scores(tmp_path / "new.json") == scores
-    assert zero_shot_scores(tmp_path / "absent.json") == []
+def test_the_page_shows_the_front_rank_fidelity_the_race_and_why_candidates_stopped(retrained):
+    assert main(["report", str(retrained)]) == 0
+    page = (retrained / "report" / "index.html").read_text()
+    assert "Rank fidelity against retraining" in page and "The race&#39;s leaders" in page
+    assert "The screen:" in page and "screened" in page
+    stopped = [r for r in trial_records(retrained).values() if r["state"] == "stopped"]
+    assert all(r["stop_reason"].replace("±", "&#177;")[:20] in page or r["stop_reason"][:20] in page for r in stopped)
+
+
+def test_text_from_the_records_is_escaped_on_the_page(retrained, tmp_path):
+    run_dir = shutil.copytree(retrained, tmp_path / "escaped", ignore=shutil.ignore_patterns("report"))
+    record = read_json(run_dir / "trials" / "0000" / "record.json")
+    record["reference_note"] = "<script>alert(1)</script>"
+    (run_dir / "trials" / "0000" / "record.json").write_text(json.dumps(record))
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 def test_an_empty_table_is_written_as_valid_files(tmp_path):

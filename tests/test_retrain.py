@@ -7,17 +7,18 @@ import signal
 
 import pytest
 from conftest import save_tiny_checkpoint, search_args, slimnas_process, wait_until
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from slimnas.cli import main
-from slimnas.search.records import read_records, read_retrained, read_run
+from slimnas.search.records import read_records, read_retrained
 from slimnas.search.run_retrain import choose_candidates
 
 RETRAIN = [
     "precision=fp32", "distill.batch_size=4", "distill.eval_every=64", "distill.save_every=16",
-    "quality.tasks=[]", "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=1", "speed.max_repeats=2",
-    "retrain.new_tokens=4", "retrain.top_k=1",
+    "quality.tasks=[]", "speed.prompt_len=16", "speed.new_tokens=4", "speed.repeats=2", "retrain.new_tokens=4",
+    "retrain.top_k=1",
 ]  # fmt: skip
 
 
@@ -28,9 +29,7 @@ def searched(tmp_path_factory):
     teacher = save_tiny_checkpoint(root / "teacher", max_position_embeddings=512)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLIMNAS_CACHE", str(root / "cache"))
-        args = search_args(
-            teacher, root / "run", "search.n_trials=3", "search.sampler=random", "search.measure_speed=false"
-        )
+        args = search_args(teacher, root / "run", "search.n_trials=3", "search.measure_speed=false")
         assert main(args) == 0
     return root
 
@@ -57,8 +56,13 @@ def test_retrain_gives_every_candidate_the_same_budget_and_a_loadable_checkpoint
         assert record.kd["final"]["kl"] == pytest.approx(record.heldout["kl"], rel=1e-5)
         assert record.memory["peak_bytes"] > 0 and record.speed["decode_speedup"] > 0
         assert len(record.generations) == 3 and all(g["text"] for g in record.generations)
-        card = (run_dir / "retrain" / record.name / "model" / "README.md").read_text()
-        assert record.label in card and "KD tokens" in card and record.command in card
+        card = ModelCard.load(run_dir / "retrain" / record.name / "model" / "README.md")  # huggingface_hub parses it
+        assert record.label in card.text and "KD tokens" in card.text and record.command in card.text
+        results = {(r.dataset_type, r.metric_type): r for r in card.data.eval_results}
+        kl = results[("slimnas-heldout", "kl_divergence")]
+        assert kl.metric_value == pytest.approx(record.heldout["kl"], abs=1e-4) and "evaluation" in kl.dataset_split
+        assert card.data.base_model.endswith("teacher")  # the teacher the candidate was cut from
+        assert card.data.slimnas["kd_tokens"] == 1024 and card.data.slimnas["architecture"] == record.architecture
         assert not (run_dir / "retrain" / record.name / "kd" / "train_state.safetensors").exists()
         slimnas = json.loads((run_dir / "retrain" / record.name / "model" / "slimnas.json").read_text())
         assert slimnas["plan"] == records[record.trial].plan  # re-pruned exactly as searched
@@ -71,7 +75,7 @@ def test_kill_9_mid_candidate_then_rerun_gives_the_weights_of_an_uninterrupted_r
     assert main(["retrain", str(straight), *settings]) == 0
 
     process = slimnas_process("retrain", str(resumed), *settings)
-    order = choose_candidates(read_records(straight), read_run(straight), top_k=1, references=True)
+    order = choose_candidates(straight, top_k=1, references=True)
     first, second = (f"{c.trial:04d}" for c in order[:2])
 
     def mid_second_candidate():
@@ -100,7 +104,6 @@ def test_kill_9_mid_candidate_then_rerun_gives_the_weights_of_an_uninterrupted_r
     [
         ("not_a_run", "is not a slimnas run directory"),
         ("no_trials", "no trial that reached the last rung"),
-        ("top_k", "larger than the run's front"),
         ("corrupt", "corrupt JSON file"),
     ],
 )
@@ -112,10 +115,26 @@ def test_bad_input_is_one_line_and_overwrites_nothing(searched, tmp_path, monkey
         run_dir.mkdir()
     elif setup == "no_trials":
         shutil.rmtree(run_dir / "trials")
-    elif setup == "top_k":
-        extra = ["retrain.top_k=99"]
     else:
         next((run_dir / "trials").glob("*/record.json")).write_text("{not json")
     assert main(["retrain", str(run_dir), *RETRAIN, *extra]) == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (run_dir / "retrain").exists()
+
+
+def test_a_top_k_larger_than_the_front_is_clamped_with_a_message(searched, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(searched, tmp_path, monkeypatch)
+    front = json.loads((run_dir / "front.json").read_text())["trials"]
+    chosen = choose_candidates(run_dir, top_k=99, references=False)
+    assert len(chosen) == len(front) and f"retrain.top_k=99 but the front has {len(front)}" in capsys.readouterr().out
+
+
+def test_a_stale_retrain_record_is_refused_before_any_compute(searched, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(searched, tmp_path, monkeypatch)
+    assert main(["retrain", str(run_dir), *RETRAIN, "retrain.budget_tokens=512", "retrain.references=false"]) == 0
+    before = {p: p.stat().st_mtime for p in (run_dir / "retrain").rglob("record.json")}
+    assert main(["retrain", str(run_dir), *RETRAIN, "retrain.budget_tokens=1024", "retrain.references=false"]) == 2
+    assert "was retrained with other settings" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {p: p.stat().st_mtime for p in (run_dir / "retrain").rglob("record.json")} == before
+    assert main(["retrain", str(run_dir), *RETRAIN, "retrain.budget_tokens=512", "retrain.references=false"]) == 0
+    assert "retrained before, kept" in capsys.readouterr().out  # the same settings: reused

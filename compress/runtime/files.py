@@ -1,5 +1,6 @@
-"""Files written atomically (a killed run never leaves half a file) and stable content hashes."""
+"""Files written atomically (a killed run never leaves half a file), file locks, and stable content hashes."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a file while the block runs: processes sharing a folder (on one machine or on
+    a shared filesystem) take turns, and a second one waits for the first's result instead of redoing it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write_text(path: Path, text: str) -> None:

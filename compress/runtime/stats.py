@@ -1,7 +1,8 @@
-"""Error bars: the standard error of a mean, a 95% interval over seeds, a paired difference."""
+"""Error bars: the standard error of a mean, a 95% interval over seeds, a paired difference and its one-sided test."""
 
 import math
 import statistics
+from dataclasses import dataclass
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -11,10 +12,31 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over the same rows (or seeds), with its standard error: tighter than two error bars."""
+    """Mean of a - b over the same documents (or seeds), with its standard error: tighter than two error bars."""
     if len(a) != len(b):
         raise ValueError(f"paired values differ in number: {len(a)} and {len(b)}")
     return mean_and_stderr([x - y for x, y in zip(a, b, strict=True)])
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    difference: float  # mean of a - b
+    stderr: float
+    p_greater: float  # one-sided p-value of "a - b > 0" (Student t over the pairs)
+
+    def confident(self, level: float) -> bool:
+        """a is larger than b with this one-sided confidence."""
+        return self.p_greater < 1 - level
+
+
+def paired_test(a: list[float], b: list[float]) -> PairedTest:
+    """Is a larger than b, pair by pair? Equal pairs give p = 1; differences without spread, p = 0 when positive."""
+    from scipy.stats import t as student_t
+
+    difference, stderr = paired_difference(a, b)
+    if not stderr > 0:  # every pair differs by the same amount (or there is one pair)
+        return PairedTest(difference, stderr, 0.0 if difference > 0 and len(a) > 1 else 1.0)
+    return PairedTest(difference, stderr, float(student_t.sf(difference / stderr, len(a) - 1)))
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Records out: tidy rows saved as CSV, JSON and Parquet, and printed as aligned text tables."""
+"""Records out: tidy rows saved as CSV, JSON and Parquet (pandas), printed as text tables (tabulate), and the
+one way a value is written with its error bar."""
 
 import json
 import math
@@ -6,6 +7,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import pandas as pd
+from tabulate import tabulate
 
 from slimnas.compress.runtime.files import atomic_path, atomic_write_text
 
@@ -40,26 +42,19 @@ def cell(value) -> str:
 
 
 def format_table(records: list, columns: list[str]) -> str:
-    rows = [[cell(row.get(c)) for c in columns] for row in as_rows(records)]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    """The records as an aligned text table of the given columns."""
+    rows = [[cell(row.get(column)) for column in columns] for row in as_rows(records)]
+    return tabulate(rows, headers=columns, tablefmt="simple", disable_numparse=True)
 
 
-def plus_minus(value: float | None, stderr: float | None, digits: int = 3) -> str:
-    """'value ± stderr' for tables; blank when there is no value (None or NaN), no '±' without a stderr."""
+def plus_minus(value: float | None, stderr: float | None, digits: int | None = None) -> str:
+    """'value ± stderr' with two significant digits of the stderr (three of the value without one); blank when
+    there is no value, no '±' when there is no stderr. The one way every table writes an error bar."""
     if value is None or math.isnan(value):
         return ""
+    if digits is None:
+        reference, significant = (stderr, 2) if stderr and math.isfinite(stderr) else (value, 3)
+        digits = max(0, significant - 1 - math.floor(math.log10(abs(reference)))) if reference else 0
     if stderr is None or math.isnan(stderr):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} ± {stderr:.{digits}f}"
-
-
-def digits_for(value: float, stderr: float | None) -> int:
-    """Decimals that show two significant digits of the stderr (three of the value when there is none)."""
-    reference, significant = (stderr, 2) if stderr and math.isfinite(stderr) else (value, 3)
-    if not reference or not math.isfinite(reference):
-        return 0
-    return max(0, significant - 1 - math.floor(math.log10(abs(reference))))

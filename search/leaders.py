@@ -1,0 +1,105 @@
+"""The leaders' extended last rung: more KD for the top two while the race cannot tell them apart.
+
+Once no trial is running, the two best candidates that reached the last rung are compared on the
+selection documents (the race's one-sided paired test, at `search.race.confidence`). While they are
+not separated and the KD budget allows both, each is distilled again from its pruned weights with
+twice the last budget (a fresh warmup + cosine schedule over the longer run: what a longer rung would
+have been), and compared again; at most `search.race.extensions` times. The winner is the search's
+pick: retrain takes it first and the proof benchmark takes it as the search's finalist. Everything
+goes to RUN_DIR/race.json, with the settings hash; a rerun reads it back instead of redoing it.
+"""
+
+import time
+
+import optuna
+
+from slimnas.compress.arch import Architecture
+from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model
+from slimnas.compress.runtime.files import locked, read_json, write_json
+from slimnas.compress.runtime.stats import paired_test
+from slimnas.search.race import EXTENSION_TOKENS, kd_spent
+from slimnas.search.records import COMPLETE, TrialRecord, read_records
+from slimnas.search.setup import SearchSetup
+from slimnas.search.trial import distiller
+
+RACE_FILE = "race.json"
+
+
+def leaders(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The two best candidates at the last rung, by quality (ties by trial number)."""
+    complete = [r for r in records if r.state == COMPLETE]
+    return sorted(complete, key=lambda r: (-r.final["quality"], r.trial))[:2]
+
+
+def separated(a: list[float], b: list[float], confidence: float) -> tuple[bool, dict]:
+    """Is one of the two better than the other with confidence (the one with the higher mean KL tested worse)?"""
+    worse, better = (a, b) if sum(a) >= sum(b) else (b, a)
+    test = paired_test(worse, better)
+    return test.confident(confidence), {"difference": test.difference, "stderr": test.stderr, "p": test.p_greater}
+
+
+def extended(setup: SearchSetup, record: TrialRecord, tokens: int) -> dict:
+    """One leader distilled from its pruned weights for `tokens` KD tokens, scored on the selection documents."""
+    started = time.perf_counter()
+    teacher = setup.context.teacher.model
+    arch = Architecture(**record.architecture)
+    plan = plan_pruning(setup.context.importance, teacher.config, arch, PrunePolicy(**record.pruning))
+    student = prune_model(teacher, plan, arch)
+    kd = distiller(setup, student, plan, budget_tokens=tokens)
+    kd.train_until(kd.total_steps)
+    metrics = setup.selection.evaluate(student)
+    return {"trial": record.trial, "kd_tokens": kd.step * kd.tokens_per_step, "kl": metrics.kl,
+            "kl_stderr": metrics.kl_stderr, "kl_per_doc": metrics.kl_per_doc,
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def extend_leaders(study: optuna.Study, setup: SearchSetup) -> dict | None:
+    """Extend the leaders' last rung until they are separated, the budget or the extensions run out; the race."""
+    path = setup.run_dir / RACE_FILE
+    with locked(setup.run_dir / ".race.lock"):
+        race = read_json(path) if path.is_file() else None
+        top = leaders(read_records(setup.run_dir))
+        if len(top) < 2:
+            return None
+        if (
+            race is None
+            or race.get("settings_hash") != setup.settings_hash
+            or race["leaders"] != [r.trial for r in top]
+        ):
+            race = {"settings_hash": setup.settings_hash, "leaders": [r.trial for r in top], "rounds": []}
+        values = {r.trial: r.final["kl_per_doc"] for r in top}
+        for done in race["rounds"]:
+            values = {leader["trial"]: leader["kl_per_doc"] for leader in done["leaders"]}
+        settings, budget = setup.settings.race, setup.settings.budget.kd_tokens
+        while True:
+            split, test = separated(*values.values(), settings.confidence)
+            race["test"] = test
+            if split:
+                race["why"] = f"separated with {settings.confidence:.0%} confidence"
+                break
+            if len(race["rounds"]) >= settings.extensions:
+                race["why"] = f"not separated after {settings.extensions} extension(s)"
+                break
+            tokens = setup.tokens_at(setup.last_rung) * 2 ** (len(race["rounds"]) + 1)
+            if budget is not None and kd_spent(study) + 2 * tokens > budget:
+                race["why"] = f"not separated; the KD budget has no room for two runs of {tokens:,} tokens"
+                break
+            study.set_user_attr(EXTENSION_TOKENS, study.user_attrs.get(EXTENSION_TOKENS, 0) + 2 * tokens)
+            print(f"race: trials {race['leaders'][0]} and {race['leaders'][1]} are within noise; both again with "
+                  f"{tokens:,} KD tokens")  # fmt: skip
+            round_ = {"kd_tokens": tokens, "leaders": [extended(setup, record, tokens) for record in top]}
+            race["rounds"].append(round_)
+            values = {leader["trial"]: leader["kl_per_doc"] for leader in round_["leaders"]}
+            write_json(path, race)
+        race["winner"] = min(values, key=lambda trial: (sum(values[trial]), trial))
+        write_json(path, race)
+    print(f"race: trial {race['winner']} leads ({race['why']})")
+    return race
+
+
+def search_pick(run_dir, records: list[TrialRecord]) -> TrialRecord | None:
+    """The search's choice: the race's winner when the leaders' last rung was extended, else the best by quality."""
+    path = run_dir / RACE_FILE
+    winner = read_json(path).get("winner") if path.is_file() else None
+    best = leaders(records)
+    return next((r for r in records if r.trial == winner), best[0] if best else None)

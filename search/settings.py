@@ -1,0 +1,106 @@
+"""The search's settings: one dataclass per section of `search.*`, each setting's default written once, here.
+
+They are Hydra structured configs (registered in slimnas.config): overrides are type-checked when the
+command is composed, and `__post_init__` checks what types cannot.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.search.constraints import Budget
+from slimnas.search.objectives import OBJECTIVES, QUALITY_METRICS
+from slimnas.search.space import SpaceSettings
+
+REFERENCE_KINDS = ("uniform", "depth_only", "width_only")
+PROPOSALS = ("screen", "uniform", "enumerate")
+
+
+@dataclass
+class ScreenSettings:
+    """Before any KD, candidates are scored by held-out KL right after pruning; the best go first."""
+
+    max_candidates: int = 2000  # every feasible candidate up to this many, else a seeded stratified sample
+    top_k: int = 4  # the screen's best, queued as the study's first trials (the best is the zero-shot pick)
+
+    def __post_init__(self):
+        if self.max_candidates < 1 or self.top_k < 1:
+            raise SlimnasError("search.screen.max_candidates and search.screen.top_k must be at least 1")
+
+
+@dataclass
+class RaceSettings:
+    """KD in rungs; after each, a candidate stops only when a peer is better on the same documents with confidence."""
+
+    rung_tokens: list[int] = field(default_factory=lambda: [100_000, 400_000])  # cumulative KD tokens of each rung
+    confidence: float = 0.95  # one-sided paired test over the selection documents
+    extensions: int = 2  # then the two leaders' last rung is doubled, at most this often, until they are separated
+
+    def __post_init__(self):
+        if not self.rung_tokens or min(self.rung_tokens) < 1:
+            raise SlimnasError("search.race.rung_tokens needs at least one rung of at least one token")
+        if not 0.5 <= self.confidence < 1:
+            raise SlimnasError(f"search.race.confidence must be in [0.5, 1), not {self.confidence}")
+        if self.extensions < 0:
+            raise SlimnasError("search.race.extensions must be >= 0")
+
+
+@dataclass
+class ReferenceSettings:
+    kinds: list[str] = field(default_factory=lambda: list(REFERENCE_KINDS))  # simple cuts run beside the search
+    uniform_tolerance: float = 0.2  # largest spread of per-dimension ratios still called a uniform cut
+
+    def __post_init__(self):
+        unknown = set(self.kinds) - set(REFERENCE_KINDS)
+        if unknown:
+            raise SlimnasError(f"unknown reference kind(s) {sorted(unknown)}: choose from {', '.join(REFERENCE_KINDS)}")
+
+
+@dataclass
+class StorageSettings:
+    url: str | None = None  # null = SQLite in the run directory; postgresql://user@host/db for many workers
+    heartbeat_interval: int = 20  # seconds between a running trial's heartbeats
+    grace_period: int = 180  # a trial of another host silent this long is failed and retried
+
+
+@dataclass
+class SearchSettings:
+    n_trials: int = 20  # candidates to reach the last rung (stopped ones and rejected proposals do not count)
+    study_name: str = "slimnas"
+    seed: int = 0  # the sampler's, and the screen's sample
+    sampler: Any = None  # an Optuna sampler for hydra.utils.instantiate: choose with search/sampler=tpe|nsga2|gp|...
+    objectives: list[str] = field(default_factory=lambda: ["quality", "params"])  # also throughput, latency
+    quality_metric: str = "heldout_kl"  # heldout_kl: quality = -KL on the selection documents; summary: lm-eval
+    score_trials: bool = False  # lm-eval (selection pool, quality.trial_limit documents) on every trial that ends
+    measure_speed: bool = True  # time every trial that reaches the last rung against the teacher
+    keep_checkpoints: bool = False  # keep each completed trial's checkpoint in trials/N/model
+    proposals: str = "screen"  # screen: the screen's best first, then the sampler, told the screen's results;
+    # uniform: feasible candidates in a seeded random order, no screen, no sampler (the random-search baseline);
+    # enumerate: every feasible candidate to the last rung, none stopped (what a race is measured against)
+    max_attempts: int = 3  # failed attempts of one candidate before it counts as evaluated
+    max_failures_in_a_row: int = 3  # then the search stops with the last failure's reason
+    budget: Budget = field(default_factory=Budget)
+    space: SpaceSettings = field(default_factory=SpaceSettings)
+    screen: ScreenSettings = field(default_factory=ScreenSettings)
+    race: RaceSettings = field(default_factory=RaceSettings)
+    references: ReferenceSettings = field(default_factory=ReferenceSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+
+    def __post_init__(self):
+        unknown = [name for name in self.objectives if name not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise SlimnasError(
+                f"unknown objective(s) {unknown or self.objectives}: choose from {', '.join(OBJECTIVES)}"
+            )
+        if "quality" not in self.objectives:
+            raise SlimnasError("search.objectives must include quality: the race compares candidates by it")
+        if self.quality_metric not in QUALITY_METRICS:
+            raise SlimnasError(f"search.quality_metric must be one of {', '.join(QUALITY_METRICS)}")
+        if self.quality_metric == "summary" and not self.score_trials:
+            raise SlimnasError("search.quality_metric=summary needs search.score_trials=true")
+        if self.proposals not in PROPOSALS:
+            raise SlimnasError(f"search.proposals must be one of {', '.join(PROPOSALS)}, not {self.proposals!r}")
+        if min(self.n_trials, self.max_attempts, self.max_failures_in_a_row) < 1:
+            raise SlimnasError("search.n_trials, max_attempts and max_failures_in_a_row must be at least 1")
+        if not isinstance(self.sampler, dict) or "_target_" not in self.sampler:
+            raise SlimnasError("search.sampler needs a _target_ (an Optuna sampler class): use search/sampler=tpe")
