@@ -8,6 +8,7 @@ teacher targets: plain cross-entropy), resumable, saved as a plain Hugging Face 
 
 from dataclasses import dataclass
 
+from slimnas.compress.distill import DistillSettings
 from slimnas.compress.runtime.errors import SlimnasError
 
 
@@ -25,3 +26,11 @@ class CorrectSettings:
     def __post_init__(self):
         if self.budget_tokens < 0 or self.batch_size < 1 or not self.lr > 0:
             raise SlimnasError("correct.budget_tokens must be >= 0, correct.batch_size >= 1 and correct.lr > 0")
+
+    def as_distill(self, precision: str) -> DistillSettings:
+        """The same schedule machinery as distillation, with the next-token loss alone (no teacher)."""
+        return DistillSettings(
+            budget_tokens=max(1, self.budget_tokens), batch_size=self.batch_size, lr=self.lr,
+            warmup_fraction=self.warmup_fraction, min_lr_ratio=self.min_lr_ratio, eval_every=self.eval_every,
+            save_every=self.save_every, seed=self.seed, ce_weight=1.0, precision=precision,
+        )  # fmt: skip

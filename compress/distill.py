@@ -10,6 +10,7 @@ step and RNG, so an interrupted run resumes to the same final weights. The check
 safetensors file (tensors, plus the counters as JSON in its header): loading it cannot run code.
 """
 
+import contextlib
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from transformers import PreTrainedModel
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.kd_loss import IGNORE, next_token_labels, token_losses
 from slimnas.compress.models import LoadedModel
-from slimnas.compress.runtime import interrupt
+from slimnas.compress.runtime import distributed, interrupt
 from slimnas.compress.runtime.device import autocast, model_device
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json
@@ -174,13 +175,49 @@ def make_teacher_targets(
     return CachedTeacherTargets(cache, teacher.model, settings.precision)
 
 
+class StudentLosses(nn.Module):
+    """The student's forward and its losses as one module: DistributedDataParallel wraps it under torchrun, so
+    every parameter a step uses (the body, the chunked vocabulary head, the hidden-state maps) is averaged."""
+
+    def __init__(self, student: PreTrainedModel, settings: "DistillSettings", hidden_match: "HiddenStateMatch | None"):
+        super().__init__()
+        self.student, self.settings, self.hidden_match = student, settings, hidden_match
+        self.maps = hidden_match.maps if hidden_match is not None else None  # registered: trained and averaged too
+
+    def forward(self, input_ids: torch.Tensor, target, teacher_outputs: dict):
+        device = input_ids.device
+        student_layers = [s for s, _ in self.hidden_match.pairs] if self.hidden_match else []
+        student_outputs, handles = capture_layer_outputs(self.student, student_layers)
+        try:
+            with autocast(device, self.settings.precision):
+                hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
+                labels = next_token_labels(input_ids).flatten()
+                kl, nll = token_losses(
+                    hidden, self.student.lm_head, labels, target, self.settings.temperature, self.settings.chunk_tokens
+                )
+                kl, ce = kl.mean(), nll.sum() / max(1, int((labels != IGNORE).sum()))
+                hidden_loss = (
+                    self.hidden_match.loss(student_outputs, teacher_outputs)
+                    if self.hidden_match
+                    else torch.zeros((), device=device)
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return kl, ce, hidden_loss
+
+
 class Distiller:
-    """Trains one student against teacher targets to a token budget; `step` is how far it has got."""
+    """Trains one student against teacher targets to a token budget; `step` is how far it has got.
+
+    Under torchrun each rank takes its share of every global batch (`distributed.share`) and
+    DistributedDataParallel averages the gradients, so N processes follow the one-process loss curve.
+    """
 
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher_targets: TeacherTargets,
+        teacher_targets: TeacherTargets | None,  # None: next-token loss alone (teacher correction)
         train_rows: torch.Tensor,
         settings: DistillSettings,
         hidden_match: HiddenStateMatch | None = None,
@@ -200,37 +237,26 @@ class Distiller:
         )
         self.warmup = max(1, int(settings.warmup_fraction * self.total_steps))
         self.step = 0
+        self.losses = StudentLosses(student, settings, hidden_match)
+        if distributed.world() > 1:
+            distributed.check_batch(settings.batch_size)
+            devices = [self.device] if self.device.type == "cuda" else None
+            self.losses = torch.nn.parallel.DistributedDataParallel(self.losses, device_ids=devices)
 
     def lr_at(self, step: int) -> float:
         return self.settings.lr * warmup_cosine(step, self.warmup, self.total_steps, self.settings.min_lr_ratio)
 
     def _losses(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = distributed.share(rows)  # this rank's rows of the global batch (all of them in one process)
         input_ids = self.train_rows[rows].to(self.device)
-        target, teacher_outputs = self.teacher_targets.targets(rows, input_ids)
-        student_layers = [s for s, _ in self.hidden_match.pairs] if self.hidden_match else []
-        student_outputs, handles = capture_layer_outputs(self.student, student_layers)
-        try:
-            with autocast(self.device, self.settings.precision):
-                hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
-                labels = next_token_labels(input_ids).flatten()
-                kl, nll = token_losses(
-                    hidden, self.student.lm_head, labels, target, self.settings.temperature, self.settings.chunk_tokens
-                )
-                kl, ce = kl.mean(), nll.sum() / max(1, int((labels != IGNORE).sum()))
-                hidden_loss = (
-                    self.hidden_match.loss(student_outputs, teacher_outputs)
-                    if self.hidden_match
-                    else torch.zeros((), device=self.device)
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
-        return kl, ce, hidden_loss
+        target, teacher_outputs = self.teacher_targets.targets(rows, input_ids) if self.teacher_targets else (None, {})
+        return self.losses(input_ids, target, teacher_outputs)
 
     def train_until(self, step: int, progress: tqdm | None = None) -> list[dict]:
         """Train from the current step up to `step` (at most the total); returns one log line per step."""
         settings = self.settings
-        self.teacher_targets.prepare(self.n_rows)
+        if self.teacher_targets is not None:
+            self.teacher_targets.prepare(self.n_rows)
         self.student.train()
         logs, started, first = [], time.perf_counter(), self.step
         while self.step < min(step, self.total_steps):
@@ -241,17 +267,22 @@ class Distiller:
             for micro in range(settings.grad_accum):
                 micro_step = self.step * settings.grad_accum + micro
                 rows = batch_rows(micro_step, settings.batch_size, self.n_rows, settings.seed)
-                kl, ce, hidden_loss = self._losses(rows)
-                loss = kl  # terms of weight 0 stay out of the graph: their backward would cost a vocabulary pass
-                if settings.ce_weight:
-                    loss = loss + settings.ce_weight * ce
-                if settings.hidden_weight:
-                    loss = loss + settings.hidden_weight * hidden_loss
-                if not torch.isfinite(loss):
-                    raise SlimnasError(f"non-finite loss at step {self.step + 1}")
-                (loss / settings.grad_accum).backward()
+                last = micro == settings.grad_accum - 1
+                synced = contextlib.nullcontext() if last or distributed.world() == 1 else self.losses.no_sync()
+                with synced:  # gradients are averaged over the ranks once per step, after the last micro-batch
+                    kl, ce, hidden_loss = self._losses(rows)
+                    # terms of weight 0 stay out of the graph: their backward would cost a vocabulary pass
+                    loss = kl if self.teacher_targets is not None else torch.zeros((), device=self.device)
+                    if settings.ce_weight:
+                        loss = loss + settings.ce_weight * ce
+                    if settings.hidden_weight:
+                        loss = loss + settings.hidden_weight * hidden_loss
+                    if not torch.isfinite(loss):
+                        raise SlimnasError(f"non-finite loss at step {self.step + 1}")
+                    (loss / settings.grad_accum).backward()
                 for i, value in enumerate((kl, ce, hidden_loss)):
                     totals[i] += value.item() / settings.grad_accum
+            totals = distributed.mean(totals)
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], settings.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -349,26 +380,34 @@ def distill_to_budget(
     run in the same directory is refused instead of being resumed silently.
     """
     settings = distiller.settings
+    main = distributed.is_main()  # under torchrun rank 0 alone evaluates, logs and checkpoints
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, metrics_path = out_dir / STATE_FILE, out_dir / METRICS_FILE
     resume_key = hash_json([resume_identity, asdict(settings)])
     torch.manual_seed(settings.seed)
-    if state_path.exists():
+    if state_path.exists():  # every rank resumes from the same state, whatever the process count that wrote it
         distiller.load(state_path, resume_key)
     start = distiller.step
-    _truncate_metrics(metrics_path, start)
-    initial = heldout.evaluate(distiller.student).summary() if start == 0 else {}
+    initial = {}
+    if main:
+        _truncate_metrics(metrics_path, start)
+        initial = heldout.evaluate(distiller.student).summary() if start == 0 else {}
     if initial:
         _log(metrics_path, [{"step": 0, "tokens": 0, "heldout": initial}])
     total = distiller.total_steps
     started, final = time.perf_counter(), initial
-    progress = tqdm(total=total, initial=start, desc="distill", unit="step", disable=not progress_bar, leave=False)
+    progress = tqdm(
+        total=total, initial=start, desc="distill", unit="step", disable=not (progress_bar and main), leave=False
+    )
     try:
         while distiller.step < total:
             step = distiller.step
             next_eval = (step // settings.eval_every + 1) * settings.eval_every
             next_save = (step // settings.save_every + 1) * settings.save_every
-            _log(metrics_path, distiller.train_until(min(total, next_eval, next_save), progress))
+            logs = distiller.train_until(min(total, next_eval, next_save), progress)
+            if not main:
+                continue
+            _log(metrics_path, logs)
             tokens = distiller.step * distiller.tokens_per_step
             if distiller.step % settings.eval_every == 0 or distiller.step == total:
                 final = heldout.evaluate(distiller.student).summary()
@@ -379,7 +418,7 @@ def distill_to_budget(
         raise SlimnasError(f"{error}; the last good checkpoint is kept in {out_dir}") from error
     finally:
         progress.close()
-    if not final:  # resumed a finished run: nothing trained, still report where it stands
+    if not final and main:  # resumed a finished run: nothing trained, still report where it stands
         final = heldout.evaluate(distiller.student).summary()
     seconds = time.perf_counter() - started
     return DistillResult(

@@ -266,6 +266,7 @@ def cached_importance(
             return Importance.load(path), path
         if len(calibration) < settings.n_samples:
             print(f"note: corpus has {len(calibration)} training sequences; scoring on all of them", flush=True)
+        print(f"importance: computing on {min(len(calibration), settings.n_samples)} calibration rows", flush=True)
         importance = compute_importance(model, calibration, settings)
         with atomic_path(path) as staging:
             importance.save(staging)

@@ -62,8 +62,11 @@ def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float)
 def _chunk_losses(hidden, lm_head_weight, labels, target, temperature: float):
     logits = F.linear(hidden, lm_head_weight).float()
     student_logp = F.log_softmax(logits / temperature, dim=-1)
-    kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
-    kl = kl_fn(student_logp, target, temperature) * temperature**2
+    if target is None:
+        kl = torch.zeros(len(hidden), device=hidden.device)
+    else:
+        kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
+        kl = kl_fn(student_logp, target, temperature) * temperature**2
     if temperature == 1.0:  # the next-token loss from the same log-softmax: one vocabulary pass instead of two
         labelled = labels != IGNORE
         nll = -student_logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * labelled
@@ -83,17 +86,19 @@ def token_losses(
     student_hidden: torch.Tensor,
     lm_head: nn.Linear,
     labels: torch.Tensor,
-    target: LiveTarget | TopKTarget,
+    target: LiveTarget | TopKTarget | None,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL, next-token NLL) per position of flattened [n, hidden] states; NLL is 0 where there is no label."""
+    """(KL, next-token NLL) per position of flattened [n, hidden] states; NLL is 0 where there is no label,
+    KL is 0 where there is no teacher (target None: teacher correction trains on the next token alone)."""
     n = student_hidden.shape[0]
     checkpointed = torch.is_grad_enabled() and student_hidden.requires_grad and n > chunk_tokens
     kls, nlls = [], []
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
-        args = (student_hidden[start:end], lm_head.weight, labels[start:end], target.chunk(start, end), temperature)
+        chunk = target.chunk(start, end) if target is not None else None
+        args = (student_hidden[start:end], lm_head.weight, labels[start:end], chunk, temperature)
         kl, nll = checkpoint(_chunk_losses, *args, use_reentrant=False) if checkpointed else _chunk_losses(*args)
         kls.append(kl)
         nlls.append(nll)

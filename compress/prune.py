@@ -152,6 +152,7 @@ def prune_model(teacher: PreTrainedModel, plan: PrunePlan, target: Architecture)
     dtype = next(teacher.parameters()).dtype
     with no_init_weights():  # every parameter is overwritten below: random initialisation would cost seconds
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    student.tie_weights()  # no_init_weights skips the tying too: tied embeddings stay one tensor, as counted
     teacher_state = teacher.state_dict()
     dim = head_dim(teacher.config)
     norm_scale = math.sqrt(teacher.config.hidden_size / target.hidden_size)

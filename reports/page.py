@@ -15,7 +15,7 @@ from slimnas.compress.runtime.stats import paired_difference
 from slimnas.compress.runtime.tables import cell, plus_minus
 from slimnas.reports.leaderboard import display_table, pm, rank_fidelity
 from slimnas.reports.plots import Plot
-from slimnas.reports.runs import Run
+from slimnas.reports.runs import Run, Section
 from slimnas.search.records import COMPLETE, STOPPED, outcome_text
 
 
@@ -162,20 +162,19 @@ def search_view(run: Run, rows: list[dict], plots: list[Plot]) -> dict:
     }
 
 
-def proof_view(run: Run) -> dict:
-    proof = run.proof
+def section_view(run: Run, section: Section) -> dict:
     cells = lambda columns, rows: [[cell(row.get(c)) for c in columns] for row in rows]  # noqa: E731
     view = {
-        "name": run.name,
-        "columns": proof.columns,
-        "rows": cells(proof.columns, proof.rows),
-        "paired_columns": proof.paired_columns,
-        "paired": cells(proof.paired_columns, proof.paired),
-        "notes": proof.notes,
-        "image": proof.image,
+        "title": f"{section.title} ({run.name})",
+        "columns": section.columns,
+        "rows": cells(section.columns, section.rows),
+        "paired_columns": section.paired_columns,
+        "paired": cells(section.paired_columns, section.paired),
+        "notes": section.notes,
+        "image": section.image,
         "wall": [],
     }
-    if run.kind == "baselines":
+    if run.kind != "search":  # a run of sections only: its cost and settings are shown with them
         view["wall"] = [[stage, duration(seconds)] for stage, seconds in run.info.get("wall_seconds", {}).items()]
         view["settings"] = flatten(run.info.get("settings", {}))
     return view
@@ -193,5 +192,5 @@ def page(runs: list[Run], rows: list[dict], plots: dict[str, list[Plot]]) -> str
         names=", ".join(run.name for run in runs),
         searches=[search_view(run, rows, plots[run.name]) for run in searches],
         leaderboard={"headers": headers, "cells": cells, "stages": [row["stage"].split()[0] for row in rows]},
-        proofs=[proof_view(run) for run in runs if run.proof is not None],
+        sections=[section_view(run, section) for run in runs for section in run.sections],
     )

@@ -2,8 +2,8 @@
 
 A report reads records only, never a model: run.json, the trial records, front.json (the front the
 search computed), screen.jsonl, race.json, the retrain records, the KD curves of the retrained
-candidates, and proof/ when another tool left one there. Every problem with them is found here and said
-in one line, so a bad input never leaves half a report.
+candidates, and the sections other tools leave there (proof/, correction/, chain/). Every problem with
+them is found here and said in one line, so a bad input never leaves half a report.
 """
 
 from dataclasses import dataclass
@@ -18,13 +18,20 @@ from slimnas.search.tables import read_front
 
 RUN_KEYS = ("teacher", "teacher_params", "settings")  # written by `slimnas search` before its first trial
 RANKED = ("complete", "stopped")  # trial states that carry a quality
-PROOF_FILE, PROOF_IMAGE = Path("proof") / "proof.json", Path("proof") / "proof.png"
+SECTIONS = {  # tables other tools leave in a run directory, RUN_DIR/NAME/NAME.json (+ NAME.png), shown as they are
+    "proof": "Search vs baselines",  # slimnas baselines
+    "correction": "Teacher correction: the original and the corrected teacher",  # slimnas pipeline, correct stage
+    "chain": "The chain: every stage against the original teacher",  # slimnas pipeline chain=[...]
+}
+SECTION_KINDS = ("baselines", "chain")  # run directories that hold sections only (their searches are elsewhere)
 
 
 @dataclass(frozen=True)
-class Proof:
-    """proof/proof.json (the search against baselines, written by another tool) and its optional image."""
+class Section:
+    """A table written by another tool (its columns and rows as shown), notes, and an optional image."""
 
+    name: str
+    title: str
     columns: list[str]
     rows: list[dict]
     paired_columns: list[str]
@@ -45,7 +52,7 @@ class Run:
     race: dict | None  # race.json: the leaders' extended last rung
     front: dict  # front.json: the study's front and its quality-vs-parameters subset, as the search computed them
     unfinished: list[str]  # retrain/NAME directories with no record yet (retrain interrupted or running)
-    proof: Proof | None
+    sections: list[Section]
 
     @property
     def name(self) -> str:
@@ -53,7 +60,7 @@ class Run:
 
     @property
     def kind(self) -> str:
-        """search (a search, maybe retrained) or baselines (the search-vs-baselines benchmark: its proof only)."""
+        """search (a search, maybe retrained), or baselines / chain (sections only: the proof, the chain's table)."""
         return self.info.get("kind", "search")
 
     @property
@@ -119,30 +126,38 @@ def read_kd_curve(path: Path) -> list[dict]:
     return [{**line["heldout"], "kd_tokens": line["tokens"]} for line in read_jsonl(path) if "heldout" in line]
 
 
-def read_proof(run_dir: Path) -> Proof | None:
-    if not (run_dir / PROOF_FILE).is_file():
-        return None
-    proof = read_json(run_dir / PROOF_FILE)
-    if not isinstance(proof, dict) or not all(isinstance(proof.get(key), list) for key in ("columns", "rows")):
-        raise SlimnasError(f"{run_dir / PROOF_FILE} needs lists 'columns' and 'rows'")
-    image = run_dir / PROOF_IMAGE
-    return Proof(
-        columns=proof["columns"],
-        rows=proof["rows"],
-        paired_columns=proof.get("paired_columns", []),
-        paired=proof.get("paired", []),
-        notes=proof.get("notes", []),
-        image=image.read_bytes() if image.is_file() else None,
-    )
+def read_sections(run_dir: Path) -> list[Section]:
+    sections = []
+    for name, title in SECTIONS.items():
+        path = run_dir / name / f"{name}.json"
+        if not path.is_file():
+            continue
+        values = read_json(path)
+        if not isinstance(values, dict) or not all(isinstance(values.get(key), list) for key in ("columns", "rows")):
+            raise SlimnasError(f"{path} needs lists 'columns' and 'rows'")
+        image = path.with_suffix(".png")
+        sections.append(
+            Section(
+                name=name,
+                title=values.get("title", title),
+                columns=values["columns"],
+                rows=values["rows"],
+                paired_columns=values.get("paired_columns", []),
+                paired=values.get("paired", []),
+                notes=values.get("notes", []),
+                image=image.read_bytes() if image.is_file() else None,
+            )
+        )
+    return sections
 
 
 def read_one(run_dir: Path) -> Run:
     info = read_run(run_dir)
-    if info.get("kind") == "baselines":
-        proof = read_proof(run_dir)
-        if proof is None:
-            raise SlimnasError(f"{run_dir} is a baselines run with no {PROOF_FILE} yet: the benchmark has not finished")
-        return Run(run_dir, info, [], None, [], {}, [], None, read_front(run_dir), [], proof)
+    if info.get("kind") in SECTION_KINDS:
+        sections = read_sections(run_dir)
+        if not sections:
+            raise SlimnasError(f"{run_dir} is a {info['kind']} run with no table yet: it has not finished")
+        return Run(run_dir, info, [], None, [], {}, [], None, {}, [], sections)
     check_info(info, run_dir)
     trials = read_records(run_dir)
     check_trials(trials, run_dir)
@@ -161,7 +176,7 @@ def read_one(run_dir: Path) -> Run:
         race=read_json(run_dir / RACE_FILE) if (run_dir / RACE_FILE).is_file() else None,
         front=read_front(run_dir),
         unfinished=sorted(p.name for p in (run_dir / "retrain").glob("*/kd") if p.parent.name not in recorded),
-        proof=read_proof(run_dir),
+        sections=read_sections(run_dir),
     )
     check_retrained(candidates, teacher, run)
     return run

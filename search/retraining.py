@@ -26,8 +26,9 @@ from slimnas.compress.distill import (
     make_teacher_targets,
 )
 from slimnas.compress.heldout import HeldoutSet
-from slimnas.compress.models import cache_root
+from slimnas.compress.models import LoadedModel, cache_root
 from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.runtime import distributed
 from slimnas.compress.runtime.device import hardware
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.files import hash_json, hash_tensor, read_json, write_json
@@ -82,6 +83,9 @@ class Scorer:
         return part | {"seconds": seconds}
 
 
+REFERENCE, REFERENCE_DIR = "reference teacher", "reference_teacher"  # retrain.reference_teacher: split, record dir
+
+
 @dataclass
 class RetrainSettings:
     top_k: int = 2  # the search's pick, then the best of the front by quality
@@ -95,6 +99,9 @@ class RetrainSettings:
         ]
     )
     new_tokens: int = 24
+    # Also score every candidate's KL to this model on the evaluation documents: the original teacher when the
+    # run's teacher is a corrected one or a chain's earlier student (slimnas pipeline sets it). null: none
+    reference_teacher: str | None = None
 
     def __post_init__(self):
         if self.top_k < 0 or self.budget_tokens < 1 or self.new_tokens < 0:
@@ -131,7 +138,8 @@ def retrain_hash(
     other = {name: hash_tensor(rows) for name, rows in (other_rows or {}).items()}
     scoring = [asdict(quality), suite.tasks if suite else None, asdict(speed) if speed else None]
     teacher = [context.teacher.fingerprint, context.corpus.fingerprint]
-    return hash_json([*teacher, asdict(distill), *scoring, settings.prompts, settings.new_tokens, other])
+    shown = [settings.prompts, settings.new_tokens, settings.reference_teacher]
+    return hash_json([*teacher, asdict(distill), *scoring, *shown, other])
 
 
 def prepare_retraining(
@@ -178,18 +186,20 @@ def reusable(out: Path, settings_hash: str) -> RetrainRecord | None:
     return RetrainRecord(**values)
 
 
-def score_teacher(retraining: Retraining, out: Path) -> RetrainRecord:
-    """The teacher scored by the same scorer (once per directory)."""
+def score_teacher(retraining: Retraining, out: Path, model: LoadedModel | None = None) -> RetrainRecord:
+    """The teacher (or another unpruned model: the original of a corrected teacher) scored by the same scorer,
+    once per directory."""
     if (record := reusable(out, retraining.settings_hash)) is not None:
         return record
-    teacher, speed = retraining.context.teacher.model, retraining.speed
+    loaded = model or retraining.context.teacher
+    teacher, speed = loaded.model, retraining.speed
     arch = Architecture.of(teacher.config)
     record = RetrainRecord(
         name="teacher", trial=None, label=arch.label(), architecture=arch.as_dict(), params=param_count(teacher.config),
         params_fraction=1.0, reference=None, kd_tokens=0, search={}, kd={},
         speed=asdict(measure_speed(teacher, speed, "teacher")) if speed else {},
         flops_per_token=flops_per_token(teacher.config, speed.prompt_len if speed else 128),
-        memory=asdict(measure_memory(retraining.teacher_name, speed, retraining.context.device)) if speed else {},
+        memory=asdict(measure_memory(loaded.source, speed, retraining.context.device)) if speed else {},
         model_dir=None, command=retraining.command, hardware=hardware(retraining.context.device),
         corpus=retraining.context.corpus.describe(), settings_hash=retraining.settings_hash,
         **retraining.scorer(teacher, "teacher"),
@@ -209,7 +219,9 @@ class Candidate:
     expected_plan: dict | None = None  # the cut the search made, to check the re-cut against
 
 
-def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: RetrainRecord) -> RetrainRecord:
+def retrain(
+    retraining: Retraining, candidate: Candidate, out: Path, teacher: RetrainRecord | None
+) -> RetrainRecord | None:
     """Re-prune, distil through the budget (resuming a killed run), save the checkpoint, score it."""
     if (record := reusable(out, retraining.settings_hash)) is not None:
         return record
@@ -232,6 +244,9 @@ def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: Re
     identity = {"plan": plan.as_dict(), "teacher": context.teacher.fingerprint, "corpus": context.corpus.fingerprint}
     result = distill_to_budget(kd, retraining.scorer.evaluation, out / "kd", identity)
     kd_seconds = time.perf_counter() - started
+    if not distributed.is_main():  # under torchrun rank 0 saves and scores; the ranks start the next one together
+        distributed.barrier()
+        return None
     provenance = {"trial": candidate.trial, "kd_tokens": result.tokens, "plan": plan.as_dict(),
                   "corpus": context.corpus.describe()}  # fmt: skip
     save_checkpoint(student, context.teacher.tokenizer, out / "model", provenance | {"command": retraining.command})
@@ -257,4 +272,5 @@ def retrain(retraining: Retraining, candidate: Candidate, out: Path, teacher: Re
     model_card(record, teacher, retraining.teacher_name, plan.as_dict()).save(out / "model" / "README.md")
     write_json(out / RECORD_FILE, asdict(record))
     (out / "kd" / STATE_FILE).unlink(missing_ok=True)  # finished: its optimizer state is not needed again
+    distributed.barrier()
     return record

@@ -12,6 +12,8 @@ one resumes from its last KD checkpoint. Each result is a Hugging Face checkpoin
 and a model card.
 """
 
+import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from slimnas.bench.tasks import prepare_suite
 from slimnas.compress.arch import Architecture
 from slimnas.compress.context import load_teacher_context
-from slimnas.compress.models import cache_root
+from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.models import cache_root, load_model
+from slimnas.compress.runtime import distributed
 from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.tables import format_table, plus_minus
@@ -36,7 +40,16 @@ from slimnas.search.records import (
     read_run,
     update_run,
 )
-from slimnas.search.retraining import Candidate, prepare_retraining, retrain, retrain_hash, reusable, score_teacher
+from slimnas.search.retraining import (
+    REFERENCE,
+    REFERENCE_DIR,
+    Candidate,
+    prepare_retraining,
+    retrain,
+    retrain_hash,
+    reusable,
+    score_teacher,
+)
 from slimnas.search.tables import read_front
 
 RETRAIN_COLUMNS = ["name", "label", "params %", "KD tokens", "held-out KL", "perplexity", "summary", "decode speed-up"]
@@ -72,7 +85,7 @@ def retrain_row(r: RetrainRecord) -> dict:
         "label": r.label,
         "params %": f"{100 * r.params_fraction:.1f}",
         "KD tokens": r.kd_tokens,
-        "held-out KL": plus_minus(r.heldout["kl"], r.heldout["kl_stderr"]),
+        "held-out KL": "0" if r.name == "teacher" else plus_minus(r.heldout["kl"], r.heldout["kl_stderr"]),
         "perplexity": plus_minus(r.heldout["perplexity"], r.heldout["perplexity_stderr"]),
         "summary": plus_minus(r.summary["value"], r.summary["stderr"]),
         "decode speed-up": plus_minus(r.speed.get("decode_speedup"), r.speed.get("decode_speedup_stderr")),
@@ -81,6 +94,9 @@ def retrain_row(r: RetrainRecord) -> dict:
 
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
+    distributed.init()  # under torchrun: data-parallel KD, rank 0 alone writes, scores and prints
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this rank)
     # 1. The run, its candidates and every setting, checked before any compute or any write
     run_dir = Path(cfg.run_dir)
     run = read_run(run_dir)
@@ -88,14 +104,19 @@ def main(cfg: DictConfig) -> None:
     settings = settings_of(cfg, "retrain")
     data, distill, quality = settings_of(cfg, "data"), settings_of(cfg, "distill"), settings_of(cfg, "quality")
     speed, importance, policy = settings_of(cfg, "speed"), settings_of(cfg, "importance"), settings_of(cfg, "pruning")
+    distributed.check_batch(distill.batch_size)
     candidates = choose_candidates(run_dir, settings.top_k, settings.references)
     suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
 
     # 2. Teacher, corpus, importance (the search's, from the cache); records of other settings refused here
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(), importance)
-    hashed = retrain_hash(context, distill, settings, quality, suite, speed)
+    reference, other = None, ()
+    if settings.reference_teacher:  # every candidate's KL to it too (the original teacher of a corrected one)
+        reference = load_model(settings.reference_teacher, context.device)
+        other = (HeldoutSet(REFERENCE, context.corpus.evaluation, reference.model, cfg.precision),)
+    hashed = retrain_hash(context, distill, settings, quality, suite, speed, {h.split: h.rows for h in other})
     outs = [run_dir / "retrain" / name for name in ["teacher", *(f"{r.trial:04d}" for r in candidates)]]
-    for out in outs:
+    for out in [*outs, run_dir / REFERENCE_DIR]:
         reusable(out, hashed)
     print(
         f"retrain: {len(candidates)} candidates of {run_dir} (trials {', '.join(str(c.trial) for c in candidates)}), "
@@ -103,14 +124,22 @@ def main(cfg: DictConfig) -> None:
         f"{context.corpus.unit}s" + (f" and {suite.describe()}, {quality.limit} documents each (evaluation pool)"
                                       if suite else "")
     )  # fmt: skip
-    update_run(run_dir, retrain={"command": cfg.command, "budget_tokens": settings.budget_tokens})
+    if distributed.is_main():
+        update_run(run_dir, retrain={"command": cfg.command, "budget_tokens": settings.budget_tokens})
     retraining = prepare_retraining(
-        context, cfg.teacher, distill, settings, quality, suite, speed, log_to=run_dir / "log.txt", command=cfg.command
-    )
+        context, cfg.teacher, distill, settings, quality, suite, speed, log_to=run_dir / "log.txt",
+        command=cfg.command, other_heldout=other,
+    )  # fmt: skip
 
-    # 3. The teacher, scored the same way (once)
-    print("teacher: scoring")
-    teacher = score_teacher(retraining, outs[0])
+    # 3. The teacher, scored the same way (once), and the reference teacher beside it
+    teacher = None
+    if distributed.is_main():
+        print("teacher: scoring")
+        teacher = score_teacher(retraining, outs[0])
+        if reference is not None:
+            print(f"reference teacher {settings.reference_teacher}: scoring")
+            score_teacher(retraining, run_dir / REFERENCE_DIR, reference)
+    distributed.barrier()
 
     # 4. Each candidate: re-prune, distil through the budget (resumable), save, score; finished ones are kept
     for record, out in zip(candidates, outs[1:], strict=True):
@@ -130,5 +159,7 @@ def main(cfg: DictConfig) -> None:
         retrain(retraining, candidate, out, teacher)
 
     # 5. The retrained candidates beside the teacher
+    if not distributed.is_main():
+        return
     add_wall_seconds(run_dir, "retrain", time.perf_counter() - started)
     print(format_table([retrain_row(r) for r in read_retrained(run_dir)], RETRAIN_COLUMNS))

@@ -16,8 +16,10 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.stats import paired_difference
 from slimnas.compress.runtime.tables import format_table, plus_minus
+from slimnas.search.launch import launch, wants_workers
 from slimnas.search.leaders import search_pick
 from slimnas.search.records import TrialRecord, add_wall_seconds, update_run
 from slimnas.search.setup import build_setup, describe
@@ -49,7 +51,16 @@ def front_table(records: list[TrialRecord], front: list[int]) -> list[dict]:
     return rows
 
 
+def worker(cfg: DictConfig) -> None:
+    """One of the workers a Hydra launcher started (search.launch): the same search, joining the same study."""
+    main(cfg)
+
+
 def main(cfg: DictConfig) -> None:
+    if wants_workers(cfg):  # N workers through a Hydra launcher, each running this function with workers=1
+        settings_of(cfg, "search")  # bad settings fail here, once, before any worker starts
+        launch(cfg, worker)
+        return
     started = time.perf_counter()
     # 1. Set-up, checked before any compute and built once: teacher, corpus, importance, space, caches
     setup = build_setup(cfg)

@@ -77,6 +77,8 @@ class SearchSettings:
     proposals: str = "screen"  # screen: the screen's best first, then the sampler, told the screen's results;
     # uniform: feasible candidates in a seeded random order, no screen, no sampler (the random-search baseline);
     # enumerate: every feasible candidate to the last rung, none stopped (what a race is measured against)
+    workers: int = 1  # processes joining the study, started by a Hydra launcher (hydra/launcher=joblib by default)
+    gpus: list[int] = field(default_factory=list)  # worker i sees gpus[i % len] alone; [] = leave CUDA_VISIBLE_DEVICES
     max_attempts: int = 3  # failed attempts of one candidate before it counts as evaluated
     max_failures_in_a_row: int = 3  # then the search stops with the last failure's reason
     budget: Budget = field(default_factory=Budget)
@@ -100,7 +102,7 @@ class SearchSettings:
             raise SlimnasError("search.quality_metric=summary needs search.score_trials=true")
         if self.proposals not in PROPOSALS:
             raise SlimnasError(f"search.proposals must be one of {', '.join(PROPOSALS)}, not {self.proposals!r}")
-        if min(self.n_trials, self.max_attempts, self.max_failures_in_a_row) < 1:
-            raise SlimnasError("search.n_trials, max_attempts and max_failures_in_a_row must be at least 1")
+        if min(self.n_trials, self.max_attempts, self.max_failures_in_a_row, self.workers) < 1:
+            raise SlimnasError("search.n_trials, workers, max_attempts and max_failures_in_a_row must be at least 1")
         if not isinstance(self.sampler, dict) or "_target_" not in self.sampler:
             raise SlimnasError("search.sampler needs a _target_ (an Optuna sampler class): use search/sampler=tpe")

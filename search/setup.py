@@ -32,7 +32,10 @@ from slimnas.search.space import FeasibleEncoding, SearchSpace
 from slimnas.search.storage import check_existing_study, open_storage, storage_url
 
 # Settings that do not change what a trial measures: a study resumed with other values of these is the same study.
-UNHASHED = ("n_trials", "storage", "keep_checkpoints", "references", "screen", "sampler", "seed", "proposals")
+UNHASHED = (
+    "n_trials", "storage", "keep_checkpoints", "references", "screen", "sampler", "seed", "proposals",
+    "workers", "gpus",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

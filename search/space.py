@@ -30,8 +30,8 @@ class DimensionSpec:
     max_prune: float = 0.5  # lowest value = ceil(teacher x (1 - max_prune)) unless min is given
 
     def values(self, name: str, teacher_value: int) -> list[int]:
-        if self.choices is not None:
-            values = sorted(set(self.choices))
+        if self.choices is not None:  # those above the teacher's value are left out (a chain's later, smaller teacher)
+            values = sorted(v for v in set(self.choices) if v <= teacher_value)
         else:
             if not 0 <= self.max_prune < 1:
                 raise SlimnasError(f"invalid search space: {name}.max_prune must be in [0, 1), not {self.max_prune}")

@@ -24,6 +24,7 @@ COMMANDS = {  # name: (recipe module, config, what it does)
     "report": ("slimnas.reports.run_report", "report", "leaderboard, plots and a page from run directories"),
     "export": ("slimnas.compress.run_export", "export", "write a checkpoint as a GGUF file (llama.cpp)"),
     "pipeline": ("slimnas.pipeline", "pipeline", "[correct ->] search -> retrain -> report; chains of stages"),
+    "chains": ("slimnas.chains", "chains", "does a chain of stages, or a corrected teacher, beat one cut?"),
     "baselines": ("slimnas.baselines", "baselines", "the search against simple choices, over seeds"),
 }
 POSITIONAL = {"retrain": "run_dir", "report": "run_dirs", "export": "model"}  # what bare paths stand for
@@ -93,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from slimnas.config import compose
 
-        cfg = compose(config_name, overrides_of(command, arguments))
+        overrides = overrides_of(command, arguments)
+        launcher = [o for o in overrides if o.lstrip("+~").startswith(("hydra/", "hydra."))]  # for search.launch
+        if launcher and not any(o.lstrip("+~").startswith("hydra/launcher=") for o in launcher):
+            overrides.append("hydra/launcher=joblib")  # the default launcher, so hydra.launcher.x=y is checked
+        cfg = compose(config_name, overrides)
         with open_dict(cfg):
             cfg.command = " ".join(["slimnas", *argv])
+            cfg.launcher = launcher
         if "precision" in cfg:
             check_precision(cfg.precision)
         if cfg.get("cache_dir"):  # every cache (converted teacher, importance, teacher logits) follows it

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from slimnas.baselines import BaselineSettings
 from slimnas.bench.quality import QualitySettings
 from slimnas.bench.speed import SpeedSettings
+from slimnas.chains import ChainBenchSettings
 from slimnas.compress.corpus import DataSettings
 from slimnas.compress.correct import CorrectSettings
 from slimnas.compress.distill import DistillSettings
@@ -35,6 +36,7 @@ SECTIONS = {
     "search": SearchSettings,
     "retrain": RetrainSettings,
     "baselines": BaselineSettings,
+    "chains": ChainBenchSettings,
 }
 
 

@@ -1,29 +1,52 @@
-"""slimnas pipeline: search -> retrain -> report in one run directory; `make demo` runs it with preset=cpu.
+"""slimnas pipeline: [correct ->] search -> retrain [-> next stage] -> report; `make demo` runs it with preset=cpu.
 
     slimnas pipeline preset=cpu run_dir=runs/demo
+    slimnas pipeline preset=cpu correct.budget_tokens=49152 run_dir=runs/corrected     (Minitron's correction)
+    slimnas pipeline preset=cpu chain=[0.6,0.4] run_dir=runs/chain                    (prune iteratively)
 
-The three stages are the three commands, run one after the other on one configuration; rerunning
-the same command resumes whichever stage was interrupted.
+The stages are the commands, run one after the other on one configuration; rerunning the same command
+resumes whichever stage was interrupted (a finished stage is kept: its study, records and checkpoints).
+- correct (correct.budget_tokens > 0): the teacher fine-tuned on the KD corpus (RUN_DIR/corrected/model)
+  becomes the teacher of everything after it; every student is also scored against the original.
+- chain=[f1, f2, ...]: one search + retrain per stage in RUN_DIR/stage_N, the stage's target f_N of the
+  original teacher's parameters; the search's pick of stage N, retrained, is stage N+1's teacher (its
+  importance, logit cache and screen recomputed for it: the caches are keyed by the teacher's weights).
+  The pick is chosen on selection documents, as in any search; the evaluation documents only report.
 """
 
+import itertools
 import time
+from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimnas.bench.tasks import prepare_suite
+from slimnas.compress import run_correct
+from slimnas.compress.arch import param_count
+from slimnas.compress.models import load_model
 from slimnas.compress.runtime.config import settings_of
+from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.reports import run_report
+from slimnas.reports.chain import write_chain, write_correction
 from slimnas.search import run_retrain, run_search
+from slimnas.search.leaders import search_pick
+from slimnas.search.records import add_wall_seconds, read_records, read_retrained, update_run
 
 
-def budgets(cfg: DictConfig) -> list[str]:
-    search, retrain = cfg.search, cfg.retrain
+def budgets(cfg: DictConfig, chain: list[float]) -> list[str]:
+    search, retrain, correct = cfg.search, cfg.retrain, cfg.correct
     rungs = ", ".join(f"{t:,}" for t in search.race.rung_tokens)
     scored = f"{', '.join(cfg.quality.tasks)} ({cfg.quality.limit} documents each)" if cfg.quality.tasks else "no tasks"
-    return [
-        f"pipeline in {cfg.run_dir}, teacher {cfg.teacher}:",
-        f"  1. search: screen, then {search.n_trials} trials to the last rung, KD rungs at {rungs} tokens, "
-        f"budget {search.budget.params} of the teacher's parameters ± {search.budget.window}"
+    targets = (
+        f"stages at {', '.join(f'{f:g}' for f in chain)} of the teacher's parameters"
+        if chain
+        else f"budget {search.budget.params} of the teacher's parameters ± {search.budget.window}"
+    )
+    lines = [f"pipeline in {cfg.run_dir}, teacher {cfg.teacher}:"]
+    if correct.budget_tokens:
+        lines.append(f"  0. correct: the teacher fine-tuned on the KD corpus for {correct.budget_tokens:,} tokens")
+    lines += [
+        f"  1. search: screen, then {search.n_trials} trials to the last rung, KD rungs at {rungs} tokens, {targets}"
         + (f", {search.budget.kd_tokens:,} KD tokens in all" if search.budget.kd_tokens else ""),
         f"  2. retrain: the best {retrain.top_k} of the front"
         + (" and the references" if retrain.references else "")
@@ -31,20 +54,86 @@ def budgets(cfg: DictConfig) -> list[str]:
         f" and {scored} (evaluation pool)",
         f"  3. report: {cfg.run_dir}/report/index.html",
     ]
+    return lines
+
+
+def check_chain(chain: list) -> list[float]:
+    fractions = [float(f) for f in chain]
+    if any(not 0 < f < 1 for f in fractions) or any(b >= a for a, b in itertools.pairwise(fractions)):
+        raise SlimnasError(f"chain must be decreasing fractions of the teacher's parameters in (0, 1), not {chain}")
+    return fractions
+
+
+def stage_config(cfg: DictConfig, run_dir: Path, teacher: str, original: str, params: int | None) -> DictConfig:
+    """One stage's configuration: its run directory, its teacher, its target, the original as reference."""
+    stage = cfg.copy()
+    with open_dict(stage):
+        stage.run_dir, stage.teacher = str(run_dir), teacher
+        if teacher != original:
+            stage.retrain.reference_teacher = original
+        if params is not None:  # a count: the fraction is of the original teacher, not of this stage's
+            stage.search.budget.params = params
+            stage.search.study_name = f"{cfg.search.study_name}-{run_dir.name}"  # one storage may hold every stage
+    return stage
+
+
+def search_and_retrain(cfg: DictConfig) -> Path:
+    """Search, then retrain; the retrained search pick's checkpoint."""
+    run_search.main(cfg)
+    print(f"\n== retrain ({cfg.run_dir})")
+    run_retrain.main(cfg)
+    run_dir = Path(cfg.run_dir)
+    pick = search_pick(run_dir, read_records(run_dir))
+    retrained = {r.trial: r for r in read_retrained(run_dir)}
+    return Path(retrained[pick.trial].model_dir)
 
 
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    # 0. The later stages' own settings, checked before the search spends anything (the search checks its own)
+    # 0. The later stages' own settings, checked before the first stage spends anything
     settings_of(cfg, "retrain")
+    correct = settings_of(cfg, "correct")
+    chain = check_chain(list(cfg.chain))
     quality = settings_of(cfg, "quality")
     if quality.tasks:
         prepare_suite(list(quality.tasks), cfg.data.dir)
-    print("\n".join(budgets(cfg)))
-    print("\n== 1. search")  # the three stages are the three commands on one configuration
-    run_search.main(cfg)
-    print("\n== 2. retrain")
-    run_retrain.main(cfg)
-    print("\n== 3. report")
-    run_report.main(OmegaConf.create({"run_dirs": [cfg.run_dir], "out": None, "command": cfg.command}))
+    run_dir, original = Path(cfg.run_dir), cfg.teacher
+    print("\n".join(budgets(cfg, chain)))
+
+    teacher = original
+    if correct.budget_tokens:
+        print("\n== 0. correct")
+        correct_cfg = cfg.copy()
+        with open_dict(correct_cfg):
+            correct_cfg.out = str(run_dir / "corrected")
+        teacher = str(run_correct.main(correct_cfg))
+
+    if not chain:
+        print("\n== 1. search")
+        stage = stage_config(cfg, run_dir, teacher, original, None)
+        search_and_retrain(stage)
+        if teacher != original:
+            write_correction(run_dir, [run_dir])
+        report_dirs = [run_dir]
+    else:
+        original_params = param_count(load_model(original).model.config)
+        stage_dirs = []
+        for number, fraction in enumerate(chain, 1):
+            stage_dir = run_dir / f"stage_{number}"
+            print(f"\n== stage {number}: {fraction:g} of {original}'s parameters, teacher {teacher}")
+            stage = stage_config(cfg, stage_dir, teacher, original, int(fraction * original_params))
+            teacher = str(search_and_retrain(stage))
+            stage_dirs.append(stage_dir)
+        update_run(run_dir, kind="chain", teacher=original, chain=chain, stages=[str(d) for d in stage_dirs],
+                   settings=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+        if correct.budget_tokens:
+            write_correction(run_dir, stage_dirs)
+        write_chain(run_dir, stage_dirs, original_params)
+        report_dirs = [run_dir, *stage_dirs]
+
+    print("\n== report")
+    out = str(run_dir / "report")
+    run_report.main(OmegaConf.create({"run_dirs": [str(d) for d in report_dirs], "out": out, "command": cfg.command}))
+    if chain:
+        add_wall_seconds(run_dir, "pipeline (runs that finished)", time.perf_counter() - started)
     print(f"\npipeline wall time: {time.perf_counter() - started:.0f} s")

