@@ -303,8 +303,8 @@ def main(cfg: DictConfig) -> None:
         f"search, modelopt and random may spend {search.budget.kd_tokens:,} KD tokens to choose; enumerating all "
         f"{len(first.feasible)} feasible candidates to the last rung ({last_rung:,} tokens each) would cost "
         f"{len(first.feasible) * last_rung:,}",
-        f"the teacher: perplexity on unseen text {METRICS['text_perplexity'](teacher) or float('nan'):.2f}, lm-eval "
-        f"summary {plus_minus(teacher.summary['value'], teacher.summary['stderr'])}",
+        f"the teacher: perplexity on unseen text {METRICS['text_perplexity'](teacher) or float('nan'):.2f}"
+        + (f", lm-eval summary {plus_minus(teacher.summary['value'], teacher.summary['stderr'])}" if suite else ""),
         "a paired difference is significant when it lies outside both 95% intervals (over seeds, and for KL over "
         "documents, each document's difference averaged over the seeds)",
         f"wall s: the method's own cost from the records (its search's trials, or the screen's {screen_seconds:.0f} s "

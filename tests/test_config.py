@@ -20,6 +20,7 @@ COMMAND_FILES = sorted(path for path in CONF.glob("*.yaml"))
 COMMAND_OF = {  # a command whose config has the section
     "data": "common", "importance": "common", "pruning": "prune", "distill": "distill", "correct": "correct",
     "quality": "bench", "speed": "bench", "search": "search", "retrain": "retrain", "baselines": "baselines",
+    "chains": "chains",
 }  # fmt: skip
 
 

@@ -260,7 +260,7 @@ def test_the_proof_tables_notes_and_image_are_on_the_page(retrained):
         assert f"<th>{header}</th>" in section
     assert "<td>random search</td><td>70.1</td><td>0.0071</td><td></td>" in section  # None is a blank cell
     assert "<td>search - random</td><td>-0.0018</td>" in section
-    assert PROOF["notes"][0] in section and 'alt="search vs baselines"' in section
+    assert PROOF["notes"][0] in section and 'alt="Search vs baselines (retrained)"' in section
 
 
 # The page in a real browser ------------------------------------------------------------------------------

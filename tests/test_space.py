@@ -22,8 +22,11 @@ def test_dimension_values():
     assert DimensionSpec(choices=[6, 9, 3]).values("q", 9) == [3, 6, 9]
     with pytest.raises(SlimnasError, match="no values"):
         DimensionSpec(multiple_of=1000).values("h", 576)
-    with pytest.raises(SlimnasError, match=r"lie in \[1, 9\]"):
+    assert DimensionSpec(choices=[6, 12]).values("q", 9) == [6]  # above the teacher: left out (a chain's later stage)
+    with pytest.raises(SlimnasError, match="no values"):
         DimensionSpec(choices=[12]).values("q", 9)
+    with pytest.raises(SlimnasError, match=r"lie in \[1, 9\]"):
+        DimensionSpec(choices=[0, 6]).values("q", 9)
 
 
 def test_every_feasible_candidate_meets_the_budget_and_can_be_cut():
