@@ -121,14 +121,18 @@ def reached_last_rung(study):
 class SlimnasProcess:
     """`slimnas ARGS` in its own process; its output goes to a file (a pipe nobody reads could fill and block)."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, launcher: tuple[str, ...] = (), env: dict | None = None):
+        """`launcher`: what runs the CLI module (e.g. torch.distributed.run and its flags); the process leads its own
+        session, so killing its group kills what it started."""
         import sys
         import tempfile
 
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 (kept open)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "slimnas.cli", *args]
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        command = [sys.executable, *launcher, "-m", "slimnas.cli", *args]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         self.pid = self.process.pid
 
     def poll(self):

@@ -3,13 +3,10 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
-from conftest import wait_until
+from conftest import SlimnasProcess, wait_until
 from safetensors.torch import load_file
 from test_retrain import RETRAIN, copy_run, searched  # noqa: F401 (the module's finished search, as a fixture)
 
@@ -18,27 +15,10 @@ from slimnas.cli import main
 SETTINGS = [*RETRAIN, "retrain.references=false", "retrain.budget_tokens=2048", "distill.save_every=2"]
 
 
-class Torchrun:
-    """`torchrun --standalone --nproc_per_node=N -m slimnas.cli ARGS`, its output in a file."""
-
-    def __init__(self, nproc: int, *args: str):
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "slimnas.cli", *args]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # fmt: skip
-        self.pid = self.process.pid
-
-    def poll(self):
-        return self.process.poll()
-
-    def output(self) -> str:
-        return open(self.log.name).read()
-
-    def finish(self, timeout: float = 600) -> tuple[int, str]:
-        self.process.wait(timeout=timeout)
-        return self.process.returncode, self.output()
+def torchrun(nproc: int, *args: str) -> SlimnasProcess:
+    """`torchrun --standalone --nproc_per_node=N -m slimnas.cli ARGS` (one thread per rank: 2 cores here)."""
+    launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}")
+    return SlimnasProcess(*args, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
 
 
 def losses(run_dir, name: str) -> list[float]:
@@ -54,7 +34,7 @@ def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batc
     one = copy_run(searched, tmp_path / "one", monkeypatch)
     two = copy_run(searched, tmp_path / "two", monkeypatch)
     assert main(["retrain", str(one), *SETTINGS]) == 0
-    returncode, output = Torchrun(2, "retrain", str(two), *SETTINGS).finish()
+    returncode, output = torchrun(2, "retrain", str(two), *SETTINGS).finish()
     assert returncode == 0, output[-3000:]
     name = candidate(one)
     single, double = losses(one, name), losses(two, name)
@@ -71,7 +51,7 @@ def test_a_killed_two_process_retrain_resumes_in_one_process(searched, tmp_path,
     assert main(["retrain", str(straight), *SETTINGS]) == 0
     name = candidate(straight)
     state = resumed / "retrain" / name / "kd" / "train_state.safetensors"
-    run = Torchrun(2, "retrain", str(resumed), *SETTINGS)
+    run = torchrun(2, "retrain", str(resumed), *SETTINGS)
     wait_until(state.exists, run, what="the two-process retrain never wrote a checkpoint")
     os.killpg(run.pid, signal.SIGKILL)  # torchrun and both ranks
     run.finish()
@@ -84,5 +64,5 @@ def test_a_killed_two_process_retrain_resumes_in_one_process(searched, tmp_path,
 
 def test_a_batch_that_does_not_split_over_the_processes_is_one_line(searched, tmp_path, monkeypatch):  # noqa: F811
     run_dir = copy_run(searched, tmp_path / "c", monkeypatch)
-    returncode, output = Torchrun(2, "retrain", str(run_dir), *SETTINGS, "distill.batch_size=3").finish()
+    returncode, output = torchrun(2, "retrain", str(run_dir), *SETTINGS, "distill.batch_size=3").finish()
     assert returncode != 0 and "does not split evenly over 2 processes" in output
