@@ -23,7 +23,7 @@ from collections.abc import Callable
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimnas.compress.runtime.errors import SlimnasError, one_line
 
@@ -52,67 +52,70 @@ def check_storage(cfg: DictConfig, launcher: str) -> None:
 
 
 def _traced(task: Callable[[DictConfig], None], cfg: DictConfig) -> None:
-    """In the worker: its GPU, Ctrl-C handling, then the task; a failure keeps the worker's traceback."""
-    gpus = list(cfg.search.gpus)
+    """In the job: its GPU, Ctrl-C handling, then the task; a failure keeps the job's traceback."""
+    gpus = list(OmegaConf.select(cfg, "search.gpus", default=[]))
     if gpus:  # before anything initialises CUDA in this process
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[int(cfg.worker) % len(gpus)])
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[int(cfg.get("worker", 0)) % len(gpus)])
     from slimnas.compress.runtime import interrupt
 
     interrupt.install()
     try:
         task(cfg)
     except Exception as error:
-        error.add_note(f"in worker {cfg.worker} (pid {os.getpid()}):\n{traceback.format_exc()}")
+        error.add_note(f"in job {cfg.get('worker', '')} (pid {os.getpid()}):\n{traceback.format_exc()}")
         raise
 
 
-def launch(cfg: DictConfig, task: Callable[[DictConfig], None]) -> None:
-    """task(cfg) once per worker (cfg.worker = 0..N-1) through the chosen Hydra launcher; returns when all ended."""
+def launch(cfg: DictConfig, task: Callable[[DictConfig], None], sweep: str, jobs: int, what: str) -> None:
+    """task(cfg) once per value of the `sweep` override (`jobs` values: worker=range(N) for search workers,
+    retrain.only=A,B,... for retraining) through the chosen Hydra launcher; returns when all ended. A killed job
+    ends it with one line saying to rerun."""
     overrides = list(cfg.get("launcher", []))
     launcher = launcher_of(overrides)
-    check_storage(cfg, launcher)
-    workers = int(cfg.search.workers)
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     node = worker_config(cfg)  # the sections keep their dataclass types
-    ConfigStore.instance().store(name=WORKER_CONFIG, node=node)  # travels to the workers with Hydra's state
+    ConfigStore.instance().store(name=WORKER_CONFIG, node=node)  # travels to the jobs with Hydra's state
     extra = [] if "hydra/launcher" in given else [f"hydra/launcher={launcher}"]
     if launcher == "joblib" and "hydra.launcher.n_jobs" not in given:
-        extra.append(f"hydra.launcher.n_jobs={workers}")  # one process per worker
+        extra.append(f"hydra.launcher.n_jobs={jobs}")  # one process per job
     if launcher.startswith("submitit") and "hydra.launcher.timeout_min" not in given:
-        extra.append("hydra.launcher.timeout_min=10080")  # submitit's default (60) would kill a worker after an hour
-    sweep = [
+        extra.append("hydra.launcher.timeout_min=10080")  # submitit's default (60) would kill a job after an hour
+    arguments = [
         *overrides,
         *extra,
-        f"++worker=range({workers})",  # the sweep: one job per worker index
+        sweep,  # one job per value
         f"hydra.sweep.dir={cfg.run_dir}",  # multirun.yaml (and .submitit/) in the run directory
         "hydra.sweep.subdir=.",  # no folder per job
         "hydra.output_subdir=null",  # no .hydra/ folders
-        "hydra.job.chdir=false",  # workers keep the caller's working directory
+        "hydra.job.chdir=false",  # jobs keep the caller's working directory
         "hydra/job_logging=none",  # slimnas prints its own lines
         "hydra/hydra_logging=none",
     ]
-    print(f"starting {workers} search workers through hydra/launcher={launcher}", flush=True)
+    print(f"starting {jobs} {what} through hydra/launcher={launcher}", flush=True)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, job_name="slimnas", version_base=None):
             GlobalHydra.instance().hydra.multirun(
                 config_name=WORKER_CONFIG,
                 task_function=functools.partial(_traced, task),
-                overrides=sweep,
+                overrides=arguments,
                 with_log_configuration=False,
             )
     except SlimnasError:
-        raise  # a worker's one-line error (bad input found where the worker looked)
-    except Exception as error:  # a worker killed or lost: the others recover its trial through the heartbeat
+        raise  # a job's one-line error (bad input found where the job looked)
+    except Exception as error:  # a job killed or lost: its work is kept (the study, the KD checkpoints)
         raise SlimnasError(
-            f"a search worker ended abnormally ({type(error).__name__}: {one_line(error)[:200]}); the study keeps "
-            "every finished trial: rerun the same command to finish it"
+            f"one of the {what} ended abnormally ({type(error).__name__}: {one_line(error)[:200]}); finished work "
+            "is kept: rerun the same command to finish it"
         ) from error
 
 
 def worker_config(cfg: DictConfig) -> DictConfig:
-    """A worker's own configuration: the same command, one worker (it must not launch more)."""
+    """A job's own configuration: the same command, one process (it must not launch more)."""
     single = cfg.copy()
     with open_dict(single):
-        single.search.workers = 1
+        if "search" in single:
+            single.search.workers = 1
+        if "retrain" in single:
+            single.retrain.jobs = False
         single.launcher = []
     return single

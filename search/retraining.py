@@ -102,6 +102,8 @@ class RetrainSettings:
     # Also score every candidate's KL to this model on the evaluation documents: the original teacher when the
     # run's teacher is a corrected one or a chain's earlier student (slimnas pipeline sets it). null: none
     reference_teacher: str | None = None
+    jobs: bool = False  # each candidate in its own job through the Hydra launcher (hydra/launcher=..., joblib default)
+    only: int | None = None  # retrain only this trial's candidate (what each of those jobs is given)
 
     def __post_init__(self):
         if self.top_k < 0 or self.budget_tokens < 1 or self.new_tokens < 0:

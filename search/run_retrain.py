@@ -29,6 +29,7 @@ from slimnas.compress.runtime import distributed
 from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.compress.runtime.tables import format_table, plus_minus
+from slimnas.search.launch import launch
 from slimnas.search.leaders import search_pick
 from slimnas.search.records import (
     COMPLETE,
@@ -92,6 +93,11 @@ def retrain_row(r: RetrainRecord) -> dict:
     }
 
 
+def job(cfg: DictConfig) -> None:
+    """One candidate's retraining in a launcher job (retrain.jobs=true): this command with retrain.only set."""
+    main(cfg)
+
+
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     distributed.init()  # under torchrun: data-parallel KD, rank 0 alone writes, scores and prints
@@ -106,6 +112,10 @@ def main(cfg: DictConfig) -> None:
     speed, importance, policy = settings_of(cfg, "speed"), settings_of(cfg, "importance"), settings_of(cfg, "pruning")
     distributed.check_batch(distill.batch_size)
     candidates = choose_candidates(run_dir, settings.top_k, settings.references)
+    if settings.only is not None:  # one job of retrain.jobs=true: its candidate alone
+        candidates = [c for c in candidates if c.trial == settings.only]
+        if not candidates:
+            raise SlimnasError(f"retrain.only={settings.only} is not one of the candidates to retrain")
     suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
 
     # 2. Teacher, corpus, importance (the search's, from the cache); records of other settings refused here
@@ -141,8 +151,13 @@ def main(cfg: DictConfig) -> None:
             score_teacher(retraining, run_dir / REFERENCE_DIR, reference)
     distributed.barrier()
 
-    # 4. Each candidate: re-prune, distil through the budget (resumable), save, score; finished ones are kept
-    for record, out in zip(candidates, outs[1:], strict=True):
+    # 4. Each candidate: re-prune, distil through the budget (resumable), save, score; finished ones are kept.
+    #    With retrain.jobs=true each goes to a job of its own through the Hydra launcher, and this waits for them
+    if settings.jobs and len(candidates) > 1:
+        sweep = "retrain.only=" + ",".join(str(c.trial) for c in candidates)
+        launch(cfg, job, sweep, len(candidates), "retrain jobs (one per candidate)")
+        candidates = []
+    for record, out in zip(candidates, outs[1:], strict=False):
         kept = (out / "record.json").is_file()
         print(f"trial {record.trial} ({record.label}, {record.reference or 'front'}): "
               + ("retrained before, kept" if kept else "distilling"))  # fmt: skip

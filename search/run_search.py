@@ -19,7 +19,7 @@ from slimnas.compress.arch import Architecture, param_count
 from slimnas.compress.runtime.config import settings_of
 from slimnas.compress.runtime.stats import paired_difference
 from slimnas.compress.runtime.tables import format_table, plus_minus
-from slimnas.search.launch import launch, wants_workers
+from slimnas.search.launch import check_storage, launch, launcher_of, wants_workers
 from slimnas.search.leaders import search_pick
 from slimnas.search.records import TrialRecord, add_wall_seconds, update_run
 from slimnas.search.setup import build_setup, describe
@@ -59,7 +59,8 @@ def worker(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     if wants_workers(cfg):  # N workers through a Hydra launcher, each running this function with workers=1
         settings_of(cfg, "search")  # bad settings fail here, once, before any worker starts
-        launch(cfg, worker)
+        check_storage(cfg, launcher_of(list(cfg.get("launcher", []))))
+        launch(cfg, worker, f"++worker=range({cfg.search.workers})", cfg.search.workers, "search workers")
         return
     started = time.perf_counter()
     # 1. Set-up, checked before any compute and built once: teacher, corpus, importance, space, caches

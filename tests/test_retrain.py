@@ -6,6 +6,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 from conftest import save_tiny_checkpoint, search_args, slimnas_process, wait_until
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -138,3 +139,20 @@ def test_a_stale_retrain_record_is_refused_before_any_compute(searched, tmp_path
     assert {p: p.stat().st_mtime for p in (run_dir / "retrain").rglob("record.json")} == before
     assert main(["retrain", str(run_dir), *RETRAIN, "retrain.budget_tokens=512", "retrain.references=false"]) == 0
     assert "retrained before, kept" in capsys.readouterr().out  # the same settings: reused
+
+
+def test_each_candidate_retrained_in_its_own_launcher_job_gives_the_same_weights(searched, tmp_path, monkeypatch):
+    together = copy_run(searched, tmp_path / "a", monkeypatch)
+    apart = copy_run(searched, tmp_path / "b", monkeypatch)
+    settings = [*RETRAIN, "retrain.budget_tokens=512"]
+    assert main(["retrain", str(together), *settings]) == 0
+    returncode, output = slimnas_process("retrain", str(apart), *settings, "retrain.jobs=true").finish()
+    assert returncode == 0, output[-3000:]
+    names = sorted(p.parent.name for p in together.glob("retrain/*/record.json"))
+    assert f"starting {len(names) - 1} retrain jobs (one per candidate) through hydra/launcher=joblib" in output
+    assert sorted(p.parent.name for p in apart.glob("retrain/*/record.json")) == names
+    assert (apart / "multirun.yaml").is_file()  # Hydra's record of the sweep over retrain.only
+    for name in (n for n in names if n != "teacher"):
+        expected = load_file(together / "retrain" / name / "model" / "model.safetensors")
+        actual = load_file(apart / "retrain" / name / "model" / "model.safetensors")
+        assert all(torch.equal(expected[k], actual[k]) for k in expected)  # a job retrains exactly as in sequence
