@@ -11,23 +11,19 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from slimnas.compress.runtime.files import atomic_path, read_json, write_json
+from slimnas.compress.runtime.files import atomic_path, write_json
 from slimnas.compress.runtime.tables import plus_minus
 from slimnas.reports.plots import image, legend_below
 from slimnas.search.leaders import search_pick
-from slimnas.search.records import RECORD_FILE, RetrainRecord, read_records, read_retrained
+from slimnas.search.records import RECORD_FILE, RetrainRecord, read_records, read_retrain_record, read_retrained
 from slimnas.search.retraining import REFERENCE, REFERENCE_DIR
 from slimnas.search.tables import read_front
-
-
-def _read(path: Path) -> RetrainRecord:
-    return RetrainRecord(**read_json(path / RECORD_FILE))
 
 
 def original_record(first_stage: Path) -> RetrainRecord:
     """The original teacher scored like the students: the reference of a corrected run, else the teacher."""
     reference = first_stage / REFERENCE_DIR
-    return _read(reference if reference.is_dir() else first_stage / "retrain" / "teacher")
+    return read_retrain_record((reference if reference.is_dir() else first_stage / "retrain" / "teacher") / RECORD_FILE)
 
 
 def to_original(record: RetrainRecord) -> dict:
@@ -56,7 +52,8 @@ def _save(run_dir: Path, name: str, values: dict, figure=None) -> None:
 
 def write_correction(run_dir: Path, stage_dirs: list[Path]) -> None:
     """The original and the corrected teacher side by side, then every retrained student against both."""
-    original, corrected = original_record(stage_dirs[0]), _read(stage_dirs[0] / "retrain" / "teacher")
+    original = original_record(stage_dirs[0])
+    corrected = read_retrain_record(stage_dirs[0] / "retrain" / "teacher" / RECORD_FILE)
     params = original.params
     rows = [model_row("original teacher", original, params), model_row("corrected teacher", corrected, params)]
     rows[0].update({"KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition (not fp16 rounding)

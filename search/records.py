@@ -92,15 +92,17 @@ class RetrainRecord:
     corpus: dict = field(default_factory=dict)  # the corpus the KD rows and the evaluation documents came from
 
 
+def read_retrain_record(path: Path) -> RetrainRecord:
+    """One retrain record (a candidate's, the teacher's or the reference teacher's), checked for this version."""
+    try:
+        return RetrainRecord(**read_json(path))
+    except TypeError as error:
+        raise SlimnasError(f"{path} is not a retrain record of this slimnas version ({error})") from error
+
+
 def read_retrained(run_dir: Path) -> list[RetrainRecord]:
     """The retrained candidates and the teacher's record, as far as retrain got."""
-    records = []
-    for path in sorted((run_dir / "retrain").glob(f"*/{RECORD_FILE}")):
-        try:
-            records.append(RetrainRecord(**read_json(path)))
-        except TypeError as error:
-            raise SlimnasError(f"{path} is not a retrain record of this slimnas version ({error})") from error
-    return records
+    return [read_retrain_record(path) for path in sorted((run_dir / "retrain").glob(f"*/{RECORD_FILE}"))]
 
 
 def outcome_text(state: str, rung: int) -> str:
