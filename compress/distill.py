@@ -300,7 +300,8 @@ class Distiller:
                 }
             )
             if progress is not None:
-                progress.set_postfix(train_kl=f"{totals[0]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                name, value = ("train_kl", totals[0]) if self.teacher_targets is not None else ("train_ce", totals[1])
+                progress.set_postfix({name: f"{value:.3f}", "tok_s": f"{tokens_per_s:.0f}"})
                 progress.update(1)
         return logs
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from slimnas.compress.runtime.files import atomic_path, write_json
+from slimnas.compress.prune import RECORD_FILE as MODEL_RECORD_FILE
+from slimnas.compress.runtime.files import atomic_path, read_json, write_json
 from slimnas.compress.runtime.tables import plus_minus
 from slimnas.reports.plots import image, legend_below
 from slimnas.search.leaders import search_pick
@@ -50,13 +51,15 @@ def _save(run_dir: Path, name: str, values: dict, figure=None) -> None:
             staging.write_bytes(image(figure, "png"))
 
 
-def write_correction(run_dir: Path, stage_dirs: list[Path]) -> None:
+def write_correction(run_dir: Path, stage_dirs: list[Path], corrected_model: Path) -> None:
     """The original and the corrected teacher side by side, then every retrained student against both."""
     original = original_record(stage_dirs[0])
     corrected = read_retrain_record(stage_dirs[0] / "retrain" / "teacher" / RECORD_FILE)
+    tokens = read_json(corrected_model / MODEL_RECORD_FILE)["result"]["tokens"]
     params = original.params
     rows = [model_row("original teacher", original, params), model_row("corrected teacher", corrected, params)]
-    rows[0].update({"KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition (not fp16 rounding)
+    rows[0].update({"KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition (not bf16 rounding)
+    rows[1]["KL to its teacher"] = "0"
     for stage in stage_dirs:
         for record in read_retrained(stage):
             if record.name != "teacher":
@@ -65,17 +68,23 @@ def write_correction(run_dir: Path, stage_dirs: list[Path]) -> None:
     notes = [
         f"KL to original: from the original teacher's distribution, on {evaluation} evaluation documents; KL to its "
         "teacher: from the corrected teacher's (a chain's later stages: from the stage's own teacher)",
-        f"the corrected teacher: {corrected.kd_tokens or 'see corrected/model/slimnas.json for its'} fine-tuning "
-        "tokens of next-token loss on the KD corpus's train documents",
+        f"the corrected teacher: {tokens:,} tokens of next-token loss on the KD corpus's train documents "
+        f"({corrected_model})",
     ]
     _save(run_dir, "correction", {"columns": list(rows[0]), "rows": rows, "notes": notes})
+
+
+def teacher_name(stage: Path, number: int) -> str:
+    if number > 1:
+        return f"stage {number - 1}'s pick"
+    return "the corrected teacher" if (stage / REFERENCE_DIR).is_dir() else "the original"
 
 
 def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> None:
     """One row per stage (its teacher, its pick retrained) and a plot of every stage against the original."""
     original = original_record(stage_dirs[0])
     rows = [model_row("original teacher", original, original_params)]
-    rows[0].update({"stage": 0, "KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition
+    rows[0].update({"stage": "original", "KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition
     figure = Figure(figsize=(11.0, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     fronts, finals = figure.subplots(1, 2)
@@ -89,7 +98,8 @@ def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> 
         rows.append(
             {
                 "stage": number,
-                "teacher": f"{teacher.label} ({100 * teacher.params / original_params:.1f}%)",
+                "teacher": f"{teacher_name(stage, number)}: {teacher.label} "
+                f"({100 * teacher.params / original_params:.1f}%)",
                 "pick": student.label,
                 **model_row(student.label, student, original_params),
                 "KD tokens (search + retrain)": f"{spent:,} + {student.kd_tokens:,}",

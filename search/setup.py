@@ -182,7 +182,7 @@ def describe(setup: SearchSetup) -> list[str]:
         f"stops when a peer is better with {settings.race.confidence:.0%} one-sided confidence"
         + (
             ""
-            if settings.proposals == "enumerate"
+            if settings.proposals == "enumerate" or settings.race.extensions == 0
             else f"; the two leaders' last rung doubled up to {settings.race.extensions}x while they are not separated"
         ),
         f"quality: -held-out KL on {corpus.documents('selection')} selection {corpus.unit}s (one row each, full "

@@ -2,11 +2,13 @@
 
     slimnas chains preset=chains-cpu run_dir=runs/chains
 
-Four arms reach the same final size (`chains.stages[-1]` of the teacher's parameters) with the same
+Four arms reach the same final size (under a cap of `chains.stages[-1]` of the teacher's parameters,
+`search.budget.cap=true`, down to `search.budget.window` below it) with the same
 distillation tokens in all (`search.budget.kd_tokens` to choose + `retrain.budget_tokens` to retrain,
 split evenly among a chain's stages):
   one_shot            the original teacher cut to the final size in one search + retrain
-  one_shot_corrected  the same from the corrected teacher (`chains.correct_tokens` of next-token fine-tuning)
+  one_shot_corrected  the same from the corrected teacher (`chains.correct_tokens` of next-token fine-tuning,
+                      done once in RUN_DIR/corrected for both corrected arms)
   chain               search + retrain at each of `chains.stages`, each stage's pick the next one's teacher
   chain_corrected     the chain from the corrected teacher
 Each arm is a `slimnas pipeline` run in RUN_DIR/ARM (resumable, with its own report). The final
@@ -66,6 +68,18 @@ def arm_config(cfg: DictConfig, arm: str, settings: ChainBenchSettings, run_dir:
     return arm_cfg
 
 
+def share_corrected_teacher(run_dir: Path, arm: str) -> None:
+    """The corrected arms share one corrected teacher: the first one's pipeline corrects it, the next keeps it.
+
+    RUN_DIR/corrected is where it lies; each corrected arm's own `corrected` (where its pipeline looks) links
+    there, so the correction is spent once, as it would be once per teacher in practice."""
+    (run_dir / "corrected").mkdir(parents=True, exist_ok=True)
+    link = run_dir / arm / "corrected"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("..") / "corrected", target_is_directory=True)
+
+
 def final_student(run_dir: Path, chained: bool) -> dict:
     """The arm's last stage's pick, retrained: its numbers against the original teacher, and the KD it took."""
     stages = sorted(run_dir.glob("stage_*"), key=lambda p: int(p.name.split("_")[1])) if chained else [run_dir]
@@ -82,8 +96,9 @@ def final_student(run_dir: Path, chained: bool) -> dict:
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     settings: ChainBenchSettings = settings_of(cfg, "chains")
-    if not cfg.search.budget.kd_tokens:
-        raise SlimnasError("the arms compare at equal KD tokens: set search.budget.kd_tokens (preset=chains-cpu does)")
+    if not cfg.search.budget.cap or not cfg.search.budget.kd_tokens:
+        raise SlimnasError("the arms compare at equal size and equal KD tokens: set search.budget.cap=true and "
+                           "search.budget.kd_tokens (preset=chains-cpu does)")  # fmt: skip
     run_dir = Path(cfg.run_dir)
     print(
         f"chains: {', '.join(settings.arms)} to {settings.stages[-1]:g} of {cfg.teacher}'s parameters (chain "
@@ -93,6 +108,8 @@ def main(cfg: DictConfig) -> None:
     results = {}
     for arm in settings.arms:
         print(f"\n==== {arm}")
+        if arm.endswith("corrected"):
+            share_corrected_teacher(run_dir, arm)
         pipeline.main(arm_config(cfg, arm, settings, run_dir))
         results[arm] = final_student(run_dir / arm, arm.startswith("chain"))
 
@@ -116,8 +133,9 @@ def main(cfg: DictConfig) -> None:
         )
     documents = len(base)
     notes = [
-        f"every arm ends at {settings.stages[-1]:g} of the teacher's parameters (search.budget: "
-        f"{OmegaConf.to_container(cfg.search.budget)}); KD tokens = every stage's search + its pick's retraining",
+        f"every arm ends under the same cap, {settings.stages[-1]:g} of the original teacher's parameters and at "
+        f"least {1 - cfg.search.budget.window:.0%} of it (each chain stage under its own cap); KD tokens = every "
+        "stage's search + its pick's retraining",
         f"KL from the original teacher on {documents} evaluation documents (± standard error; the paired column is a "
         "95% t-interval over documents); one seed",
         "the corrected arms also spent the correction tokens (next-token fine-tuning of the teacher, once)",

@@ -65,6 +65,7 @@ def test_a_pipeline_with_correction_scores_students_against_both_teachers(teache
     table = json.loads((run_dir / "correction" / "correction.json").read_text())
     assert [row["model"] for row in table["rows"][:2]] == ["original teacher", "corrected teacher"]
     assert table["rows"][0]["KL to original"].startswith("0")
+    assert "512 tokens of next-token loss" in table["notes"][1]
     page = (run_dir / "report" / "index.html").read_text()
     assert "Teacher correction" in page and "corrected teacher" in page
 
@@ -95,31 +96,45 @@ def test_a_two_stage_chain_recomputes_importance_on_the_first_student_and_resume
     assert all(r.params <= student.model.num_parameters() for r in read_records(stage_2))
 
     chain = json.loads((run_dir / "chain" / "chain.json").read_text())
-    assert [row["stage"] for row in chain["rows"]] == [0, 1, 2] and (run_dir / "chain" / "chain.png").stat().st_size
+    assert [row["stage"] for row in chain["rows"]] == ["original", 1, 2]
+    assert (run_dir / "chain" / "chain.png").stat().st_size
+    assert [row["teacher"].split(":")[0] for row in chain["rows"][1:]] == ["the original", "stage 1's pick"]
     fractions = [float(row["params %"]) for row in chain["rows"]]
     assert fractions[0] == 100 > fractions[1] > fractions[2]
     page = (run_dir / "report" / "index.html").read_text()
     assert "The chain" in page and "stage_2" in page
 
 
-def test_chains_compares_a_chain_and_a_corrected_teacher_with_one_cut_at_the_same_kd_tokens(teacher, tmp_path):
+def test_chains_compares_a_chain_and_a_corrected_teacher_with_one_cut_at_the_same_kd_tokens(teacher, tmp_path, capsys):
     run_dir = tmp_path / "chains"
-    arms = "chains.arms=[one_shot,chain_corrected]"
-    budgets = ["search.budget.kd_tokens=2048", "retrain.budget_tokens=256", "chains.correct_tokens=256"]
+    arms = "chains.arms=[one_shot,one_shot_corrected,chain_corrected]"
+    budgets = ["search.budget.cap=true", "search.budget.kd_tokens=2048", "retrain.budget_tokens=256",
+               "chains.correct_tokens=256"]  # fmt: skip
     args = ["chains", f"teacher={teacher}", f"run_dir={run_dir}", "chains.stages=[0.8,0.55]", arms, *PIPELINE,
             *CORRECT, *budgets]  # fmt: skip
     assert main(args) == 0
     arms_json = json.loads((run_dir / "proof" / "arms.json").read_text())
     one_shot, chain = arms_json["one_shot"], arms_json["chain_corrected"]
     target = 0.55 * param_count(AutoConfig.from_pretrained(teacher))
-    assert all(abs(arm["params"] - target) <= 0.3 * target for arm in (one_shot, chain))  # the same final size
+    assert all(0.7 * target <= arm["params"] <= target for arm in (one_shot, chain))  # under the same cap
     assert one_shot["kd_tokens"] <= 2048 + 256 and chain["kd_tokens"] <= 2048 + 256  # the same KD tokens in all
     assert len(one_shot["kl_per_doc"]) == len(chain["kl_per_doc"]) == 8  # the same evaluation documents
-    assert (run_dir / "chain_corrected" / "corrected" / "model" / "config.json").is_file()
+    assert (run_dir / "corrected" / "model" / "config.json").is_file()
+    assert capsys.readouterr().out.count("correcting ") == 1  # one corrected teacher for both corrected arms
+    for arm in ("one_shot_corrected", "chain_corrected"):
+        assert (run_dir / arm / "corrected").resolve() == (run_dir / "corrected").resolve()
     assert json.loads((run_dir / "chain_corrected" / "stage_1" / "run.json").read_text())["teacher"].endswith(
         "corrected/model"
     )
     proof = json.loads((run_dir / "proof" / "proof.json").read_text())
-    assert [row["arm"] for row in proof["rows"]] == ["one_shot", "chain_corrected"]
+    assert [row["arm"] for row in proof["rows"]] == ["one_shot", "one_shot_corrected", "chain_corrected"]
     assert main(["report", str(run_dir)]) == 0
     assert "Chain vs one shot" in (run_dir / "report" / "index.html").read_text()
+
+
+def test_chains_without_a_cap_is_one_line_before_any_compute(teacher, tmp_path, capsys):
+    args = ["chains", f"teacher={teacher}", f"run_dir={tmp_path / 'chains'}", "search.budget.kd_tokens=2048"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "search.budget.cap=true" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "chains").exists()
