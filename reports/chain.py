@@ -51,8 +51,9 @@ def _save(run_dir: Path, name: str, values: dict, figure=None) -> None:
             staging.write_bytes(image(figure, "png"))
 
 
-def write_correction(run_dir: Path, stage_dirs: list[Path], corrected_model: Path) -> None:
+def write_correction(run_dir: Path, stage_dirs: list[Path]) -> None:
     """The original and the corrected teacher side by side, then every retrained student against both."""
+    corrected_model = Path(read_json(stage_dirs[0] / "run.json")["teacher"])  # the first stage's teacher
     original = original_record(stage_dirs[0])
     corrected = read_retrain_record(stage_dirs[0] / "retrain" / "teacher" / RECORD_FILE)
     tokens = read_json(corrected_model / MODEL_RECORD_FILE)["result"]["tokens"]

@@ -43,12 +43,14 @@ class Budget:
             return False
         return True
 
+    def window_text(self) -> str:
+        return f"at most, down to -{self.window:.0%}" if self.cap else f"+-{self.window:.0%}"
+
     def describe(self, teacher: PretrainedConfig) -> str:
         parts = []
         target = self.target_params(teacher)
         if target is not None:
-            window = f"at most, down to -{self.window:.0%}" if self.cap else f"+-{self.window:.0%}"
-            parts.append(f"params {target:,} {window}")
+            parts.append(f"params {target:,} {self.window_text()}")
         if self.weight_memory_mb is not None:
             parts.append(f"bf16 weights <= {self.weight_memory_mb} MB")
         if self.latency_ms is not None:

@@ -29,6 +29,7 @@ from slimnas.compress.runtime.errors import SlimnasError
 from slimnas.reports import run_report
 from slimnas.reports.chain import write_chain, write_correction
 from slimnas.search import run_retrain, run_search
+from slimnas.search.constraints import Budget
 from slimnas.search.leaders import search_pick
 from slimnas.search.records import add_wall_seconds, read_records, read_retrained, update_run
 
@@ -40,8 +41,7 @@ def budgets(cfg: DictConfig, chain: list[float]) -> list[str]:
     targets = (
         f"stages at {', '.join(f'{f:g}' for f in chain)} of the teacher's parameters"
         if chain
-        else f"budget {search.budget.params} of the teacher's parameters "
-        + (f"at most, down to -{search.budget.window:.0%}" if search.budget.cap else f"± {search.budget.window:.0%}")
+        else f"budget {search.budget.params} of the teacher's parameters {Budget(**search.budget).window_text()}"
     )
     lines = [f"pipeline in {cfg.run_dir}, teacher {cfg.teacher}:"]
     if correct.budget_tokens:
@@ -107,14 +107,14 @@ def main(cfg: DictConfig) -> None:
         correct_cfg = cfg.copy()
         with open_dict(correct_cfg):
             correct_cfg.out = str(run_dir / "corrected")
-        teacher = corrected = str(run_correct.main(correct_cfg))
+        teacher = str(run_correct.main(correct_cfg))
 
     if not chain:
         print("\n== 1. search")
         stage = stage_config(cfg, run_dir, teacher, original, None)
         search_and_retrain(stage)
         if teacher != original:
-            write_correction(run_dir, [run_dir], Path(teacher))
+            write_correction(run_dir, [run_dir])
         report_dirs = [run_dir]
     else:
         original_params = param_count(load_model(original).model.config)
@@ -128,7 +128,7 @@ def main(cfg: DictConfig) -> None:
         update_run(run_dir, kind="chain", teacher=original, chain=chain, stages=[str(d) for d in stage_dirs],
                    settings=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
         if correct.budget_tokens:
-            write_correction(run_dir, stage_dirs, Path(corrected))
+            write_correction(run_dir, stage_dirs)
         write_chain(run_dir, stage_dirs, original_params)
         report_dirs = [run_dir, *stage_dirs]
 
