@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 echo "== 1. pipeline preset=gpu"
 /usr/bin/time -f "pipeline wall %e s" "$PY" -m slimnas.cli pipeline preset=gpu run_dir="$OUT/pipeline"
 echo "== 2. KD throughput, bf16 (ratios to a plain step)"
-"$PY" -m slimnas.bench.kd_throughput --batch 16 --seq-len 512 --steps 5 --rounds 6
+"$PY" scripts/kd_throughput.py --batch 16 --seq-len 512 --steps 5 --rounds 6
 echo "== 3. measured against analytic, per retrained candidate"
 "$PY" - "$OUT/pipeline" <<'PYEOF'
 import json, sys

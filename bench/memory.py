@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from slimnas.bench.speed import SpeedSettings, generate_timed
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.bench.settings import SpeedSettings
+from slimnas.bench.speed import generate_timed
+from slimnas.core.errors import SlimnasError
 
 CPU_METHOD = "fresh process: peak RSS - RSS before loading"
 CUDA_METHOD = "CUDA allocator: peak - allocated before loading"

@@ -14,14 +14,15 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slimnas.bench.settings import QualitySettings
 from slimnas.bench.tasks import CHANCE, SUMMARY_METRIC, TaskSuite
-from slimnas.compress.runtime.device import autocast, model_device
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.device import autocast, model_device
+from slimnas.core.errors import SlimnasError
 
 BINARY_METRICS = ("acc", "acc_norm")
 
@@ -95,7 +96,7 @@ def score_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     suite: TaskSuite,
-    quality: "QualitySettings",
+    quality: QualitySettings,
     pool_name: str,
     model_name: str = "model",
     precision: str = "auto",
@@ -175,29 +176,7 @@ def summary_score(records: list[ScoreRecord]) -> Summary:
     return Summary(sum(values) / len(values), math.sqrt(sum(variances)) / len(values), tasks, excluded)
 
 
-@dataclass
-class QualitySettings:
-    tasks: list[str] = field(
-        default_factory=lambda: ["piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag", "lambada_openai", "wikitext"]
-    )
-    limit: int | None = 200  # evaluation-pool documents per task for final scores (bench, retrain); null = the pool
-    trial_limit: int | None = 40  # selection-pool documents per task when a search trial is scored
-    selection_share: float = 0.3  # share of each task's documents in the selection pool (the rest: evaluation)
-    seed: int = 0  # which documents form the pools and the subsets
-    batch_size: int = 8
-    max_length: int | None = 2048  # context window (rolling windows for wikitext); null = the model's maximum.
-    # Memory grows with batch_size x max_length x vocabulary: 8 x 8192 x 49152 ran out of 24 GiB
-
-    def __post_init__(self):
-        for name in ("limit", "trial_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SlimnasError(f"quality.{name} must be at least 1, or null for the whole pool")
-        if self.batch_size < 1:
-            raise SlimnasError("quality.batch_size must be at least 1")
-        if not 0 < self.selection_share < 1:
-            raise SlimnasError(f"quality.selection_share must be in (0, 1), not {self.selection_share}")
-
-    def check_summary(self) -> None:
-        """The summary score needs at least one accuracy task of the suite."""
-        if not set(self.tasks) & set(CHANCE):
-            raise SlimnasError(f"the summary score needs an accuracy task among quality.tasks ({', '.join(CHANCE)})")
+def check_summary(quality: QualitySettings) -> None:
+    """The summary score needs at least one accuracy task of the suite."""
+    if not set(quality.tasks) & set(CHANCE):
+        raise SlimnasError(f"the summary score needs an accuracy task among quality.tasks ({', '.join(CHANCE)})")

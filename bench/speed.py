@@ -17,26 +17,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from slimnas.bench.settings import SpeedSettings
 from slimnas.compress.arch import flops_per_token, param_count
-from slimnas.compress.runtime.device import autocast, cpu_load, model_device, synchronize
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.stats import mean_and_stderr
-
-
-@dataclass
-class SpeedSettings:
-    batch_size: int = 1
-    prompt_len: int = 128
-    new_tokens: int = 32
-    warmup: int = 1  # untimed generations of each model first
-    repeats: int = 4  # ABBA blocks (model, reference, reference, model): the speed-up's error bar is over these
-    precision: str = "auto"  # in a command: the top-level precision setting
-
-    def __post_init__(self):
-        if min(self.batch_size, self.prompt_len, self.new_tokens) < 1 or self.warmup < 0 or self.repeats < 2:
-            raise SlimnasError(
-                "speed.batch_size, prompt_len and new_tokens must be at least 1, speed.repeats at least 2"
-            )
+from slimnas.core.device import autocast, cpu_load, model_device, synchronize
+from slimnas.core.stats import mean_and_stderr
 
 
 @dataclass

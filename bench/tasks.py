@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from slimnas.compress.models import cache_root
-from slimnas.compress.runtime.data import find_data_dir
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_write_text, hash_json, read_jsonl
+from slimnas.core.data import find_data_dir
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import atomic_write_text, hash_json, read_jsonl
 
 LOCAL_PREFIX = "slimnas_"
 OFFLINE_FLAGS = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

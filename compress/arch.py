@@ -6,10 +6,12 @@ before building them; a test checks it against sum(p.numel()) for many shapes.
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+from slimnas.core.errors import SlimnasError
 
-from slimnas.compress.runtime.errors import SlimnasError
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -23,7 +25,7 @@ class Architecture:
     num_hidden_layers: int
 
     @classmethod
-    def of(cls, config: PretrainedConfig) -> "Architecture":
+    def of(cls, config: "PretrainedConfig") -> "Architecture":
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -46,11 +48,11 @@ class Architecture:
         )
 
 
-def head_dim(config: PretrainedConfig) -> int:
+def head_dim(config: "PretrainedConfig") -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def validate_target(target: Architecture, teacher: PretrainedConfig) -> None:
+def validate_target(target: Architecture, teacher: "PretrainedConfig") -> None:
     """Reject targets that cannot be cut from the teacher as a vanilla, GQA-consistent config."""
     source = Architecture.of(teacher)
     for field, value in target.as_dict().items():
@@ -82,7 +84,7 @@ def validate_target(target: Architecture, teacher: PretrainedConfig) -> None:
             )
 
 
-def _check_config_rules(target: Architecture, teacher: PretrainedConfig) -> None:
+def _check_config_rules(target: Architecture, teacher: "PretrainedConfig") -> None:
     """The model class's own config validation (e.g. Llama: hidden_size a multiple of the head count)."""
     values = {**teacher.to_dict(), **target.as_dict(), "head_dim": head_dim(teacher)}
     values.pop("layer_types", None)
@@ -93,7 +95,7 @@ def _check_config_rules(target: Architecture, teacher: PretrainedConfig) -> None
         raise SlimnasError(f"invalid target: {reason}") from error
 
 
-def pruned_config(teacher: PretrainedConfig, target: Architecture, kept_layers: list[int]) -> PretrainedConfig:
+def pruned_config(teacher: "PretrainedConfig", target: Architecture, kept_layers: list[int]) -> "PretrainedConfig":
     """The teacher's config with the target's sizes; head_dim pinned so RoPE and attention stay intact."""
     config = copy.deepcopy(teacher)
     for field, value in target.as_dict().items():
@@ -107,7 +109,7 @@ def pruned_config(teacher: PretrainedConfig, target: Architecture, kept_layers: 
     return config
 
 
-def param_count(config: PretrainedConfig, arch: Architecture | None = None) -> int:
+def param_count(config: "PretrainedConfig", arch: Architecture | None = None) -> int:
     """Exact number of parameters of a Llama-family model (tied weights counted once).
 
     With `arch`, the count is for that architecture cut from `config` (no config object is built,
@@ -130,11 +132,11 @@ def param_count(config: PretrainedConfig, arch: Architecture | None = None) -> i
     return embeddings + arch.num_hidden_layers * layer + hidden  # + final norm
 
 
-def weight_bytes(config: PretrainedConfig, dtype: str = "bfloat16", arch: Architecture | None = None) -> int:
+def weight_bytes(config: "PretrainedConfig", dtype: str = "bfloat16", arch: Architecture | None = None) -> int:
     return param_count(config, arch) * DTYPE_BYTES[dtype]
 
 
-def flops_per_token(config: PretrainedConfig, context: int) -> int:
+def flops_per_token(config: "PretrainedConfig", context: int) -> int:
     """Forward FLOPs for one token at a given context length: 2 x matmul params + attention scores."""
     embedding_lookup = config.vocab_size * config.hidden_size  # a gather, not a matmul
     matmul_params = param_count(config) - embedding_lookup * (0 if config.tie_word_embeddings else 1)

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from slimnas.compress.arch import param_count
-from slimnas.compress.corpus import Corpus, DataSettings, load_corpus
-from slimnas.compress.importance import Importance, ImportanceSettings, cached_importance
+from slimnas.compress.corpus import Corpus, load_corpus
+from slimnas.compress.importance import Importance, cached_importance
 from slimnas.compress.models import LoadedModel, load_model
-from slimnas.compress.runtime.device import pick_device
+from slimnas.compress.settings import DataSettings, ImportanceSettings
+from slimnas.core.device import pick_device
 
 
 @dataclass(frozen=True)

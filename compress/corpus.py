@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from slimnas.compress.runtime.data import find_data_dir
-from slimnas.compress.runtime.errors import SlimnasError, first_line
-from slimnas.compress.runtime.files import hash_json, hash_tensor, read_jsonl
+from slimnas.compress.settings import AUTO, BUILTIN, DataSettings
+from slimnas.core.data import find_data_dir
+from slimnas.core.errors import SlimnasError, first_line
+from slimnas.core.files import hash_json, hash_tensor, read_jsonl
 
-AUTO, BUILTIN = "auto", "builtin"
 WIKI_CORPUS = Path("corpus") / "wiki_en_core.jsonl"
 SPLITS = ("train", "selection", "evaluation")
-HELD_OUT = ("selection", "evaluation")
+HELDOUT = ("selection", "evaluation")
 DOCUMENT_COLUMNS = ("doc_id", "document_id", "id", "title", "url")  # hub columns that name a row's document
 WIKITEXT_HEADING = re.compile(r" = [^=].* = ")  # a top-level article heading of WikiText
 
@@ -45,25 +45,6 @@ def resolve_corpus(name: str, data_dir: Path | None) -> str:
     if data_dir is not None and (data_dir / WIKI_CORPUS).is_file():
         return str(data_dir / WIKI_CORPUS)
     return BUILTIN
-
-
-@dataclass
-class DataSettings:
-    dir: str | None = None  # benchmark files and corpus; None = $SLIMNAS_DATA, else shared/data beside the checkout
-    corpus: str = AUTO  # auto | builtin | a .txt / .jsonl file | hf:NAME[:CONFIG[:SPLIT]]
-    seq_len: int = 128  # tokens per KD and calibration row
-    heldout_tokens: int | None = None  # tokens of each held-out document's row; null = seq_len
-    selection_docs: int = 64  # documents the search ranks candidates on, one row each
-    evaluation_docs: int = 128  # documents behind every reported number, one row each
-    seed: int = 0  # which documents land in which split, and where in each held-out document its row starts
-
-    def __post_init__(self):
-        if self.seq_len < 2 or (self.heldout_tokens is not None and self.heldout_tokens < 2):
-            raise SlimnasError("data.seq_len and data.heldout_tokens must be at least 2")
-        if min(self.selection_docs, self.evaluation_docs) < 2:
-            raise SlimnasError(
-                "data.selection_docs and data.evaluation_docs must be at least 2 (an error bar needs two)"
-            )
 
 
 @dataclass(frozen=True)
@@ -218,7 +199,7 @@ def text_rows(path: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed
     return document_rows(long_enough, seq_len, seed), documents.unit
 
 
-def held_out_sizes(eligible: int, settings: DataSettings, source: str, row_tokens: int) -> tuple[int, int]:
+def heldout_sizes(eligible: int, settings: DataSettings, source: str, row_tokens: int) -> tuple[int, int]:
     """Selection and evaluation documents; a corpus too small for the settings gives each a quarter of it."""
     wanted = (settings.selection_docs, settings.evaluation_docs)
     if sum(wanted) <= eligible // 2:
@@ -246,13 +227,13 @@ def load_corpus(tokenizer: PreTrainedTokenizerBase, settings: DataSettings) -> C
     random.Random(settings.seed).shuffle(order)
     row_tokens = settings.heldout_tokens or settings.seq_len
     eligible = [i for i in order if len(tokens[i]) >= row_tokens]  # long enough for one held-out row
-    n_selection, n_evaluation = held_out_sizes(len(eligible), settings, source, row_tokens)
+    n_selection, n_evaluation = heldout_sizes(len(eligible), settings, source, row_tokens)
     chosen = {"selection": eligible[:n_selection], "evaluation": eligible[n_selection : n_selection + n_evaluation]}
-    held_out = set(chosen["selection"]) | set(chosen["evaluation"])
-    chosen["train"] = [i for i in order if i not in held_out]
+    heldout = set(chosen["selection"]) | set(chosen["evaluation"])
+    chosen["train"] = [i for i in order if i not in heldout]
 
     rows = {"train": pack([tokens[i] for i in chosen["train"]], tokenizer.eos_token_id, settings.seq_len)}
-    for split in HELD_OUT:
+    for split in HELDOUT:
         picked = [(tokens[i], documents.ids[i]) for i in chosen[split]]
         rows[split] = document_rows(picked, row_tokens, settings.seed)
     if len(rows["train"]) == 0:

@@ -28,10 +28,7 @@ from transformers import PreTrainedModel
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.kd_loss import IGNORE, next_token_labels, token_losses
 from slimnas.compress.models import LoadedModel
-from slimnas.compress.runtime import distributed, interrupt
-from slimnas.compress.runtime.device import autocast, model_device
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json
+from slimnas.compress.settings import DistillSettings
 from slimnas.compress.teacher_targets import (
     CachedTeacherTargets,
     LiveTeacherTargets,
@@ -39,60 +36,11 @@ from slimnas.compress.teacher_targets import (
     TopKLogitCache,
     capture_layer_outputs,
 )
-
-STATE_FILE = "train_state.safetensors"
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class DistillSettings:
-    budget_tokens: int = (
-        100_000  # slimnas distill's budget (search: search.race.rung_tokens; retrain: retrain.budget_tokens)
-    )
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    ce_weight: float = 0.0  # weight of next-token cross-entropy beside the KL
-    hidden_weight: float = 0.0  # weight of the hidden-state loss (needs teacher_mode=live)
-    hidden_layers: list[int] = field(default_factory=list)  # student layers (negative: from the end), each matched
-    # to the teacher layer it was cut from
-    teacher_mode: str = "cache"  # cache: top-k teacher logits on disk, shared by runs; live: run the teacher
-    top_k: int = 64
-    chunk_tokens: int = 1024  # positions per vocabulary-sized chunk of the loss
-    eval_every: int = 50  # steps between held-out evaluations (distill, retrain)
-    save_every: int = 50  # steps between resumable checkpoints (distill, retrain)
-    precision: str = "auto"  # in a command: the top-level precision setting
-    seed: int = 0  # the order of the KD rows
-
-    def __post_init__(self):
-        if self.teacher_mode not in ("cache", "live"):
-            raise SlimnasError(f"distill.teacher_mode must be cache or live, not {self.teacher_mode!r}")
-        if self.hidden_weight > 0 and (self.teacher_mode != "live" or not self.hidden_layers):
-            raise SlimnasError("a hidden-state loss needs distill.teacher_mode=live and distill.hidden_layers")
-        positive = ("budget_tokens", "batch_size", "grad_accum", "top_k", "chunk_tokens", "eval_every")
-        for name in (*positive, "save_every"):
-            if getattr(self, name) < 1:
-                raise SlimnasError(f"distill.{name} must be at least 1, not {getattr(self, name)}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
-            raise SlimnasError("distill.lr must be > 0, min_lr_ratio in [0, 1] and warmup_fraction in [0, 1)")
-        if not self.temperature > 0:
-            raise SlimnasError(f"distill.temperature must be > 0, not {self.temperature}")
-
-    def tokens_per_step(self, seq_len: int) -> int:
-        return self.batch_size * self.grad_accum * seq_len
-
-    def steps_for(self, tokens: int, seq_len: int) -> int:
-        """KD steps that `tokens` buy (at least one): the one place budgets become steps."""
-        return max(1, tokens // self.tokens_per_step(seq_len))
-
-    def rows_for(self, seq_len: int) -> int:
-        """Corpus rows the whole budget reads (fewer than that are cycled through, reshuffled each epoch)."""
-        return math.ceil(self.steps_for(self.budget_tokens, seq_len) * self.tokens_per_step(seq_len) / seq_len)
+from slimnas.core import distributed, interrupt
+from slimnas.core.device import autocast, model_device
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import atomic_path, atomic_write_text, hash_json
+from slimnas.core.rundir import METRICS_FILE, STATE_FILE
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -175,11 +123,41 @@ def make_teacher_targets(
     return CachedTeacherTargets(cache, teacher.model, settings.precision)
 
 
+def build_distiller(
+    student: PreTrainedModel,
+    teacher: LoadedModel | None,
+    train_rows: torch.Tensor,
+    settings: DistillSettings,
+    budget_tokens: int,
+    cache_dir: Path,
+    cut: tuple[list[int], list[int]] | None = None,
+    targets: TeacherTargets | None = None,
+) -> "Distiller":
+    """The one way a KD run is built: slimnas distill, a search trial, the leaders' extension, retraining, and
+    (with no teacher: next-token loss alone) teacher correction. The stage that owns the budget passes it here.
+
+    `targets`: the teacher's side shared by many runs (a search's or a retraining's top-k cache, filled once up
+    front); else one is made from the settings. A hidden-state loss matches each student layer to the teacher
+    layer it was cut from, so it needs the student's `cut` (its kept teacher layers and channels) and a live
+    teacher of its own.
+    """
+    match = None
+    if teacher is not None and settings.hidden_weight > 0:
+        if cut is None:
+            raise SlimnasError("a hidden-state loss needs the student's cut (the prune plan's layers and channels)")
+        layers, channels = cut
+        match = HiddenStateMatch.build(settings.hidden_layers, layers, channels, teacher.model.config.hidden_size)
+        targets = make_teacher_targets(settings, teacher, train_rows, cache_dir, match)
+    elif teacher is not None and targets is None:
+        targets = make_teacher_targets(settings, teacher, train_rows, cache_dir)
+    return Distiller(student, targets, train_rows, settings, budget_tokens, match)
+
+
 class StudentLosses(nn.Module):
     """The student's forward and its losses as one module: DistributedDataParallel wraps it under torchrun, so
     every parameter a step uses (the body, the chunked vocabulary head, the hidden-state maps) is averaged."""
 
-    def __init__(self, student: PreTrainedModel, settings: "DistillSettings", hidden_match: "HiddenStateMatch | None"):
+    def __init__(self, student: PreTrainedModel, settings: DistillSettings, hidden_match: HiddenStateMatch | None):
         super().__init__()
         self.student, self.settings, self.hidden_match = student, settings, hidden_match
         self.maps = hidden_match.maps if hidden_match is not None else None  # registered: trained and averaged too
@@ -220,15 +198,16 @@ class Distiller:
         teacher_targets: TeacherTargets | None,  # None: next-token loss alone (teacher correction)
         train_rows: torch.Tensor,
         settings: DistillSettings,
+        budget_tokens: int,
         hidden_match: HiddenStateMatch | None = None,
     ):
         self.student, self.teacher_targets, self.settings = student, teacher_targets, settings
-        self.train_rows, self.hidden_match = train_rows, hidden_match
+        self.train_rows, self.hidden_match, self.budget_tokens = train_rows, hidden_match, budget_tokens
         self.device = model_device(student)
         seq_len = train_rows.shape[1]
         self.tokens_per_step = settings.tokens_per_step(seq_len)
-        self.total_steps = settings.steps_for(settings.budget_tokens, seq_len)
-        self.n_rows = min(len(train_rows), settings.rows_for(seq_len))
+        self.total_steps = settings.steps_for(budget_tokens, seq_len)
+        self.n_rows = min(len(train_rows), settings.rows_for(budget_tokens, seq_len))
         if hidden_match is not None:
             hidden_match.maps.to(self.device)
         parameters = list(student.parameters()) + (list(hidden_match.maps.parameters()) if hidden_match else [])
@@ -384,7 +363,7 @@ def distill_to_budget(
     main = distributed.is_main()  # under torchrun rank 0 alone evaluates, logs and checkpoints
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, metrics_path = out_dir / STATE_FILE, out_dir / METRICS_FILE
-    resume_key = hash_json([resume_identity, asdict(settings)])
+    resume_key = hash_json([resume_identity, asdict(settings) | {"budget_tokens": distiller.budget_tokens}])
     torch.manual_seed(settings.seed)
     if state_path.exists():  # every rank resumes from the same state, whatever the process count that wrote it
         distiller.load(state_path, resume_key)

@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from slimnas.compress.runtime.errors import SlimnasError, first_line
-from slimnas.compress.runtime.files import atomic_path, read_json
+from slimnas.core.errors import SlimnasError, first_line
+from slimnas.core.files import atomic_path, read_json
 
 EXPORTABLE_MODEL_TYPES = ("llama", "mistral")  # mistral: same tensors as llama, written as llama like llama.cpp does
 FILE_TYPES = {

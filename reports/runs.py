@@ -9,20 +9,28 @@ them is found here and said in one line, so a bad input never leaves half a repo
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import read_json, read_jsonl
-from slimnas.search.leaders import RACE_FILE
-from slimnas.search.records import FAILED, RUN_FILE, RetrainRecord, TrialRecord, read_records, read_retrained, read_run
-from slimnas.search.screen import read_screen
-from slimnas.search.tables import read_front
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import read_json
+from slimnas.core.rundir import (
+    FAILED,
+    RUN_FILE,
+    SECTIONS,
+    TEACHER,
+    RetrainRecord,
+    TrialRecord,
+    read_front,
+    read_kd_curve,
+    read_race,
+    read_records,
+    read_retrained,
+    read_run,
+    read_screen,
+    section_file,
+    unfinished_retrains,
+)
 
 RUN_KEYS = ("teacher", "teacher_params", "settings")  # written by `slimnas search` before its first trial
 RANKED = ("complete", "stopped")  # trial states that carry a quality
-SECTIONS = {  # tables other tools leave in a run directory, RUN_DIR/NAME/NAME.json (+ NAME.png), shown as they are
-    "proof": "Search vs baselines",  # slimnas baselines
-    "correction": "Teacher correction: the original and the corrected teacher",  # slimnas pipeline, correct stage
-    "chain": "The chain: every stage against the original teacher",  # slimnas pipeline chain=[...]
-}
 SECTION_KINDS = ("baselines", "chain")  # run directories that hold sections only (their searches are elsewhere)
 
 
@@ -119,17 +127,10 @@ def check_retrained(retrained: list[RetrainRecord], teacher: RetrainRecord | Non
         raise SlimnasError(f"{run.dir}/retrain has candidates but no teacher record (retrain/teacher/record.json)")
 
 
-def read_kd_curve(path: Path) -> list[dict]:
-    """The held-out points of a KD run's metrics.jsonl, in KD order (none when the file is absent)."""
-    if not path.is_file():
-        return []
-    return [{**line["heldout"], "kd_tokens": line["tokens"]} for line in read_jsonl(path) if "heldout" in line]
-
-
 def read_sections(run_dir: Path) -> list[Section]:
     sections = []
     for name, title in SECTIONS.items():
-        path = run_dir / name / f"{name}.json"
+        path = section_file(run_dir, name)
         if not path.is_file():
             continue
         values = read_json(path)
@@ -162,20 +163,19 @@ def read_one(run_dir: Path) -> Run:
     trials = read_records(run_dir)
     check_trials(trials, run_dir)
     retrained = read_retrained(run_dir)
-    teacher = next((r for r in retrained if r.name == "teacher"), None)
-    candidates = [r for r in retrained if r.name != "teacher"]
-    recorded = {r.name for r in retrained}
+    teacher = next((r for r in retrained if r.name == TEACHER), None)
+    candidates = [r for r in retrained if r.name != TEACHER]
     run = Run(
         dir=run_dir,
         info=info,
         trials=trials,
         teacher=teacher,
         retrained=candidates,
-        kd_curves={r.name: read_kd_curve(run_dir / "retrain" / r.name / "kd" / "metrics.jsonl") for r in candidates},
+        kd_curves={r.name: read_kd_curve(run_dir, r.name) for r in candidates},
         screen=read_screen(run_dir),
-        race=read_json(run_dir / RACE_FILE) if (run_dir / RACE_FILE).is_file() else None,
+        race=read_race(run_dir),
         front=read_front(run_dir),
-        unfinished=sorted(p.name for p in (run_dir / "retrain").glob("*/kd") if p.parent.name not in recorded),
+        unfinished=unfinished_retrains(run_dir),
         sections=read_sections(run_dir),
     )
     check_retrained(candidates, teacher, run)

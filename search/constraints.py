@@ -1,11 +1,13 @@
 """Budget constraints on candidates: analytic (parameters, weight memory), measured (latency), and KD tokens."""
 
 from dataclasses import dataclass
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
 from slimnas.compress.arch import Architecture, param_count, weight_bytes
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -25,17 +27,17 @@ class Budget:
         if self.kd_tokens is not None and self.kd_tokens < 1:
             raise SlimnasError(f"invalid budget: kd_tokens must be at least 1 or null, not {self.kd_tokens}")
 
-    def target_params(self, teacher: PretrainedConfig) -> int | None:
+    def target_params(self, teacher: "PretrainedConfig") -> int | None:
         if self.params is None:
             return None
         return int(self.params * param_count(teacher)) if self.params <= 1 else int(self.params)
 
-    def target_gap(self, teacher: PretrainedConfig, arch: Architecture) -> float:
+    def target_gap(self, teacher: "PretrainedConfig", arch: Architecture) -> float:
         """Relative distance of the candidate's parameter count from the target (0 without a target)."""
         target = self.target_params(teacher)
         return 0.0 if target is None else (param_count(teacher, arch) - target) / target
 
-    def allows(self, teacher: PretrainedConfig, arch: Architecture) -> bool:
+    def allows(self, teacher: "PretrainedConfig", arch: Architecture) -> bool:
         highest = 0.0 if self.cap else self.window
         if not -self.window <= self.target_gap(teacher, arch) <= highest:
             return False
@@ -46,7 +48,7 @@ class Budget:
     def window_text(self) -> str:
         return f"at most, down to -{self.window:.0%}" if self.cap else f"+-{self.window:.0%}"
 
-    def describe(self, teacher: PretrainedConfig) -> str:
+    def describe(self, teacher: "PretrainedConfig") -> str:
         parts = []
         target = self.target_params(teacher)
         if target is not None:

@@ -14,28 +14,21 @@ import time
 import optuna
 
 from slimnas.compress.arch import Architecture
-from slimnas.compress.prune import PrunePolicy, plan_pruning, prune_model
-from slimnas.compress.runtime.files import locked, read_json, write_json
-from slimnas.compress.runtime.stats import paired_test
+from slimnas.compress.prune import plan_pruning, prune_model
+from slimnas.compress.settings import PruningSettings
+from slimnas.core.files import locked, read_json, write_json
+from slimnas.core.rundir import RACE_FILE, TrialRecord, leaders, read_records
+from slimnas.core.stats import paired_test
 from slimnas.search.race import EXTENSION_TOKENS, kd_spent
-from slimnas.search.records import COMPLETE, TrialRecord, read_records
 from slimnas.search.setup import SearchSetup
 from slimnas.search.trial import distiller
-
-RACE_FILE = "race.json"
-
-
-def leaders(records: list[TrialRecord]) -> list[TrialRecord]:
-    """The two best candidates at the last rung, by quality (ties by trial number)."""
-    complete = [r for r in records if r.state == COMPLETE]
-    return sorted(complete, key=lambda r: (-r.final["quality"], r.trial))[:2]
 
 
 def separated(a: list[float], b: list[float], confidence: float) -> tuple[bool, dict]:
     """Is one of the two better than the other with confidence (the one with the higher mean KL tested worse)?"""
     worse, better = (a, b) if sum(a) >= sum(b) else (b, a)
     test = paired_test(worse, better)
-    return test.confident(confidence), {"difference": test.difference, "stderr": test.stderr, "p": test.p_greater}
+    return test.confident(confidence), {"difference": test.difference, "stderr": test.stderr, "p": test.p}
 
 
 def extended(setup: SearchSetup, record: TrialRecord, tokens: int) -> dict:
@@ -43,7 +36,7 @@ def extended(setup: SearchSetup, record: TrialRecord, tokens: int) -> dict:
     started = time.perf_counter()
     teacher = setup.context.teacher.model
     arch = Architecture(**record.architecture)
-    plan = plan_pruning(setup.context.importance, teacher.config, arch, PrunePolicy(**record.pruning))
+    plan = plan_pruning(setup.context.importance, teacher.config, arch, PruningSettings(**record.pruning))
     student = prune_model(teacher, plan, arch)
     kd = distiller(setup, student, plan, budget_tokens=tokens)
     kd.train_until(kd.total_steps)
@@ -95,11 +88,3 @@ def extend_leaders(study: optuna.Study, setup: SearchSetup) -> dict | None:
         write_json(path, race)
     print(f"race: trial {race['winner']} leads ({race['why']})")
     return race
-
-
-def search_pick(run_dir, records: list[TrialRecord]) -> TrialRecord | None:
-    """The search's choice: the race's winner when the leaders' last rung was extended, else the best by quality."""
-    path = run_dir / RACE_FILE
-    winner = read_json(path).get("winner") if path.is_file() else None
-    best = leaders(records)
-    return next((r for r in records if r.trial == winner), best[0] if best else None)

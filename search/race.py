@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimnas.compress.heldout import HeldoutMetrics
-from slimnas.compress.runtime.stats import paired_test
+from slimnas.core.stats import paired_test
 from slimnas.search.setup import SearchSetup
 
 RESERVED = "kd_reserved"  # user attr: KD tokens a trial has reserved (= spent, once it ends)
@@ -69,7 +69,7 @@ def verdict(mine: list[float], peer: FrozenTrial, theirs: list[float], rung: int
         return None
     return (
         f"worse than trial {peer.number} at rung {rung}: KL +{test.difference:.3f} ± {test.stderr:.3f} over "
-        f"{len(mine)} selection documents (one-sided p = {test.p_greater:.2g})"
+        f"{len(mine)} selection documents (one-sided p = {test.p:.2g})"
     )
 
 

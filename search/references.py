@@ -6,12 +6,14 @@ block) and width_only (the teacher's depth, narrower layers). The fourth referen
 """
 
 from dataclasses import dataclass
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
 from slimnas.compress.arch import Architecture
 from slimnas.search.constraints import Budget
 from slimnas.search.setup import SearchSetup
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ def _ratio_text(arch: Architecture, teacher: Architecture) -> str:
 
 
 def uniform_reference(
-    feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget, tolerance: float
+    feasible: list[Architecture], teacher: "PretrainedConfig", budget: Budget, tolerance: float
 ) -> tuple[Reference | None, str]:
     """One shrink ratio on every dimension (KV groups included), as far as the space allows.
 
@@ -66,7 +68,7 @@ def uniform_reference(
     return Reference("uniform", best, text), f"uniform: {best.label()}, {text}"
 
 
-def depth_only_reference(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+def depth_only_reference(feasible: list[Architecture], teacher: "PretrainedConfig", budget: Budget):
     """The teacher's width with fewer layers, nearest the parameter target, cut as one contiguous block."""
     width = Architecture.of(teacher)
     same_width = [a for a in feasible if _width(a) == _width(width)]
@@ -77,7 +79,7 @@ def depth_only_reference(feasible: list[Architecture], teacher: PretrainedConfig
     return Reference("depth_only", best, note, depth_strategy="contiguous"), f"depth_only: {best.label()}, {note}"
 
 
-def width_only_reference(feasible: list[Architecture], teacher: PretrainedConfig, budget: Budget):
+def width_only_reference(feasible: list[Architecture], teacher: "PretrainedConfig", budget: Budget):
     """The teacher's depth with narrower hidden / FFN / heads (Minitron's choice for models up to ~15B).
 
     Nearest the parameter target; on ties the one whose width ratios are closest to each other.

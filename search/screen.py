@@ -23,11 +23,10 @@ from tqdm import tqdm
 from slimnas.compress.arch import Architecture
 from slimnas.compress.models import cache_root
 from slimnas.compress.prune import plan_pruning, prune_model
-from slimnas.compress.runtime.files import atomic_path, hash_json, locked, read_jsonl
+from slimnas.core.files import atomic_path, hash_json, locked, read_jsonl
+from slimnas.core.rundir import SCREEN_FILE
 from slimnas.search.setup import SearchSetup
 from slimnas.search.space import stratified_sample
-
-SCREEN_FILE = "screen.jsonl"
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,3 @@ def run_screen(setup: SearchSetup) -> list[Screened]:
     with atomic_path(setup.run_dir / SCREEN_FILE) as staging:
         shutil.copyfile(path, staging)
     return sorted((done[arch] for arch in candidates), key=lambda s: (s.kl, s.arch.label()))
-
-
-def read_screen(run_dir) -> list[dict]:
-    """The screen's lines as recorded (for the report), best first; none when the run has no screen."""
-    path = run_dir / SCREEN_FILE
-    return sorted(read_jsonl(path) if path.is_file() else [], key=lambda line: line["kl"])

@@ -7,7 +7,7 @@ command is composed, and `__post_init__` checks what types cannot.
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
 from slimnas.search.constraints import Budget
 from slimnas.search.objectives import OBJECTIVES, QUALITY_METRICS
 from slimnas.search.space import SpaceSettings

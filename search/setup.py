@@ -5,27 +5,27 @@ shape and the feasible set, the benchmark files, the storage connection; only th
 importance scores, the teacher's logit cache and the selection documents.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
 
-from slimnas.bench.quality import QualitySettings
-from slimnas.bench.speed import SpeedSettings
+from slimnas.bench.quality import check_summary
+from slimnas.bench.settings import QualitySettings, SpeedSettings
 from slimnas.bench.tasks import TaskSuite, prepare_suite
 from slimnas.compress.arch import Architecture
 from slimnas.compress.context import TeacherContext, load_teacher_context
-from slimnas.compress.distill import DistillSettings, make_teacher_targets
+from slimnas.compress.distill import make_teacher_targets
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.models import cache_root, load_model
-from slimnas.compress.prune import PrunePolicy
-from slimnas.compress.runtime.config import settings_of
-from slimnas.compress.runtime.device import hardware, pick_device
-from slimnas.compress.runtime.errors import SlimnasError
-from slimnas.compress.runtime.files import hash_json
+from slimnas.compress.settings import DistillSettings, PruningSettings
 from slimnas.compress.teacher_targets import TeacherTargets
+from slimnas.core.device import hardware, pick_device
+from slimnas.core.errors import SlimnasError
+from slimnas.core.files import hash_json
+from slimnas.core.settings import settings_of
 from slimnas.search.objectives import Objective, objectives_of
 from slimnas.search.settings import SearchSettings
 from slimnas.search.space import FeasibleEncoding, SearchSpace
@@ -46,8 +46,9 @@ class SearchSetup:
     space: SearchSpace
     feasible: tuple[Architecture, ...]
     encoding: FeasibleEncoding  # the sampler's coordinates: every point a feasible candidate
-    policy: PrunePolicy
-    distill: DistillSettings  # budget = the last rung
+    policy: PruningSettings
+    distill: DistillSettings
+    trial_tokens: int  # KD tokens of a trial's one KD run: the last rung's (search.race.rung_tokens[-1])
     rung_steps: tuple[int, ...]  # KD steps at the end of each rung (rung k ends at rung_steps[k - 1])
     quality: QualitySettings
     speed: SpeedSettings | None
@@ -95,7 +96,8 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     policy = settings_of(cfg, "pruning")
     data = settings_of(cfg, "data")
     importance = settings_of(cfg, "importance")
-    distill = replace(settings_of(cfg, "distill"), budget_tokens=max(settings.race.rung_tokens))
+    distill: DistillSettings = settings_of(cfg, "distill")
+    trial_tokens = max(settings.race.rung_tokens)
     rung_steps = tuple(distill.steps_for(tokens, data.seq_len) for tokens in settings.race.rung_tokens)
     if any(b <= a for a, b in pairwise((0, *rung_steps))):
         step = distill.tokens_per_step(data.seq_len)
@@ -122,7 +124,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     # 3. The task suite, when trials are scored (task names and files checked; prepared in the cache)
     suite = prepare_suite(list(quality.tasks), data.dir) if settings.score_trials else None
     if settings.quality_metric == "summary":
-        quality.check_summary()
+        check_summary(quality)
 
     # 4. The study's storage: a server nobody listens on fails here, before minutes of compute
     run_dir = Path(cfg.run_dir)
@@ -135,7 +137,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     # 5. Corpus, importance, the teacher's top-k logits for every KD row a trial can use, the selection documents
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir), importance, teacher)
     targets = make_teacher_targets(distill, teacher, context.corpus.train, cache_root(cfg.cache_dir))
-    targets.prepare(distill.rows_for(data.seq_len))
+    targets.prepare(distill.rows_for(trial_tokens, data.seq_len))
     selection = HeldoutSet("selection", context.corpus.selection, teacher.model, cfg.precision)
 
     return SearchSetup(
@@ -147,6 +149,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         encoding=FeasibleEncoding.of(list(feasible)),
         policy=policy,
         distill=distill,
+        trial_tokens=trial_tokens,
         rung_steps=rung_steps,
         quality=quality,
         speed=speed,
@@ -160,37 +163,3 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         command=cfg.command,
         log_file=run_dir / "log.txt",
     )
-
-
-def describe(setup: SearchSetup) -> list[str]:
-    """The budgets and choices of the search, printed at its start."""
-    config, settings = setup.context.teacher.model.config, setup.settings
-    tokens = ", ".join(f"{t:,}" for t in settings.race.rung_tokens)
-    sampler = settings.sampler["_target_"].rsplit(".", 1)[-1]
-    corpus = setup.context.corpus
-    how = {
-        "screen": f"the screen's best {settings.screen.top_k} first, then {sampler} (told the screen); "
-        f"{settings.n_trials} trials to reach the last rung",
-        "uniform": f"feasible candidates in a seeded random order; {settings.n_trials} trials to reach the last rung",
-        "enumerate": "every feasible candidate to the last rung, none stopped (enumeration)",
-    }[settings.proposals]
-    lines = [
-        f"search space: {setup.space.size()} points, {len(setup.feasible)} feasible under "
-        f"{settings.budget.describe(config)}",
-        f"proposals: {how}; objectives: " + ", ".join(f"{o.name} ({o.direction})" for o in setup.objectives),
-        f"KD per trial: rungs at {tokens} tokens (batch {setup.distill.batch_size} x {corpus.seq_len}); a candidate "
-        f"stops when a peer is better with {settings.race.confidence:.0%} one-sided confidence"
-        + (
-            ""
-            if settings.proposals == "enumerate" or settings.race.extensions == 0
-            else f"; the two leaders' last rung doubled up to {settings.race.extensions}x while they are not separated"
-        ),
-        f"quality: -held-out KL on {corpus.documents('selection')} selection {corpus.unit}s (one row each, full "
-        f"vocabulary) of {corpus.source}; error bars and the race's tests over those documents",
-    ]
-    if setup.suite is not None:
-        lines.append(
-            f"lm-eval per trial: {setup.suite.describe()}, {setup.quality.trial_limit} documents each from the "
-            f"selection pool"
-        )
-    return lines

@@ -10,12 +10,14 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field, fields
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
 from slimnas.compress.arch import Architecture, validate_target
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
 from slimnas.search.constraints import Budget
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DIMENSIONS = [f.name for f in fields(Architecture)]
 
@@ -63,14 +65,14 @@ class SearchSpace:
     values: dict[str, list[int]]
 
     @classmethod
-    def from_settings(cls, settings: SpaceSettings, teacher: PretrainedConfig) -> "SearchSpace":
+    def from_settings(cls, settings: SpaceSettings, teacher: "PretrainedConfig") -> "SearchSpace":
         source = Architecture.of(teacher).as_dict()
         return cls({name: getattr(settings, name).values(name, source[name]) for name in DIMENSIONS})
 
     def size(self) -> int:
         return math.prod(len(v) for v in self.values.values())
 
-    def feasible(self, teacher: PretrainedConfig, budget: Budget) -> list[Architecture]:
+    def feasible(self, teacher: "PretrainedConfig", budget: Budget) -> list[Architecture]:
         """All architectures of the space that can be cut from the teacher and meet the budget."""
         valid_attention = {}
         for hidden, heads, kv in itertools.product(

@@ -4,8 +4,10 @@ The study lives in a SQLite file in the run directory by default, or in any RDB 
 many workers on many machines. Every trial records which worker runs it (host, boot id, pid and the
 process's start time) and that worker sends heartbeats while it runs. A RUNNING trial is stale when its worker
 is gone: at once when the worker ran on this host and its process no longer exists, or once its
-heartbeat is older than the grace period (a worker on another host). A stale trial is marked failed
-with the reason and its candidate is queued again, so the next worker that looks runs it.
+heartbeat is older than the grace period (a worker on another host: Optuna's own
+`optuna.storages.fail_stale_trials`, whose stale-trial callback, set on the storage, queues the candidate
+again). A stale trial is marked failed and its candidate is queued again, so the next worker that looks
+runs it.
 
 SQLite has no row locks: now and then two workers can take the same queued trial; the later one to
 finish is told the trial is already finished and drops its copy. PostgreSQL has no such race.
@@ -24,7 +26,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from slimnas.compress.runtime.errors import SlimnasError, first_line
+from slimnas.core.errors import SlimnasError, first_line
 
 SETTINGS_KEY = "slimnas_settings_hash"  # the study's settings: other settings on the same study are refused
 HARDWARE_KEY = "slimnas_hardware"  # where the study's timings were taken
@@ -43,8 +45,9 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, attempts:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 return RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period
-                )
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                    heartbeat_stale_trial_callback=requeue_stale,
+                )  # fmt: skip
             except ImportError as error:  # no driver for this URL: retrying cannot help
                 raise SlimnasError(f"cannot open study storage {url}: {error}") from error
             except Exception as error:  # sqlalchemy raises many types for bad URLs, races and dead servers
@@ -93,8 +96,25 @@ def check_hardware(study: optuna.Study, hardware: dict, timings_rank: bool) -> N
         )
 
 
-# Optuna's storage internals, in one place: the study loop needs a trial's id (heartbeats), its frozen state
-# while it runs, and the trials whose heartbeat went stale.
+# Optuna's storage internals, in one place: the study loop needs a trial's id (heartbeats) and its frozen state
+# while it runs.
+
+
+def dashboard_constraints(constraints: dict[str, float]) -> dict:
+    """The system attribute optuna-dashboard (0.21) reads: the constraint values as a list, Optuna's older format.
+
+    Optuna reads both formats as one set of constraints (a trial is feasible when every value is <= 0), so the
+    copy changes no sampler's ranking; without it the dashboard would put stopped and screened-only trials on
+    its Pareto front beside the candidates that reached the last rung."""
+    return {"constraints": list(constraints.values())}
+
+
+def set_constraints(study: optuna.Study, trial: optuna.Trial, constraints: dict[str, float]) -> None:
+    """Optuna's named constraints of a running trial, and the list optuna-dashboard reads."""
+    for name, value in constraints.items():
+        trial.set_constraint(name, value)
+    for key, value in dashboard_constraints(constraints).items():
+        study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
 def trial_id(trial: optuna.Trial) -> int:
@@ -103,10 +123,6 @@ def trial_id(trial: optuna.Trial) -> int:
 
 def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     return study._storage.get_trial(trial._trial_id)
-
-
-def stale_by_heartbeat(study: optuna.Study, storage: RDBStorage) -> set[int]:
-    return set(storage._get_stale_trial_ids(study._study_id))
 
 
 def _process_start(pid: int) -> str | None:
@@ -192,14 +208,21 @@ def retry(study: optuna.Study, failed: FrozenTrial) -> None:
 
 
 UNCLAIMED_SECONDS = 60  # a RUNNING trial with no worker recorded this long after it started was killed in ask()
+SILENT = "its worker stopped sending heartbeats"  # the failure Optuna's stale-trial check leaves without a reason
 
 
-def _stale_reason(trial: FrozenTrial, stale_ids: set[int], grace_period: int) -> str | None:
+def requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """The storage's heartbeat_stale_trial_callback: optuna.storages.fail_stale_trials failed this trial of a silent
+    worker; its candidate is queued again."""
+    if trial.params:
+        retry(study, trial)
+
+
+def _dead_here(trial: FrozenTrial) -> str | None:
+    """Why a RUNNING trial's worker is known dead without waiting for the heartbeat's grace period, or None."""
     worker = trial.user_attrs.get("worker")
     if worker is not None and Worker.parse(worker).gone():
         return f"worker {worker} died"
-    if trial._trial_id in stale_ids:
-        return f"worker {worker} sent no heartbeat for {grace_period} s"
     if worker is None and trial.datetime_start is not None:
         if (datetime.now() - trial.datetime_start).total_seconds() > UNCLAIMED_SECONDS:
             return "its worker died while asking the sampler"
@@ -207,11 +230,13 @@ def _stale_reason(trial: FrozenTrial, stale_ids: set[int], grace_period: int) ->
 
 
 def recover_stale_trials(study: optuna.Study, storage: RDBStorage) -> list[tuple[FrozenTrial, str]]:
-    """Fail every RUNNING trial whose worker is gone and queue its candidate again; returns (trial, reason)."""
+    """Fail every RUNNING trial whose worker is gone and queue its candidate again; returns (trial, reason).
+
+    A worker that died on this host is seen at once; one on another host when its heartbeat is older than the
+    grace period (Optuna's check, whose callback queues the candidate again)."""
     recovered = []
-    stale_ids = stale_by_heartbeat(study, storage)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = _stale_reason(trial, stale_ids, storage.grace_period)
+        reason = _dead_here(trial)
         if reason is None:
             continue
         try:
@@ -220,9 +245,15 @@ def recover_stale_trials(study: optuna.Study, storage: RDBStorage) -> list[tuple
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker recovered it first
         failed = storage.get_trial(trial._trial_id)
-        if failed.params:
-            retry(study, failed)
+        requeue_stale(study, failed)
         recovered.append((failed, reason))
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    with warnings.catch_warnings():  # experimental since Optuna 2.9, and still the public call
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.number not in before and "fail_reason" not in trial.user_attrs:
+            recovered.append((trial, f"{SILENT} for {storage.grace_period} s"))
     return recovered
 
 

@@ -21,22 +21,32 @@ from datetime import datetime
 
 import optuna
 from hydra.utils import instantiate
-from optuna.trial import FrozenTrial, TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import kendalltau, spearmanr
 from tqdm import tqdm
 
 from slimnas.compress.arch import Architecture, param_count
-from slimnas.compress.runtime import interrupt
-from slimnas.compress.runtime.errors import SlimnasError, one_line
-from slimnas.compress.runtime.files import hash_json, locked
+from slimnas.core import interrupt
+from slimnas.core.errors import SlimnasError, one_line
+from slimnas.core.files import hash_json
+from slimnas.core.rundir import FAILED, TrialRecord, outcome_text, trial_dir, write_record
 from slimnas.search.leaders import extend_leaders
-from slimnas.search.race import RESERVED, Race, kd_spent, rung_attrs, rung_key, shortfall
-from slimnas.search.records import FAILED, TrialRecord, outcome_text, trial_dir, update_run, write_record
-from slimnas.search.references import find_reference
-from slimnas.search.screen import Screened, run_screen
+from slimnas.search.proposals import (
+    REJECTED,
+    SCREENED,
+    arch_key,
+    candidate_key,
+    enqueue,
+    evaluated_keys,
+    failed_attempts,
+    proposals_of,
+    queue_first_trials,
+)
+from slimnas.search.race import RESERVED, Race, kd_spent, rung_key, shortfall
 from slimnas.search.setup import SearchSetup
 from slimnas.search.space import ATTENTION, DEPTH, WIDTH
 from slimnas.search.storage import (
+    SILENT,
     Heartbeat,
     Worker,
     check_hardware,
@@ -45,14 +55,12 @@ from slimnas.search.storage import (
     others_running,
     recover_stale_trials,
     retry,
+    set_constraints,
     trial_id,
 )
 from slimnas.search.trial import new_record, policy_of, run_trial
 
-REJECTED = "rejected"  # user attr of a proposal dropped before any compute
-SCREENED = "screened"  # user attr "state" of a screened candidate told to the sampler without running
 REJECTIONS_BEFORE_FALLBACK = 20  # then a random unevaluated feasible candidate is queued instead
-NOT_THE_CANDIDATES_FAULT = ("interrupted",)  # failures that do not count towards search.max_attempts
 
 
 def make_sampler(setup: SearchSetup, seed: int) -> optuna.samplers.BaseSampler:
@@ -73,118 +81,8 @@ def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture:
     return encoding.decode(attention, trial.suggest_float(DEPTH, 0.0, 1.0), trial.suggest_float(WIDTH, 0.0, 1.0))
 
 
-def candidate_key(trial: FrozenTrial) -> tuple | None:
-    """A candidate is its architecture and how its layers are chosen (depth-only cuts one block)."""
-    arch = trial.user_attrs.get("architecture")
-    return None if arch is None else (tuple(sorted(arch.items())), trial.user_attrs.get("depth_strategy"))
-
-
-def arch_key(arch: Architecture) -> tuple:
-    return tuple(sorted(arch.as_dict().items())), None
-
-
-def failed_attempts(trials: list[FrozenTrial]) -> Counter:
-    """Failed runs per candidate (rejections and interruptions are not the candidate's fault)."""
-    return Counter(
-        candidate_key(t)
-        for t in trials
-        if t.state == TrialState.FAIL
-        and REJECTED not in t.user_attrs
-        and t.user_attrs.get("fail_reason") not in NOT_THE_CANDIDATES_FAULT
-    )
-
-
-def evaluated_keys(trials: list[FrozenTrial], max_attempts: int, exclude: int | None = None) -> dict[tuple, int]:
-    """Candidates that count as evaluated (run, running, queued or given up), with one trial of each.
-
-    A screened candidate told to the sampler was never run: the sampler may propose it, and then it runs.
-    """
-    attempts = failed_attempts(trials)
-    taken = {}
-    for t in trials:
-        key = candidate_key(t)
-        if t.number == exclude or key is None or REJECTED in t.user_attrs or t.user_attrs.get("state") == SCREENED:
-            continue
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING) or attempts[key] >= max_attempts:
-            taken.setdefault(key, t.number)
-    return taken
-
-
 def reached_last_rung(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and trial.user_attrs.get("state") == "complete"
-
-
-# The first trials: the screen's best, the reference cuts, the rest of the screen told to the sampler -------------
-
-
-def first_trials(setup: SearchSetup, screened: list[Screened]) -> list[tuple[Architecture, dict]]:
-    """(candidate, user attrs) to queue in order: the screen's best (or all of it), then the references."""
-    proposals = setup.settings.proposals
-    top_k = len(screened) if proposals == "enumerate" else setup.settings.screen.top_k
-    queued: dict[tuple, tuple[Architecture, dict]] = {}
-    for rank, screen in enumerate(screened[:top_k]):
-        attrs = {"proposed_by": "enumerate" if proposals == "enumerate" else "screen"}
-        note = f"screen rank {rank + 1} of {len(screened)}: KL {screen.kl:.3f} ± {screen.kl_stderr:.3f} without KD"
-        if rank == 0:
-            attrs |= {"reference": "zero_shot", "reference_note": f"the screen's best: {note}"}
-        queued[(screen.arch, None)] = (screen.arch, attrs | {"screen_note": note})
-    for kind in setup.settings.references.kinds:
-        reference, note = find_reference(kind, setup)
-        print(f"reference {note}")
-        if reference is None:
-            continue
-        arch, attrs = queued.get((reference.arch, reference.depth_strategy), (reference.arch, {}))
-        kinds = [k for k in [attrs.get("reference"), kind] if k]
-        notes = [n for n in [attrs.get("reference_note"), note] if n]
-        attrs |= {"reference": "+".join(kinds), "reference_note": "; ".join(notes)}
-        attrs.setdefault("proposed_by", "reference")
-        if reference.depth_strategy:
-            attrs["depth_strategy"] = reference.depth_strategy
-        queued[(reference.arch, reference.depth_strategy)] = (arch, attrs)
-    return list(queued.values())
-
-
-def tell_screen(study: optuna.Study, setup: SearchSetup, screened: list[Screened], queued: set) -> int:
-    """The screen's other candidates, told as trials that stopped at rung 0 (only where every objective is known
-    without running them: quality from the KL, and no timed objective)."""
-    if setup.settings.proposals != "screen" or setup.timings_rank or setup.settings.quality_metric != "heldout_kl":
-        return 0
-    config = setup.context.teacher.model.config
-    told = []
-    for screen in screened:
-        if (screen.arch, None) in queued:
-            continue
-        values = {"quality": -screen.kl, "params": param_count(config, screen.arch)}
-        attrs = {"architecture": screen.arch.as_dict(), "params": values["params"], "proposed_by": "screen",
-                 "state": SCREENED, "rung": 0, "label": screen.arch.label()}  # fmt: skip
-        attrs |= rung_attrs(0, screen.kl_per_doc)
-        told.append(
-            create_trial(
-                params=setup.encoding.encode(screen.arch),
-                distributions=setup.encoding.distributions(),
-                values=[values[o.name] for o in setup.objectives],
-                user_attrs=attrs,
-                constraints={"rungs_missed": shortfall(setup.last_rung, -screen.kl)},
-            )  # fmt: skip
-        )
-    study.add_trials(told)
-    return len(told)
-
-
-def queue_first_trials(study: optuna.Study, setup: SearchSetup, screened: list[Screened]) -> None:
-    """Once per study (workers take turns): the first trials in order, and the screen told to the sampler."""
-    with locked(setup.run_dir / ".queue.lock"):
-        if study.user_attrs.get("first_trials_queued"):
-            return
-        first = first_trials(setup, screened)
-        config = setup.context.teacher.model.config
-        for arch, attrs in first:
-            attrs = {"architecture": arch.as_dict(), "params": param_count(config, arch), **attrs}
-            study.enqueue_trial(setup.encoding.encode(arch), user_attrs=attrs)
-        told = tell_screen(study, setup, screened, {(arch, a.get("depth_strategy")) for arch, a in first})
-        notes = [f"{len(screened)} candidates screened, {len(first)} queued first, {told} told to the sampler"]
-        update_run(setup.run_dir, queued=notes)
-        study.set_user_attr("first_trials_queued", True)
 
 
 # The loop --------------------------------------------------------------------------------------------
@@ -209,21 +107,7 @@ def _queue_unevaluated(study: optuna.Study, setup: SearchSetup, trials: list[Fro
     if not left:
         return False
     choice = random.Random(hash_json([setup.settings.seed, len(trials)])).choice(left)
-    attrs = {"architecture": choice.as_dict(), "proposed_by": "fallback"}
-    study.enqueue_trial(setup.encoding.encode(choice), user_attrs=attrs)
-    return True
-
-
-def _queue_uniform(study: optuna.Study, setup: SearchSetup, trials: list[FrozenTrial]) -> bool:
-    """Random search: the next candidate of a seeded uniform order of the feasible set not evaluated yet."""
-    taken = evaluated_keys(trials, setup.settings.max_attempts)
-    order = random.Random(setup.settings.seed).sample(list(setup.feasible), len(setup.feasible))
-    choice = next((arch for arch in order if arch_key(arch) not in taken), None)
-    if choice is None:
-        return False
-    params = param_count(setup.context.teacher.model.config, choice)
-    attrs = {"architecture": choice.as_dict(), "params": params, "proposed_by": "uniform"}
-    study.enqueue_trial(setup.encoding.encode(choice), user_attrs=attrs)
+    enqueue(study, setup, choice, {"proposed_by": "fallback"})
     return True
 
 
@@ -239,20 +123,18 @@ def _finished(trials: list[FrozenTrial], setup: SearchSetup) -> str | None:
     taken = evaluated_keys(trials, setup.settings.max_attempts)
     if not waiting and all(arch_key(a) in taken for a in setup.feasible):
         return "every feasible candidate was evaluated"
-    if not waiting and setup.settings.proposals == "enumerate":
-        return "every screened candidate was evaluated"
-    return None
+    return proposals_of(setup).exhausted(waiting)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, setup: SearchSetup) -> None:
     if record.state == FAILED:
         study.tell(trial, state=TrialState.FAIL)
         return
-    if setup.settings.budget.latency_ms is not None:  # Optuna constraints: <= 0 is satisfied
-        trial.set_constraint(
-            "latency_over_budget_ms", record.final["latency_p50_ms"] - setup.settings.budget.latency_ms
-        )
-    trial.set_constraint("rungs_missed", shortfall(setup.last_rung - record.rung, record.final["quality"]))
+    constraints = {}  # Optuna's constraints: <= 0 is satisfied
+    if setup.settings.budget.latency_ms is not None:
+        constraints["latency_over_budget_ms"] = record.final["latency_p50_ms"] - setup.settings.budget.latency_ms
+    constraints["rungs_missed"] = shortfall(setup.last_rung - record.rung, record.final["quality"])
+    set_constraints(study, trial, constraints)
     trial.set_user_attr("state", record.state)
     trial.set_user_attr("rung", record.rung)
     trial.set_user_attr("label", record.label)  # readable in optuna-dashboard
@@ -277,7 +159,7 @@ def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: Se
     """Run one accepted candidate, write its record and tell the study; a failure is recorded and the search goes
     on. None when another worker finished this very trial first (SQLite can hand a queued trial to two workers)."""
     state = frozen(study, trial)
-    exempt = "reference" in state.user_attrs or setup.settings.proposals == "enumerate"
+    exempt = "reference" in state.user_attrs or not proposals_of(setup).races
     race = Race(study, trial, setup, state.user_attrs["params"], exempt)
     try:
         record = run_trial(setup, trial.number, arch, race, state.user_attrs)
@@ -332,8 +214,8 @@ def run_study(setup: SearchSetup) -> optuna.Study:
     check_hardware(study, setup.hardware, setup.timings_rank)
     worker = Worker.current()
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    screened = run_screen(setup) if setup.settings.proposals != "uniform" else []  # one worker screens, others read
-    queue_first_trials(study, setup, screened)
+    proposals = proposals_of(setup)
+    queue_first_trials(study, setup, proposals.screen(setup))
     failures_in_a_row = rejections_in_a_row = 0
     progress = tqdm(total=setup.settings.n_trials, desc="trials", unit="trial")
     try:
@@ -346,8 +228,7 @@ def run_study(setup: SearchSetup) -> optuna.Study:
             if why := _finished(trials, setup):
                 tqdm.write(f"search ends: {why}")
                 break
-            if setup.settings.proposals == "uniform" and not any(t.state == TrialState.WAITING for t in trials):
-                _queue_uniform(study, setup, trials)
+            proposals.queue_next(study, setup, trials)
             study.sampler = make_sampler(setup, sampler_seed(setup, len(trials), others_running(study, worker), worker))
             trial = study.ask()
             try:
@@ -389,9 +270,37 @@ def run_study(setup: SearchSetup) -> optuna.Study:
             f"finishes it; if it dies, the next run of this command retries it (at once on the same host, "
             f"after {setup.settings.storage.grace_period} s without heartbeat elsewhere)"
         )
-    if not running and setup.settings.proposals != "enumerate":
+    if not running and proposals.races:
         extend_leaders(study, setup)
     return study
+
+
+def describe(setup: SearchSetup) -> list[str]:
+    """The budgets and choices of the search, printed at its start."""
+    config, settings = setup.context.teacher.model.config, setup.settings
+    tokens = ", ".join(f"{t:,}" for t in settings.race.rung_tokens)
+    corpus = setup.context.corpus
+    lines = [
+        f"search space: {setup.space.size()} points, {len(setup.feasible)} feasible under "
+        f"{settings.budget.describe(config)}",
+        f"proposals: {proposals_of(setup).describe(setup)}; objectives: "
+        + ", ".join(f"{o.name} ({o.direction})" for o in setup.objectives),
+        f"KD per trial: rungs at {tokens} tokens (batch {setup.distill.batch_size} x {corpus.seq_len}); a candidate "
+        f"stops when a peer is better with {settings.race.confidence:.0%} one-sided confidence"
+        + (
+            ""
+            if not proposals_of(setup).races or settings.race.extensions == 0
+            else f"; the two leaders' last rung doubled up to {settings.race.extensions}x while they are not separated"
+        ),
+        f"quality: -held-out KL on {corpus.documents('selection')} selection {corpus.unit}s (one row each, full "
+        f"vocabulary) of {corpus.source}; error bars and the race's tests over those documents",
+    ]
+    if setup.suite is not None:
+        lines.append(
+            f"lm-eval per trial: {setup.suite.describe()}, {setup.quality.trial_limit} documents each from the "
+            f"selection pool"
+        )
+    return lines
 
 
 # What happened, in words ------------------------------------------------------------------------------
@@ -406,7 +315,7 @@ def outcome(trial: FrozenTrial) -> str:
     if trial.state == TrialState.FAIL:
         if REJECTED in trial.user_attrs:
             return f"rejected ({trial.user_attrs[REJECTED].split(' of ')[0]})"
-        return f"failed: {trial.user_attrs.get('fail_reason', 'unknown')}"
+        return f"failed: {trial.user_attrs.get('fail_reason', SILENT)}"  # Optuna's stale-trial check leaves no reason
     return trial.state.name.lower()
 
 

@@ -14,17 +14,20 @@ from dataclasses import asdict, replace
 from slimnas.bench.quality import score_model, summary_score
 from slimnas.bench.speed import compare_speed
 from slimnas.compress.arch import Architecture, param_count, weight_bytes
-from slimnas.compress.distill import Distiller, HiddenStateMatch, make_teacher_targets
+from slimnas.compress.distill import Distiller, build_distiller
 from slimnas.compress.heldout import HeldoutMetrics
 from slimnas.compress.models import cache_root
-from slimnas.compress.prune import PrunePlan, PrunePolicy, plan_pruning, prune_model, save_checkpoint
-from slimnas.compress.runtime import interrupt
+from slimnas.compress.prune import PrunePlan, plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.settings import PruningSettings
+from slimnas.core import interrupt
+from slimnas.core.rundir import COMPLETE, STOPPED, TrialRecord, trial_dir
 from slimnas.search.race import Race
-from slimnas.search.records import COMPLETE, STOPPED, TrialRecord, trial_dir
 from slimnas.search.setup import SearchSetup
 
 
-def new_record(setup: SearchSetup, number: int, arch: Architecture, policy: PrunePolicy, attrs: dict) -> TrialRecord:
+def new_record(
+    setup: SearchSetup, number: int, arch: Architecture, policy: PruningSettings, attrs: dict
+) -> TrialRecord:
     """A trial's record before anything is measured; `attrs` are the study trial's user attributes."""
     config = setup.context.teacher.model.config
     return TrialRecord(
@@ -45,7 +48,7 @@ def new_record(setup: SearchSetup, number: int, arch: Architecture, policy: Prun
     )
 
 
-def policy_of(setup: SearchSetup, attrs: dict) -> PrunePolicy:
+def policy_of(setup: SearchSetup, attrs: dict) -> PruningSettings:
     """The search's pruning policy, with a reference's own depth strategy (depth-only drops one block)."""
     strategy = attrs.get("depth_strategy")
     return replace(setup.policy, depth_strategy=strategy) if strategy else setup.policy
@@ -53,13 +56,10 @@ def policy_of(setup: SearchSetup, attrs: dict) -> PrunePolicy:
 
 def distiller(setup: SearchSetup, student, plan: PrunePlan, budget_tokens: int | None = None) -> Distiller:
     """A KD run of this candidate to the last rung (or another budget: the leaders' extended rung)."""
-    settings = setup.distill if budget_tokens is None else replace(setup.distill, budget_tokens=budget_tokens)
-    teacher, match, targets = setup.context.teacher, None, setup.teacher_targets
-    if settings.hidden_weight > 0:  # the teacher layers to match depend on this candidate's cut
-        hidden = teacher.model.config.hidden_size
-        match = HiddenStateMatch.build(settings.hidden_layers, plan.layers, plan.channels, hidden)
-        targets = make_teacher_targets(settings, teacher, setup.context.corpus.train, cache_root(), match)
-    return Distiller(student, targets, setup.context.corpus.train, settings, match)
+    return build_distiller(
+        student, setup.context.teacher, setup.context.corpus.train, setup.distill, budget_tokens or setup.trial_tokens,
+        cache_root(), cut=(plan.layers, plan.channels), targets=setup.teacher_targets,
+    )  # fmt: skip
 
 
 def run_trial(setup: SearchSetup, number: int, arch: Architecture, race: Race, attrs: dict) -> TrialRecord:

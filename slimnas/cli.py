@@ -1,9 +1,11 @@
 """The `slimnas` console script: `slimnas COMMAND [PATH ...] [key=value ...]`.
 
-One dispatcher for every stage. Each command is a recipe module (`main(cfg)`, numbered steps, top to
-bottom) in the package of its stage, with its settings composed by Hydra from conf/COMMAND.yaml and
-the settings dataclasses (slimnas.config). Every user-facing failure ends as one line on stderr and
-exit status 2; Ctrl-C ends with status 130 and keeps completed work.
+One dispatcher for every stage. Each command is a recipe (slimnas/recipes/COMMAND.py: `main(cfg)`, numbered
+steps, top to bottom, over the stages' components), with its settings composed by Hydra from
+conf/COMMAND.yaml and the settings dataclasses (slimnas.config). The configuration is composed and every
+section checked before the recipe (and torch behind it) is imported, so bad settings fail in about a second.
+Every user-facing failure ends as one line on stderr and exit status 2; Ctrl-C ends with status 130 and
+keeps completed work.
 """
 
 import importlib
@@ -11,26 +13,26 @@ import os
 import sys
 from pathlib import Path
 
-from slimnas.compress.runtime.errors import SlimnasError, one_line
+from slimnas.core.errors import SlimnasError, one_line
 
-COMMANDS = {  # name: (recipe module, config, what it does)
-    "importance": ("slimnas.compress.run_importance", "common", "score heads, neurons, channels and layers"),
-    "prune": ("slimnas.compress.run_prune", "prune", "cut the teacher to a target architecture, save a HF checkpoint"),
-    "distill": ("slimnas.compress.run_distill", "distill", "retrain a student by knowledge distillation"),
-    "correct": ("slimnas.compress.run_correct", "correct", "fine-tune the teacher on the KD corpus (Minitron)"),
-    "bench": ("slimnas.bench.run_bench", "bench", "score quality (lm-eval), held-out KL, speed and memory of a model"),
-    "search": ("slimnas.search.run_search", "search", "Optuna search over pruned architectures: Pareto front"),
-    "retrain": ("slimnas.search.run_retrain", "retrain", "fully distil and score a search's best candidates"),
-    "report": ("slimnas.reports.run_report", "report", "leaderboard, plots and a page from run directories"),
-    "export": ("slimnas.compress.run_export", "export", "write a checkpoint as a GGUF file (llama.cpp)"),
-    "pipeline": ("slimnas.pipeline", "pipeline", "[correct ->] search -> retrain -> report; chains of stages"),
-    "chains": ("slimnas.chains", "chains", "does a chain of stages, or a corrected teacher, beat one cut?"),
-    "baselines": ("slimnas.baselines", "baselines", "the search against simple choices, over seeds"),
+COMMANDS = {  # name: (config, what it does); the recipe is slimnas.recipes.NAME
+    "importance": ("common", "score heads, neurons, channels and layers"),
+    "prune": ("prune", "cut the teacher to a target architecture, save a HF checkpoint"),
+    "distill": ("distill", "retrain a student by knowledge distillation"),
+    "correct": ("correct", "fine-tune the teacher on the KD corpus (Minitron)"),
+    "bench": ("bench", "score quality (lm-eval), held-out KL, speed and memory of a model"),
+    "search": ("search", "Optuna search over pruned architectures: Pareto front"),
+    "retrain": ("retrain", "fully distil and score a search's best candidates"),
+    "report": ("report", "leaderboard, plots and a page from run directories"),
+    "export": ("export", "write a checkpoint as a GGUF file (llama.cpp)"),
+    "pipeline": ("pipeline", "[correct ->] search -> retrain -> report; chains of stages"),
+    "chains": ("chains", "does a chain of stages, or a corrected teacher, beat one cut?"),
+    "baselines": ("baselines", "the search against simple choices, over seeds"),
 }
 POSITIONAL = {"retrain": "run_dir", "report": "run_dirs", "export": "model"}  # what bare paths stand for
 FLAGS = {"export": ("--format",)}  # `--format gguf` is format=gguf
 USAGE = "usage: slimnas COMMAND [PATH ...] [key=value ...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<11} {help_text}" for name, (_, _, help_text) in COMMANDS.items()
+    f"  {name:<11} {help_text}" for name, (_, help_text) in COMMANDS.items()
 )
 
 
@@ -67,6 +69,14 @@ def overrides_of(command: str, arguments: list[str]) -> list[str]:
     return [f"{key}={value}", *rest]
 
 
+def quiet_transformers() -> None:
+    """No per-tensor progress bars or advisory warnings from transformers (also when it was imported earlier)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -81,18 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
-    from transformers.utils import logging as transformers_logging
 
-    from slimnas.compress.runtime import interrupt
-    from slimnas.compress.runtime.device import check_precision
+    from slimnas.core import interrupt
 
     interrupt.install()
-    transformers_logging.disable_progress_bar()  # also when transformers was imported before the line above
-    transformers_logging.set_verbosity_error()
-    module_name, config_name, _ = COMMANDS[command]
+    config_name = COMMANDS[command][0]
     interrupted = False
     try:
-        from slimnas.config import compose
+        from slimnas.config import check, compose
 
         overrides = overrides_of(command, arguments)
         launcher = [o for o in overrides if o.lstrip("+~").startswith(("hydra/", "hydra."))]  # for search.launch
@@ -102,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         with open_dict(cfg):
             cfg.command = " ".join(["slimnas", *argv])
             cfg.launcher = launcher
-        if "precision" in cfg:
-            check_precision(cfg.precision)
+        check(cfg)  # every section from the configuration alone, before the recipe and torch are imported
         if cfg.get("cache_dir"):  # every cache (converted teacher, importance, teacher logits) follows it
             os.environ["SLIMNAS_CACHE"] = str(Path(cfg.cache_dir).expanduser().resolve())
-        importlib.import_module(module_name).main(cfg)
+        recipe = importlib.import_module(f"slimnas.recipes.{command}")
+        quiet_transformers()
+        recipe.main(cfg)
     except (SlimnasError, HydraException, OmegaConfBaseException) as error:
         print(f"slimnas: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """Every command's settings: Hydra structured configs, one dataclass per section, one place per default.
 
-Each section's dataclass lives beside the code that reads it (DataSettings in compress/corpus.py, ...);
-here each is registered in Hydra's ConfigStore as the option `default` of its group. The YAML files in
-conf/ hold only the command files (which groups a command uses, its own few keys) and the presets
-(conf/preset: what they change and why), and the sampler options (conf/search/sampler). A section's
-`precision` follows the command's top-level `precision` setting.
+Each stage keeps its sections' dataclasses in its own light `settings` module (compress/settings.py,
+bench/settings.py, search/settings.py, retrain/settings.py, slimnas/recipes/settings.py): no torch, no
+Optuna, no pandas behind them, so a command's configuration is composed and every section checked in well
+under a second, before any recipe is imported. Here each is registered in Hydra's ConfigStore as the option
+`default` of its group. The YAML files in conf/ hold only the command files (which groups a command uses,
+its own few keys), the presets (conf/preset: what they change and why) and the sampler options
+(conf/search/sampler). A section's `precision` follows the command's top-level `precision` setting.
 """
 
 from hydra import compose as hydra_compose
@@ -12,31 +14,33 @@ from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from slimnas.baselines import BaselineSettings
-from slimnas.bench.quality import QualitySettings
-from slimnas.bench.speed import SpeedSettings
-from slimnas.chains import ChainBenchSettings
-from slimnas.compress.corpus import DataSettings
-from slimnas.compress.correct import CorrectSettings
-from slimnas.compress.distill import DistillSettings
-from slimnas.compress.importance import ImportanceSettings
-from slimnas.compress.prune import PrunePolicy
-from slimnas.search.retraining import RetrainSettings
+from slimnas.bench.settings import QualitySettings, SpeedSettings
+from slimnas.compress.settings import (
+    CorrectSettings,
+    DataSettings,
+    DistillSettings,
+    ImportanceSettings,
+    PruningSettings,
+)
+from slimnas.core.errors import SlimnasError
+from slimnas.core.settings import check_precision, settings_of
+from slimnas.recipes.settings import BaselinesSettings, ChainsSettings
+from slimnas.retrain.settings import RetrainSettings
 from slimnas.search.settings import SearchSettings
 
 CONFIG_MODULE = "slimnas.conf"  # the command files and presets ship inside the package (conf/ in the repository)
 SECTIONS = {
     "data": DataSettings,
     "importance": ImportanceSettings,
-    "pruning": PrunePolicy,
+    "pruning": PruningSettings,
     "distill": DistillSettings,
     "correct": CorrectSettings,
     "quality": QualitySettings,
     "speed": SpeedSettings,
     "search": SearchSettings,
     "retrain": RetrainSettings,
-    "baselines": BaselineSettings,
-    "chains": ChainBenchSettings,
+    "baselines": BaselinesSettings,
+    "chains": ChainsSettings,
 }
 
 
@@ -54,3 +58,14 @@ def compose(command_config: str, overrides: list[str]) -> DictConfig:
     register()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         return hydra_compose(config_name=command_config, overrides=overrides)
+
+
+def check(cfg: DictConfig) -> None:
+    """Every section the command uses, checked from the configuration alone (seconds before any model loads)."""
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise SlimnasError(f"missing setting {', '.join(missing)}: give it as key=value (or as the command's path)")
+    if "precision" in cfg:
+        check_precision(cfg.precision)
+    for section in SECTIONS:
+        if section in cfg:
+            settings_of(cfg, section)

@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from slimnas.compress.runtime.data import CHECKOUT_DATA_DIR
+from slimnas.core.data import CHECKOUT_DATA_DIR
 
 SHARED_DATA = CHECKOUT_DATA_DIR
 needs_data = pytest.mark.skipif(
     not (SHARED_DATA / "SOURCES.md").is_file(), reason=f"benchmark data not found at {SHARED_DATA}"
 )
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SCREENSHOT_DIR = os.environ.get("SLIMNAS_SCREENSHOT_DIR")  # where to keep the pages' screenshots, if anywhere
 # Fast CLI settings for a tiny teacher: the small built-in corpus, short rows, fp32 for exact comparisons.
 FAST = [
     "data.corpus=builtin", "data.seq_len=32", "data.selection_docs=8", "data.evaluation_docs=8",
@@ -177,3 +179,24 @@ def wait_until(condition, process, timeout=300, what="the search made no progres
 @pytest.fixture
 def search_teacher(tmp_path):
     return save_tiny_checkpoint(tmp_path / "teacher", max_position_embeddings=512)
+
+
+def chrome():
+    """Debian's chromium driven by its chromedriver; skipped without them (failed under CI)."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing.append("the selenium package (pip install -e .[test])")
+    if missing:
+        reason = f"no headless browser: {', '.join(missing)} missing (tests/with_services.sh installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1400,1000")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))

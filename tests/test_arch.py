@@ -4,7 +4,7 @@ import pytest
 from conftest import tiny_config, tiny_model
 
 from slimnas.compress.arch import Architecture, param_count, validate_target
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])

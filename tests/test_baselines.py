@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from slimnas.cli import main
 from slimnas.compress.arch import Architecture, param_count
-from slimnas.search.records import read_records
+from slimnas.core.rundir import read_records
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()
 WITH_DATA = ["quality.tasks=[piqa]", "quality.limit=4"]

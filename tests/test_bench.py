@@ -7,11 +7,12 @@ import pytest
 from conftest import FAST, SHARED_DATA, needs_data, tiny_model, tiny_tokenizer
 
 from slimnas.bench.memory import measure_memory
-from slimnas.bench.quality import QualitySettings, ScoreRecord, pool, score_model, subset, summary_score
-from slimnas.bench.speed import SpeedSettings, compare_speed, measure_speed
+from slimnas.bench.quality import ScoreRecord, pool, score_model, subset, summary_score
+from slimnas.bench.settings import QualitySettings, SpeedSettings
+from slimnas.bench.speed import compare_speed, measure_speed
 from slimnas.bench.tasks import SUITE, lm_eval_tasks_dir, prepare_suite
 from slimnas.cli import main
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
 
 MULTIPLE_CHOICE = ["piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag"]
 
@@ -131,10 +132,10 @@ def test_unknown_task_is_a_clear_error(tmp_path, no_network):
 
 
 def test_without_a_data_directory_the_standard_hub_tasks_are_used(tmp_path, monkeypatch, capsys):
-    import slimnas.compress.runtime.data
+    import slimnas.core.data
 
     monkeypatch.delenv("SLIMNAS_DATA", raising=False)
-    monkeypatch.setattr(slimnas.compress.runtime.data, "CHECKOUT_DATA_DIR", tmp_path / "no-data")
+    monkeypatch.setattr(slimnas.core.data, "CHECKOUT_DATA_DIR", tmp_path / "no-data")
     hub = prepare_suite(["arc_easy_dev", "piqa"], None)
     assert hub.source == "lm-eval hub" and hub.splits == {"arc_easy_dev": "validation", "piqa": "validation"}
     from lm_eval.tasks._yaml_loader import load_yaml

@@ -11,10 +11,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimnas.cli import main
 from slimnas.compress.arch import param_count
-from slimnas.compress.corpus import DataSettings, load_corpus
-from slimnas.compress.importance import ImportanceSettings, importance_cache_path
+from slimnas.compress.corpus import load_corpus
+from slimnas.compress.importance import importance_cache_path
 from slimnas.compress.models import cache_root, load_model
-from slimnas.search.records import read_records, read_retrained
+from slimnas.compress.settings import DataSettings, ImportanceSettings
+from slimnas.core.rundir import read_records, read_retrained
 
 CORRECT = ["correct.batch_size=4", "correct.eval_every=4", "correct.save_every=4", "correct.lr=1e-3"]
 PIPELINE = [

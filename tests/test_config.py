@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from slimnas.cli import COMMANDS
-from slimnas.compress.runtime.config import settings_of
 from slimnas.config import SECTIONS, compose
+from slimnas.core.settings import settings_of
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 COMMAND_FILES = sorted(path for path in CONF.glob("*.yaml"))
@@ -49,9 +49,12 @@ def test_command_files_hold_no_section_defaults(path):
     assert not set(content) & set(SECTIONS), f"{path.name} sets {set(content) & set(SECTIONS)}"
 
 
-def test_every_command_has_a_config_that_composes():
-    for name, (_, config, _) in COMMANDS.items():
+def test_every_command_has_a_config_that_composes_and_a_recipe():
+    import importlib
+
+    for name, (config, _) in COMMANDS.items():
         assert compose(config, []) is not None, name
+        assert callable(importlib.import_module(f"slimnas.recipes.{name}").main), name
 
 
 def test_a_sections_precision_follows_the_commands_precision():

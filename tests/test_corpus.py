@@ -4,17 +4,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_data, tiny_tokenizer
 
-from slimnas.compress.corpus import (
-    BUILTIN,
-    DataSettings,
-    load_corpus,
-    load_documents,
-    pack,
-    resolve_corpus,
-    text_rows,
-)
-from slimnas.compress.runtime.data import find_data_dir
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.corpus import load_corpus, load_documents, pack, resolve_corpus, text_rows
+from slimnas.compress.settings import BUILTIN, DataSettings
+from slimnas.core.data import find_data_dir
+from slimnas.core.errors import SlimnasError
 
 
 def test_builtin_corpus_is_real_prose_available_offline():

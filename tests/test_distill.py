@@ -8,23 +8,18 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from slimnas.compress.arch import Architecture
-from slimnas.compress.corpus import BUILTIN, DataSettings, load_corpus
-from slimnas.compress.distill import (
-    STATE_FILE,
-    Distiller,
-    DistillSettings,
-    HiddenStateMatch,
-    distill_to_budget,
-    make_teacher_targets,
-)
+from slimnas.compress.corpus import load_corpus
+from slimnas.compress.distill import HiddenStateMatch, build_distiller, distill_to_budget
 from slimnas.compress.heldout import HeldoutSet
-from slimnas.compress.importance import ImportanceSettings, compute_importance
+from slimnas.compress.importance import compute_importance
 from slimnas.compress.kd_loss import LiveTarget, next_token_labels, token_losses
 from slimnas.compress.models import LoadedModel
 from slimnas.compress.prune import PrunePlan, plan_pruning, prune_model
-from slimnas.compress.runtime import interrupt
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.compress.settings import BUILTIN, DataSettings, DistillSettings, ImportanceSettings
 from slimnas.compress.teacher_targets import MAX_CACHE_BYTES, TopKLogitCache, capture_layer_outputs
+from slimnas.core import interrupt
+from slimnas.core.errors import SlimnasError
+from slimnas.core.rundir import STATE_FILE
 
 VOCAB = 300
 IDENTITY = {"student": "s", "teacher": "t", "corpus": "c"}
@@ -59,10 +54,10 @@ def settings(**overrides):
     return DistillSettings(**values)
 
 
-def distiller(teacher, student, data, run_settings, cache_dir, match=None):
+def distiller(teacher, student, data, run_settings, cache_dir, cut=None):
+    """The KD run the commands build, to the settings' budget (slimnas distill's: distill.budget_tokens)."""
     loaded = LoadedModel(teacher, None, "teacher", "test")
-    targets = make_teacher_targets(run_settings, loaded, data.train, cache_dir, match)
-    return Distiller(student, targets, data.train, run_settings, match)
+    return build_distiller(student, loaded, data.train, run_settings, run_settings.budget_tokens, cache_dir, cut)
 
 
 def evaluation(teacher, data):
@@ -190,7 +185,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 def kd_key(kd):
     from dataclasses import asdict
 
-    from slimnas.compress.runtime.files import hash_json
+    from slimnas.core.files import hash_json
 
     return hash_json([IDENTITY, asdict(kd.settings)])
 
@@ -232,9 +227,8 @@ def test_hidden_state_loss_with_learned_map_trains(data, tmp_path):
     target = Architecture(48, 48, 2, 1, 2)
     plan = plan_pruning(importance, teacher.config, target)
     student = prune_model(teacher, plan, target)
-    match = HiddenStateMatch.build((0, -1), plan.layers, plan.channels, 64)
     run_settings = settings(budget_tokens=40 * 4 * 32, teacher_mode="live", hidden_weight=1.0, hidden_layers=(0, -1))
-    kd = distiller(teacher, student, data, run_settings, tmp_path, match)
+    kd = distiller(teacher, student, data, run_settings, tmp_path, cut=(plan.layers, plan.channels))
     result = distill_to_budget(kd, evaluation(teacher, data), tmp_path / "hidden", IDENTITY, progress_bar=False)
     lines = [json.loads(line) for line in (tmp_path / "hidden" / "metrics.jsonl").read_text().splitlines()]
     hidden = [line["train_hidden"] for line in lines if "train_hidden" in line]

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slimnas.compress import run_export
 from slimnas.compress.export import export_gguf, tensor_count
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
+from slimnas.recipes import export as run_export
 
 SENTENCE = "The quick brown fox jumps over the lazy dog: 12,345 <eos> ünïcödé!"
 # Tolerances on the logits (O(1) for these random models), measured with seed 0: f32 0.0 (exact),

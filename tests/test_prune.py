@@ -4,8 +4,9 @@ from conftest import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from slimnas.compress.arch import Architecture, param_count
-from slimnas.compress.importance import Importance, ImportanceSettings, cached_importance, compute_importance
-from slimnas.compress.prune import PrunePlan, PrunePolicy, plan_pruning, prune_model, save_checkpoint, select_layers
+from slimnas.compress.importance import Importance, cached_importance, compute_importance
+from slimnas.compress.prune import PrunePlan, plan_pruning, prune_model, save_checkpoint, select_layers
+from slimnas.compress.settings import ImportanceSettings, PruningSettings
 
 SETTINGS = ImportanceSettings(n_samples=16, batch_size=8, precision="fp32")
 
@@ -157,7 +158,7 @@ def test_contiguous_block_and_layer_perplexity():
     teacher = planted_teacher()
     settings = ImportanceSettings(n_samples=16, batch_size=8, precision="fp32", layer_perplexity=True)
     importance = compute_importance(teacher, calibration(), settings)
-    contiguous = PrunePolicy(depth_strategy="contiguous")
+    contiguous = PruningSettings(depth_strategy="contiguous")
     assert select_layers(importance, 3, contiguous) == [0, 1, 3]
     dropped = select_layers(importance, 2, contiguous)
     assert len(dropped) == 2 and dropped[1] - dropped[0] in (1, 3)  # one block of two removed

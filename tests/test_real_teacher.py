@@ -42,7 +42,8 @@ def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
 
 
 def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
-    from slimnas.bench.quality import QualitySettings, score_model
+    from slimnas.bench.quality import score_model
+    from slimnas.bench.settings import QualitySettings
     from slimnas.bench.tasks import prepare_suite
 
     teacher = load_model(DEFAULT_TEACHER)

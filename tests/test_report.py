@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, save_tiny_checkpoint, search_args
+from conftest import SCREENSHOT_DIR, SHARED_DATA, chrome, save_tiny_checkpoint, search_args
 from matplotlib.figure import Figure
 
 from slimnas.cli import main
@@ -36,8 +35,6 @@ PROOF = {
     "paired": [{"pair": "search - random", "KL difference": -0.0018}],
     "notes": ["same budget of KD tokens for both methods"],
 }
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SCREENSHOT_DIR = os.environ.get("SLIMNAS_SCREENSHOT_DIR")  # where to keep the page's screenshot, if anywhere
 
 
 @pytest.fixture(scope="module")
@@ -266,27 +263,6 @@ def test_the_proof_tables_notes_and_image_are_on_the_page(retrained):
 # The page in a real browser ------------------------------------------------------------------------------
 
 
-def chrome():
-    """Debian's chromium driven by its chromedriver; skipped without them (failed under CI)."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    try:
-        from selenium import webdriver
-    except ImportError:
-        missing.append("the selenium package (pip install -e .[test])")
-    if missing:
-        reason = f"no headless browser: {', '.join(missing)} missing (tests/with_services.sh installs them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_argument("--window-size=1400,1000")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
-
-
 @dataclass(frozen=True)
 class Loaded:
     console_errors: list[str]
@@ -369,7 +345,7 @@ def test_text_from_the_records_is_escaped_on_the_page(retrained, tmp_path):
 
 
 def test_an_empty_table_is_written_as_valid_files(tmp_path):
-    from slimnas.compress.runtime.tables import save_records
+    from slimnas.core.tables import save_records
 
     csv, table_json, parquet = save_records([], tmp_path / "trials")
     assert pd.read_parquet(parquet).empty and json.loads(table_json.read_text()) == []

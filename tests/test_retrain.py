@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from slimnas.cli import main
-from slimnas.search.records import read_records, read_retrained
-from slimnas.search.run_retrain import choose_candidates
+from slimnas.core.rundir import read_records, read_retrained
+from slimnas.recipes.retrain import choose_candidates
 
 RETRAIN = [
     "precision=fp32", "distill.batch_size=4", "distill.eval_every=64", "distill.save_every=16",

@@ -2,10 +2,11 @@
 
 import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import load_study, reached_last_rung, search_args
+from conftest import SCREENSHOT_DIR, chrome, load_study, reached_last_rung, search_args
 from optuna.trial import FrozenTrial, TrialState
 from transformers import AutoConfig
 
@@ -13,9 +14,9 @@ import slimnas.search.study
 from slimnas.cli import main
 from slimnas.compress.arch import Architecture, param_count
 from slimnas.compress.heldout import HeldoutMetrics, HeldoutSet
+from slimnas.core.rundir import read_front, read_records
 from slimnas.search.objectives import dominates, pareto_front
 from slimnas.search.race import best_peer, kd_spent, rung_key, shortfall, verdict
-from slimnas.search.records import read_records
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +360,47 @@ def test_pareto_front_helper():
     assert pareto_front(points, ["maximize", "minimize"]) == [0, 1, 3]
     assert dominates([2.0, 5.0], [1.0, 5.0], ["maximize", "minimize"])
     assert not dominates([2.0, 5.0], [2.0, 5.0], ["maximize", "minimize"])
+
+
+def test_optuna_dashboards_own_page_puts_only_last_rung_candidates_on_its_pareto_front(finished_search):
+    """optuna-dashboard's server and page in headless Chromium: its Pareto front is the search's front, and no plot
+    trace mixes candidates that reached the last rung with stopped or screened-only ones (stopped candidates are
+    COMPLETE trials made infeasible by their constraints, which the dashboard must read)."""
+    import re
+    import threading
+    import time
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    import optuna_dashboard
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    _, run_dir = finished_search
+    driver = chrome()
+    app = optuna_dashboard.wsgi(f"sqlite:///{run_dir / 'study.db'}")
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = """const g = document.getElementById('graph-pareto-front');
+                return g && g.data ? g.data.map(t => (t.hovertext || t.text || []).join(' ')) : null"""
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_port}/dashboard/studies/{load_study(run_dir)._study_id}")
+        traces, deadline = None, time.time() + 60
+        while not traces and time.time() < deadline:
+            traces = driver.execute_script(script)
+            time.sleep(0.5)
+        if SCREENSHOT_DIR:
+            driver.save_screenshot(str(Path(SCREENSHOT_DIR) / "optuna-dashboard.png"))
+    finally:
+        driver.quit()
+        server.shutdown()
+    assert traces, "the dashboard drew no Pareto front"
+    members = [{int(n) for n in re.findall(r'number": (\d+)', text)} for text in traces]
+    last_rung = {t.number for t in reached_last_rung(load_study(run_dir))}
+    assert set(read_front(run_dir)["trials"]) in members  # one trace is exactly the search's front
+    for trace in members:
+        assert trace <= last_rung or not trace & last_rung, trace  # never last-rung and stopped candidates together
 
 
 def test_the_study_opens_in_optuna_dashboard_with_named_objectives_and_readable_attributes(finished_search):

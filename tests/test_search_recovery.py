@@ -7,8 +7,8 @@ import pytest
 from conftest import load_study, reached_last_rung, search_args, slimnas_process, wait_until
 from optuna.trial import TrialState
 
+from slimnas.core.rundir import read_records
 from slimnas.search.race import rung_key
-from slimnas.search.records import read_records
 
 SLOW_RUNGS = "search.race.rung_tokens=[1024,32768]"  # seconds of KD after the first rung: caught mid-KD
 SHORTER_RUNGS = "search.race.rung_tokens=[1024,4096]"  # four workers on the cores; holds if the victim ends early
@@ -136,7 +136,7 @@ def test_ctrl_c_keeps_the_study_consistent_and_the_rerun_finishes_the_candidate(
 def test_a_study_ranked_by_timings_refuses_workers_on_other_hardware():
     import optuna
 
-    from slimnas.compress.runtime.errors import SlimnasError
+    from slimnas.core.errors import SlimnasError
     from slimnas.search.storage import check_hardware
 
     study = optuna.create_study(directions=["maximize", "minimize"])

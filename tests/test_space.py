@@ -4,7 +4,7 @@ import pytest
 from conftest import tiny_config
 
 from slimnas.compress.arch import Architecture, param_count, validate_target
-from slimnas.compress.runtime.errors import SlimnasError
+from slimnas.core.errors import SlimnasError
 from slimnas.search.constraints import Budget
 from slimnas.search.references import depth_only_reference, uniform_reference, width_only_reference
 from slimnas.search.space import DimensionSpec, FeasibleEncoding, SearchSpace, SpaceSettings, stratified_sample

@@ -1,0 +1,47 @@
+"""The benchmarks' settings: lm-eval quality (the task suite, its pools and limits) and speed measurement.
+
+Plain dataclasses with nothing heavy behind them, registered as Hydra structured configs by slimnas.config.
+"""
+
+from dataclasses import dataclass, field
+
+from slimnas.core.errors import SlimnasError
+
+
+@dataclass
+class SpeedSettings:
+    batch_size: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 32
+    warmup: int = 1  # untimed generations of each model first
+    repeats: int = 4  # ABBA blocks (model, reference, reference, model): the speed-up's error bar is over these
+    precision: str = "auto"  # in a command: the top-level precision setting
+
+    def __post_init__(self):
+        if min(self.batch_size, self.prompt_len, self.new_tokens) < 1 or self.warmup < 0 or self.repeats < 2:
+            raise SlimnasError(
+                "speed.batch_size, prompt_len and new_tokens must be at least 1, speed.repeats at least 2"
+            )
+
+
+@dataclass
+class QualitySettings:
+    tasks: list[str] = field(
+        default_factory=lambda: ["piqa", "arc_easy_dev", "arc_challenge_dev", "hellaswag", "lambada_openai", "wikitext"]
+    )
+    limit: int | None = 200  # evaluation-pool documents per task for final scores (bench, retrain); null = the pool
+    trial_limit: int | None = 40  # selection-pool documents per task when a search trial is scored
+    selection_share: float = 0.3  # share of each task's documents in the selection pool (the rest: evaluation)
+    seed: int = 0  # which documents form the pools and the subsets
+    batch_size: int = 8
+    max_length: int | None = 2048  # context window (rolling windows for wikitext); null = the model's maximum.
+    # Memory grows with batch_size x max_length x vocabulary: 8 x 8192 x 49152 ran out of 24 GiB
+
+    def __post_init__(self):
+        for name in ("limit", "trial_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SlimnasError(f"quality.{name} must be at least 1, or null for the whole pool")
+        if self.batch_size < 1:
+            raise SlimnasError("quality.batch_size must be at least 1")
+        if not 0 < self.selection_share < 1:
+            raise SlimnasError(f"quality.selection_share must be in (0, 1), not {self.selection_share}")

@@ -1,0 +1,44 @@
+"""The benchmark commands' own settings: `slimnas baselines` (the proof) and `slimnas chains`."""
+
+from dataclasses import dataclass, field
+
+from slimnas.core.errors import SlimnasError
+
+SEARCHING = ("search", "modelopt", "random")  # methods that spend KD tokens to choose
+RULES = ("uniform", "depth_only", "width_only")
+METHODS = (*SEARCHING, "zero_shot", *RULES)
+
+
+ARMS = ("one_shot", "one_shot_corrected", "chain", "chain_corrected")
+
+
+@dataclass
+class BaselinesSettings:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the sampler's seed and the KD row order
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    modelopt_top_k: int = 4  # ModelOpt's recipe: the screen's best k, each distilled with 1/k of the KD budget
+    heldout_text: str | None = "wikitext2/wiki.valid.tokens"  # under data.dir: text no method saw (one row an article)
+
+    def __post_init__(self):
+        if len(self.seeds) < 2:
+            raise SlimnasError("baselines.seeds needs at least two seeds for a confidence interval")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or "search" not in self.methods:
+            raise SlimnasError(f"baselines.methods must include search and come from {', '.join(METHODS)}")
+        if self.modelopt_top_k < 1:
+            raise SlimnasError("baselines.modelopt_top_k must be at least 1")
+
+
+@dataclass
+class ChainsSettings:
+    stages: list[float] = field(default_factory=lambda: [0.6, 0.4])  # the chain's targets; the last is the final size
+    correct_tokens: int = 49_152  # teacher correction for the *_corrected arms
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+
+    def __post_init__(self):
+        if len(self.stages) < 2:
+            raise SlimnasError("chains.stages needs at least two stages (the last is the final size)")
+        if set(self.arms) - set(ARMS) or "one_shot" not in self.arms:
+            raise SlimnasError(f"chains.arms must include one_shot and come from {', '.join(ARMS)}")
+        if self.correct_tokens < 1 and any(arm.endswith("corrected") for arm in self.arms):
+            raise SlimnasError("chains.correct_tokens must be at least 1 for the corrected arms")
