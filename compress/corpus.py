@@ -13,9 +13,12 @@ Sources: "auto" (the decontaminated English Wikipedia corpus in the data directo
 else "builtin"), "builtin" (the Python reference manual's topics from the stdlib's pydoc_data, so a
 fresh offline install always has real English prose), a local .txt or .jsonl file, or
 "hf:NAME[:CONFIG[:SPLIT]]" for a Hugging Face dataset when the hub is reachable. What a document is
-depends on the format, and every record says it (`unit`): a .jsonl line; in a .txt file an article
-under a WikiText ' = Title = ' heading or a block between form feeds when the file has them, else a
-paragraph; in a hub dataset the rows sharing an id / title column, WikiText articles, else a row.
+depends on the format, every record says it (`unit`) and the console's corpus line spells it out: a
+.jsonl line; in a .txt file an article under a WikiText ' = Title = ' heading, else a block between form
+feeds; in a hub dataset the rows sharing an id / title column, WikiText articles, else a row. A .txt file
+that marks neither is refused: its paragraphs are parts of one text, so as held-out documents they would
+neither be independent of each other nor unseen (their neighbours train the students), and every error
+bar over them would be too small.
 """
 
 import random
@@ -53,13 +56,15 @@ class Documents:
 
     texts: list[str]
     ids: list[str]
-    unit: str  # article, topic, line, paragraph, row: said in every record and on the console
+    unit: str  # article, topic, line, form-feed block, row: said in every record and on the console
+    meaning: str  # what one document is, in words for the console's corpus line
 
 
 @dataclass
 class Corpus:
     source: str  # the corpus actually read (a path, builtin or hf:...)
     unit: str
+    meaning: str  # what one document is (Documents.meaning)
     seq_len: int
     heldout_tokens: int
     train: torch.Tensor  # [rows, seq_len] int64, consecutive rows of the packed train documents
@@ -91,8 +96,8 @@ class Corpus:
     def line(self) -> str:
         """The console's corpus line."""
         return (
-            f"corpus {self.source} ({self.unit}s): KD on {len(self.train)} rows of {self.seq_len} tokens from "
-            f"{self.documents('train')} {self.unit}s; ranking on {self.documents('selection')} selection "
+            f"corpus {self.source}, one document = {self.meaning}: KD on {len(self.train)} rows of {self.seq_len} "
+            f"tokens from {self.documents('train')} {self.unit}s; ranking on {self.documents('selection')} selection "
             f"{self.unit}s, reporting on {self.documents('evaluation')} evaluation {self.unit}s (one row of "
             f"{self.heldout_tokens} tokens each)"
         )
@@ -104,7 +109,7 @@ def load_documents(source: str) -> Documents:
         from pydoc_data.topics import topics
 
         names = sorted(topics)
-        return Documents([topics[name] for name in names], names, "topic")
+        return Documents([topics[name] for name in names], names, "topic", "a topic of the Python reference manual")
     if source.startswith("hf:"):
         return _hub_documents(source[3:])
     path = Path(source).expanduser()
@@ -113,7 +118,7 @@ def load_documents(source: str) -> Documents:
     if path.suffix == ".jsonl":
         return _jsonl_documents(path)
     if path.suffix == ".txt":
-        return _text_documents(path.read_text(errors="replace"))
+        return _text_documents(path)
     raise SlimnasError(f"unsupported corpus file type '{path.suffix}': use .txt or .jsonl")
 
 
@@ -124,7 +129,9 @@ def _jsonl_documents(path: Path) -> Documents:
     except (KeyError, TypeError) as error:
         raise SlimnasError(f"{path}: each line must be a JSON object with a 'text' field") from error
     ids = [str(row.get("id", row.get("title", index))) for index, row in enumerate(rows)]
-    return Documents(texts, ids, "article" if all("title" in row for row in rows) else "line")
+    if all("title" in row for row in rows):
+        return Documents(texts, ids, "article", "one line of the file, a titled article")
+    return Documents(texts, ids, "line", "one line of the file")
 
 
 def _wikitext_articles(lines: list[str]) -> list[str] | None:
@@ -138,15 +145,22 @@ def _wikitext_articles(lines: list[str]) -> list[str] | None:
     return ["".join(article) for article in articles] if len(articles) > 1 else None
 
 
-def _text_documents(text: str) -> Documents:
-    """Articles when the file marks them (WikiText headings or form feeds), else paragraphs, and say which."""
+def _text_documents(path: Path) -> Documents:
+    """Articles or form-feed blocks, as the file marks them; a file that marks neither is refused (module doc)."""
+    text = path.read_text(errors="replace")
     if articles := _wikitext_articles(text.splitlines(keepends=True)):
-        return Documents(articles, [str(i) for i in range(len(articles))], "article")
+        meaning = "an article under a WikiText ' = Title = ' heading"
+        return Documents(articles, [str(i) for i in range(len(articles))], "article", meaning)
     if "\f" in text:
         blocks = [block for block in text.split("\f") if block.strip()]
-        return Documents(blocks, [str(i) for i in range(len(blocks))], "form-feed block")
-    paragraphs = [block for block in text.split("\n\n") if block.strip()]
-    return Documents(paragraphs, [str(i) for i in range(len(paragraphs))], "paragraph")
+        meaning = "a block between form feeds (the file has no WikiText headings)"
+        return Documents(blocks, [str(i) for i in range(len(blocks))], "form-feed block", meaning)
+    paragraphs = sum(1 for block in text.split("\n\n") if block.strip())
+    raise SlimnasError(
+        f"{path} marks no documents (no WikiText ' = Title = ' headings, no form feeds): its {paragraphs} paragraphs "
+        "would be the held-out documents, yet they are parts of one text, neither independent nor unseen by the "
+        "students trained on their neighbours; put a form feed between documents, or use a .jsonl (one document a line)"
+    )
 
 
 def _hub_documents(spec: str) -> Documents:
@@ -163,12 +177,18 @@ def _hub_documents(spec: str) -> Documents:
         for row in dataset:
             grouped.setdefault(str(row[key]), []).append(row["text"])
         ids = list(grouped)
-        return Documents(["\n".join(grouped[i]) for i in ids], ids, f"document (rows by {key})")
+        meaning = f"the rows sharing one {key}"
+        return Documents(["\n".join(grouped[i]) for i in ids], ids, f"document (rows by {key})", meaning)
     rows = [row["text"] for row in dataset]
     if articles := _wikitext_articles(rows):
-        return Documents(articles, [str(i) for i in range(len(articles))], "article")
+        meaning = "an article under a WikiText ' = Title = ' heading"
+        return Documents(articles, [str(i) for i in range(len(articles))], "article", meaning)
     rows = [row for row in rows if row.strip()]
-    return Documents(rows, [str(i) for i in range(len(rows))], "row")
+    meaning = (
+        f"one row (no {', '.join(DOCUMENT_COLUMNS)} column groups rows into documents: rows cut from one longer "
+        "text count as separate documents)"
+    )
+    return Documents(rows, [str(i) for i in range(len(rows))], "row", meaning)
 
 
 def pack(token_lists: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
@@ -191,7 +211,7 @@ def document_rows(documents: list[tuple[list[int], str]], seq_len: int, seed: in
 
 def text_rows(path: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
     """Held-out rows of another text (e.g. WikiText-2 valid): one per document long enough, and what a document is."""
-    documents = _text_documents(path.read_text(errors="replace"))  # WikiText's .tokens files are text too
+    documents = _text_documents(path)  # WikiText's .tokens files are text too
     tokens = tokenizer(documents.texts, add_special_tokens=False)["input_ids"]
     long_enough = [(ids, i) for ids, i in zip(tokens, documents.ids, strict=True) if len(ids) >= seq_len]
     if len(long_enough) < 2:
@@ -241,5 +261,12 @@ def load_corpus(tokenizer: PreTrainedTokenizerBase, settings: DataSettings) -> C
     fingerprint = hash_json([hash_tensor(rows[split]) for split in SPLITS])
     ids = {split: [documents.ids[i] for i in chosen[split]] for split in SPLITS}
     return Corpus(
-        source, documents.unit, settings.seq_len, row_tokens, **rows, document_ids=ids, fingerprint=fingerprint
+        source,
+        documents.unit,
+        documents.meaning,
+        settings.seq_len,
+        row_tokens,
+        **rows,
+        document_ids=ids,
+        fingerprint=fingerprint,
     )

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,10 +73,7 @@ def test_data_directory_resolution(tmp_path, monkeypatch):
         find_data_dir(str(tmp_path / "nowhere"))
 
 
-def test_text_files_are_articles_when_marked_and_paragraphs_otherwise(tmp_path):
-    (tmp_path / "a.txt").write_text("first paragraph here.\n\nsecond one there.\n")
-    paragraphs = load_documents(str(tmp_path / "a.txt"))
-    assert paragraphs.texts == ["first paragraph here.", "second one there.\n"] and paragraphs.unit == "paragraph"
+def test_text_files_are_articles_or_form_feed_blocks_and_jsonl_lines_are_documents(tmp_path):
     wiki = " = Alpha = \n\n one paragraph . \n\n two paragraphs . \n\n = Beta = \n\n three . \n"
     (tmp_path / "w.txt").write_text(wiki)
     articles = load_documents(str(tmp_path / "w.txt"))  # one article may not straddle two splits
@@ -83,6 +81,7 @@ def test_text_files_are_articles_when_marked_and_paragraphs_otherwise(tmp_path):
     (tmp_path / "f.txt").write_text("doc one.\n\npart two of one.\fdoc two.")
     blocks = load_documents(str(tmp_path / "f.txt"))
     assert blocks.unit == "form-feed block" and blocks.texts == ["doc one.\n\npart two of one.", "doc two."]
+    assert blocks.meaning == "a block between form feeds (the file has no WikiText headings)"
     (tmp_path / "b.jsonl").write_text(
         json.dumps({"text": "alpha", "id": "x"}) + "\n" + json.dumps({"text": "b"}) + "\n"
     )
@@ -90,6 +89,52 @@ def test_text_files_are_articles_when_marked_and_paragraphs_otherwise(tmp_path):
     assert lines.texts == ["alpha", "b"] and lines.ids == ["x", "1"] and lines.unit == "line"
     rows = pack([[5, 6, 7]] * 20, eos=1, seq_len=8)
     assert rows.shape == (10, 8) and rows.dtype == torch.int64 and rows[0].tolist() == [5, 6, 7, 1, 5, 6, 7, 1]
+
+
+def book(paragraphs: int) -> str:
+    """One long text: numbered paragraphs separated by blank lines, no headings, no form feeds."""
+    return "\n\n".join(
+        f"Paragraph {i} of the book goes on about chapter {i // 10} at length." * 4 for i in range(paragraphs)
+    )
+
+
+def test_paragraphs_of_one_text_are_refused_as_held_out_documents(tmp_path):
+    (tmp_path / "book.txt").write_text(book(300))  # enough paragraphs for both held-out sets
+    settings = DataSettings(corpus=str(tmp_path / "book.txt"), seq_len=16, selection_docs=4, evaluation_docs=4)
+    with pytest.raises(SlimnasError, match=r"book.txt marks no documents .* its 300 paragraphs") as refused:
+        load_corpus(tiny_tokenizer(300), settings)
+    assert "\n" not in str(refused.value) and "form feed" in str(refused.value)
+    with pytest.raises(SlimnasError, match="marks no documents"):  # another held-out text (WikiText-2 valid's role)
+        text_rows(tmp_path / "book.txt", tiny_tokenizer(300), 16, seed=0)
+    # the same text with its documents marked by form feeds: each block is a document, and the line says so
+    (tmp_path / "books.txt").write_text("\f".join(book(3) for _ in range(40)))
+    corpus = load_corpus(tiny_tokenizer(300), replace(settings, corpus=str(tmp_path / "books.txt")))
+    assert corpus.unit == "form-feed block" and corpus.documents("train") == 32
+    assert "one document = a block between form feeds (the file has no WikiText headings)" in corpus.line()
+
+
+def test_the_cli_refuses_a_text_of_paragraphs_with_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
+    from slimnas.cli import main
+
+    (tmp_path / "book.txt").write_text(book(300))
+    assert main(["importance", f"teacher={tiny_checkpoint}", f"data.corpus={tmp_path / 'book.txt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimnas: error:") and "marks no documents" in err[0]
+
+
+def test_hub_rows_without_a_document_column_are_documents_and_the_corpus_line_says_so(monkeypatch):
+    import datasets
+
+    texts = [f"row {i} of a dataset with a text column only, long enough for a row." * 3 for i in range(40)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": texts}))
+    settings = DataSettings(corpus="hf:someone/rows", seq_len=16, selection_docs=4, evaluation_docs=4)
+    corpus = load_corpus(tiny_tokenizer(300), settings)
+    assert corpus.unit == "row" and corpus.documents("train") == 32
+    assert "one document = one row (no doc_id, document_id, id, title, url column groups rows" in corpus.line()
+    titled = {"text": texts, "title": [f"article {i // 2}" for i in range(40)]}  # two rows an article
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(titled))
+    grouped = load_corpus(tiny_tokenizer(300), settings)
+    assert grouped.documents("train") == 12 and "one document = the rows sharing one title" in grouped.line()
 
 
 @needs_data
@@ -116,6 +161,6 @@ def test_bad_corpus_inputs_give_clear_errors(tmp_path, content, name, message):
 
 
 def test_a_corpus_too_small_for_its_held_out_sets_is_refused(tmp_path):
-    (tmp_path / "tiny.txt").write_text("\n\n".join(["a short paragraph of text."] * 3))
+    (tmp_path / "tiny.txt").write_text("\f".join(["a short document of text."] * 3))
     with pytest.raises(SlimnasError, match="corpus too small"):
         load_corpus(tiny_tokenizer(300), DataSettings(corpus=str(tmp_path / "tiny.txt"), seq_len=64))
