@@ -3,7 +3,7 @@
 Plain dataclasses with nothing heavy behind them, registered as Hydra structured configs by slimnas.config.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from slimnas.core.errors import SlimnasError
 
@@ -45,3 +45,22 @@ class QualitySettings:
             raise SlimnasError("quality.batch_size must be at least 1")
         if not 0 < self.selection_share < 1:
             raise SlimnasError(f"quality.selection_share must be in (0, 1), not {self.selection_share}")
+
+    def on_search_pools(self, seed: int, selection_share: float) -> "QualitySettings":
+        """These settings scoring a search's candidates, on the pools of the search that ran with `seed` and
+        `selection_share`: it chose on that selection pool, so no final score may read it. A value left at its
+        default is the search's. Another is refused with one line unless its evaluation pool lies inside the
+        search's, which needs the same seed and at least the search's selection share."""
+        chosen_seed = seed if self.seed == QualitySettings.seed else self.seed
+        share = selection_share if self.selection_share == QualitySettings.selection_share else self.selection_share
+        if chosen_seed != seed:
+            raise SlimnasError(
+                f"quality.seed={chosen_seed} draws other pools than the search's (quality.seed={seed}): their "
+                "evaluation pool would overlap the search's selection pool; leave quality.seed to the search"
+            )
+        if share < selection_share:
+            raise SlimnasError(
+                f"quality.selection_share={share} is below the search's ({selection_share}): the evaluation pool "
+                "would take documents of the search's selection pool; leave it to the search, or raise it"
+            )
+        return replace(self, seed=seed, selection_share=share)

@@ -96,12 +96,16 @@ class HiddenStateMatch:
         return cls(pairs, maps)
 
     def loss(self, student_outputs: dict, teacher_outputs: dict) -> torch.Tensor:
-        """Sum over pairs of the MSE normalised by the teacher's mean square (scale-free across layers)."""
+        """Sum over pairs of the MSE normalised by the teacher's mean square (scale-free across layers).
+
+        Under torchrun the mean square is the global batch's, not this rank's share's: DistributedDataParallel
+        averages the ranks' gradients, which is the one-process gradient only when every rank divides by the same
+        number (as the KL's mean over equal shares does)."""
         total = torch.zeros((), device=next(self.maps.parameters()).device)
         for linear, (s_layer, t_layer) in zip(self.maps, self.pairs, strict=True):
             teacher_state = teacher_outputs[t_layer].float()
             mapped = linear(student_outputs[s_layer].float())
-            total = total + F.mse_loss(mapped, teacher_state) / teacher_state.pow(2).mean()
+            total = total + F.mse_loss(mapped, teacher_state) / distributed.mean(teacher_state.pow(2).mean())
         return total
 
 
@@ -261,7 +265,7 @@ class Distiller:
                     (loss / settings.grad_accum).backward()
                 for i, value in enumerate((kl, ce, hidden_loss)):
                     totals[i] += value.item() / settings.grad_accum
-            totals = distributed.mean(totals)
+            totals = distributed.mean(torch.tensor(totals, dtype=torch.float64)).tolist()
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], settings.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

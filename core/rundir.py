@@ -62,6 +62,7 @@ class TrialRecord:
     rung: int = -1  # the last rung reached: 0 is the screen (no KD), rung k ends at search.race.rung_tokens[k-1]
     rungs: list[dict] = field(default_factory=list)  # per rung: rung, kd_tokens, seconds, heldout (+ kl_per_doc)
     stop_reason: str | None = None  # why it did not go on (the race's test, or the KD budget)
+    over_budget: str | None = None  # which measured budget it breaks (latency): never a leader or the pick
     scores: list[dict] = field(default_factory=list)  # lm-eval records (selection pool), when trials are scored
     speed: dict = field(default_factory=dict)  # against the teacher in ABBA blocks, when timed
     final: dict = field(default_factory=dict)  # quality and everything measured at the last rung reached
@@ -215,23 +216,27 @@ def read_front(run_dir: Path) -> dict:
     return read_json(path) if path.is_file() else {"objectives": [], "trials": [], "quality_params": []}
 
 
-def read_race(run_dir: Path) -> dict | None:
-    path = run_dir / RACE_FILE
-    return read_json(path) if path.is_file() else None
-
-
 def leaders(records: list[TrialRecord]) -> list[TrialRecord]:
-    """The two best candidates at the last rung, by quality (ties by trial number)."""
-    complete = [r for r in records if r.state == COMPLETE]
+    """The two best candidates at the last rung that meet every budget, by quality (ties by trial number)."""
+    complete = [r for r in records if r.state == COMPLETE and r.over_budget is None]
     return sorted(complete, key=lambda r: (-r.final["quality"], r.trial))[:2]
+
+
+def read_race(run_dir: Path, records: list[TrialRecord]) -> dict | None:
+    """race.json when it decided between today's leaders; None when there is none, or when trials that finished
+    after it was written changed the leaders (its verdict is about candidates that are no longer the two best)."""
+    path = run_dir / RACE_FILE
+    race = read_json(path) if path.is_file() else None
+    current = [r.trial for r in leaders(records)]
+    return race if race is not None and race.get("winner") is not None and race["leaders"] == current else None
 
 
 def search_pick(run_dir: Path, records: list[TrialRecord]) -> TrialRecord | None:
     """The search's choice: the race's winner when the leaders' last rung was extended, else the best by quality."""
-    race = read_race(run_dir)
-    winner = race.get("winner") if race else None
+    race = read_race(run_dir, records)
     best = leaders(records)
-    return next((r for r in records if r.trial == winner), best[0] if best else None)
+    winner = race["winner"] if race else (best[0].trial if best else None)
+    return next((r for r in records if r.trial == winner), None)
 
 
 def read_model_record(model_dir: Path) -> dict | None:

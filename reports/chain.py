@@ -38,6 +38,13 @@ def to_original(record: RetrainRecord) -> dict:
     return record.heldout_other.get(REFERENCE, record.heldout)
 
 
+def retrained_pick(stage: Path) -> RetrainRecord:
+    """The stage's search pick, retrained (retrain.top_k >= 1 retrains it first): a chain's next teacher, the row
+    of the chain's table, an arm's final student."""
+    pick = search_pick(stage, read_records(stage))
+    return next(r for r in read_retrained(stage) if r.trial == pick.trial)
+
+
 def model_row(name: str, record: RetrainRecord, original_params: int) -> dict:
     original = to_original(record)
     return {
@@ -99,8 +106,7 @@ def write_chain(run_dir: Path, stage_dirs: list[Path], original_params: int) -> 
     for number, stage in enumerate(stage_dirs, 1):
         records, retrained = read_records(stage), read_retrained(stage)
         teacher = next(r for r in retrained if r.name == TEACHER)
-        pick = search_pick(stage, records)
-        student = next(r for r in retrained if r.trial == pick.trial)
+        student = retrained_pick(stage)
         spent = sum(r.kd_tokens for r in records)
         rows.append(
             {

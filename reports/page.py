@@ -11,7 +11,7 @@ from collections import Counter
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from slimnas.core.rundir import COMPLETE, STOPPED, outcome_text
+from slimnas.core.rundir import COMPLETE, STOPPED, leaders, outcome_text, search_pick
 from slimnas.core.stats import paired_difference
 from slimnas.core.tables import cell, plus_minus
 from slimnas.reports.leaderboard import display_table, pm, rank_fidelity
@@ -46,6 +46,29 @@ def best_candidate(best: dict, teacher: dict) -> str:
     return what + "."
 
 
+def pick_text(run: Run) -> str:
+    """Whether the search's pick is separated from the runner-up: what a user acting on the pick must know first."""
+    top = leaders(run.trials)
+    if len(top) < 2:
+        return ""
+    pick = search_pick(run.dir, run.trials)
+    runner_up = next(r for r in top if r is not pick) if pick in top else top[1]
+    race = run.race
+    if race is None:
+        return (
+            f" The pick, trial {pick.trial}, was not tested against the runner-up, trial {runner_up.trial} "
+            "(no race decided between them)."
+        )
+    test = race["test"]
+    difference = f"KL difference {abs(test['difference']):.4f} ± {test['stderr']:.4f}, two-sided p = {test['p']:.2g}"
+    if race["why"].startswith("separated"):
+        return f" The pick, trial {pick.trial}, is separated from the runner-up, trial {runner_up.trial} ({difference})."
+    return (
+        f" The pick, trial {pick.trial}, is NOT separated from the runner-up, trial {runner_up.trial} ({difference}; "
+        f"{race['why']}): the two are within noise, and either may be the better student."
+    )
+
+
 def summary(run: Run, rows: list[dict]) -> str:
     mine = [row for row in rows if row["run"] == run.name]
     reached = sum(r.state == COMPLETE for r in run.trials)
@@ -56,7 +79,8 @@ def summary(run: Run, rows: list[dict]) -> str:
     )
     if run.retrained:
         text += f"; {len(run.retrained)} candidates retrained on {run.retrain_tokens} KD tokens each"
-    text += ". " + (best_candidate(mine[1], mine[0]) if len(mine) > 1 else "No candidate to compare.")
+    text += "." + pick_text(run)
+    text += " " + (best_candidate(mine[1], mine[0]) if len(mine) > 1 else "No candidate to compare.")
     if not run.retrained:
         text += " This run was never retrained: search-only report."
     return text

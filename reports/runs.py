@@ -173,7 +173,7 @@ def read_one(run_dir: Path) -> Run:
         retrained=candidates,
         kd_curves={r.name: read_kd_curve(run_dir, r.name) for r in candidates},
         screen=read_screen(run_dir),
-        race=read_race(run_dir),
+        race=read_race(run_dir, trials),
         front=read_front(run_dir),
         unfinished=unfinished_retrains(run_dir),
         sections=read_sections(run_dir),

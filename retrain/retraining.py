@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from slimnas.bench.memory import measure_memory
 from slimnas.bench.quality import score_model, summary_score
@@ -18,18 +19,17 @@ from slimnas.bench.speed import compare_speed, measure_speed
 from slimnas.bench.tasks import TaskSuite
 from slimnas.compress.arch import Architecture, flops_per_token, param_count
 from slimnas.compress.context import TeacherContext
-from slimnas.compress.distill import build_distiller, distill_to_budget, make_teacher_targets
+from slimnas.compress.distill import DistillResult, build_distiller, distill_to_budget, make_teacher_targets
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.models import LoadedModel, cache_root
-from slimnas.compress.prune import plan_pruning, prune_model, save_checkpoint
+from slimnas.compress.prune import PrunePlan, plan_pruning, prune_model, save_checkpoint
 from slimnas.compress.settings import DistillSettings, PruningSettings
 from slimnas.compress.teacher_targets import TeacherTargets
-from slimnas.core import distributed
 from slimnas.core.device import hardware
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import hash_json, hash_tensor, read_json, write_json
 from slimnas.core.rundir import KD_DIR, MODEL_DIR, RECORD_FILE, STATE_FILE, TEACHER, RetrainRecord
-from slimnas.retrain.model_card import model_card
+from slimnas.retrain.model_card import Lineage, model_card
 from slimnas.retrain.settings import RetrainSettings
 
 
@@ -84,7 +84,7 @@ class Retraining:
     """What every candidate of one retraining shares."""
 
     context: TeacherContext
-    teacher_name: str
+    lineage: Lineage  # the teacher as named, and the original model it was made from (for the model cards)
     targets: TeacherTargets
     distill: DistillSettings
     budget_tokens: int  # retrain.budget_tokens: every candidate's KD
@@ -139,7 +139,8 @@ def prepare_retraining(
         new_tokens=settings.new_tokens,
         log_to=log_to,
     )
-    return Retraining(context, teacher_name, targets, distill, settings.budget_tokens, scorer, speed, command, hashed)
+    lineage = Lineage.of(teacher_name, settings.reference_teacher)
+    return Retraining(context, lineage, targets, distill, settings.budget_tokens, scorer, speed, command, hashed)
 
 
 def reusable(out: Path, settings_hash: str) -> RetrainRecord | None:
@@ -163,15 +164,21 @@ def score_teacher(retraining: Retraining, out: Path, model: LoadedModel | None =
     loaded = model or retraining.context.teacher
     teacher, speed = loaded.model, retraining.speed
     arch = Architecture.of(teacher.config)
+    scored = retraining.scorer(teacher, "teacher")
+    timed, memory = {}, {}
+    if speed is not None:
+        started = time.perf_counter()
+        timed = asdict(measure_speed(teacher, speed, "teacher"))
+        scored["seconds"]["speed"] = time.perf_counter() - started
+        started = time.perf_counter()
+        memory = asdict(measure_memory(loaded.source, speed, retraining.context.device))
+        scored["seconds"]["memory"] = time.perf_counter() - started
     record = RetrainRecord(
         name=TEACHER, trial=None, label=arch.label(), architecture=arch.as_dict(), params=param_count(teacher.config),
-        params_fraction=1.0, reference=None, kd_tokens=0, search={}, kd={},
-        speed=asdict(measure_speed(teacher, speed, "teacher")) if speed else {},
-        flops_per_token=flops_per_token(teacher.config, speed.prompt_len if speed else 128),
-        memory=asdict(measure_memory(loaded.source, speed, retraining.context.device)) if speed else {},
+        params_fraction=1.0, reference=None, kd_tokens=0, search={}, kd={}, speed=timed,
+        flops_per_token=flops_per_token(teacher.config, speed.prompt_len if speed else 128), memory=memory,
         model_dir=None, command=retraining.command, hardware=hardware(retraining.context.device),
-        corpus=retraining.context.corpus.describe(), settings_hash=retraining.settings_hash,
-        **retraining.scorer(teacher, "teacher"),
+        corpus=retraining.context.corpus.describe(), settings_hash=retraining.settings_hash, **scored,
     )  # fmt: skip
     write_json(out / RECORD_FILE, asdict(record))
     return record
@@ -188,56 +195,77 @@ class Candidate:
     expected_plan: dict | None = None  # the cut the search made, to check the re-cut against
 
 
-def retrain(
-    retraining: Retraining, candidate: Candidate, out: Path, teacher: RetrainRecord | None
-) -> RetrainRecord | None:
-    """Re-prune, distil through the budget (resuming a killed run), save the checkpoint, score it."""
-    if (record := reusable(out, retraining.settings_hash)) is not None:
-        return record
+@dataclass(frozen=True)
+class Distilled:
+    """A candidate distilled through the budget: the student in memory, its cut, and how the KD went."""
+
+    student: PreTrainedModel
+    plan: PrunePlan
+    result: DistillResult
+
+
+def distil(retraining: Retraining, candidate: Candidate, out: Path) -> Distilled:
+    """Re-prune, then distil through the budget, resuming from OUT's KD state (a finished one only loads). Under
+    torchrun every rank runs it: each trains its share of every batch, rank 0 alone evaluates and checkpoints."""
     context = retraining.context
-    teacher_model = context.teacher.model
-    plan = plan_pruning(context.importance, teacher_model.config, candidate.arch, candidate.policy)
+    plan = plan_pruning(context.importance, context.teacher.model.config, candidate.arch, candidate.policy)
     if candidate.expected_plan and plan.as_dict() != candidate.expected_plan:
         raise SlimnasError(
             f"re-pruning {candidate.name} gave another cut than the search did: the importance scores or settings "
             f"changed since the search"
         )
-    student = prune_model(teacher_model, plan, candidate.arch)
-    started = time.perf_counter()
+    student = prune_model(context.teacher.model, plan, candidate.arch)
     kd = build_distiller(
         student, context.teacher, context.corpus.train, retraining.distill, retraining.budget_tokens, cache_root(),
         cut=(plan.layers, plan.channels), targets=retraining.targets,
     )  # fmt: skip
     identity = {"plan": plan.as_dict(), "teacher": context.teacher.fingerprint, "corpus": context.corpus.fingerprint}
-    result = distill_to_budget(kd, retraining.scorer.evaluation, out / KD_DIR, identity)
-    kd_seconds = time.perf_counter() - started
-    if not distributed.is_main():  # under torchrun rank 0 saves and scores; the ranks start the next one together
-        distributed.barrier()
-        return None
+    return Distilled(student, plan, distill_to_budget(kd, retraining.scorer.evaluation, out / KD_DIR, identity))
+
+
+def retrain(
+    retraining: Retraining,
+    candidate: Candidate,
+    out: Path,
+    teacher: RetrainRecord,
+    distilled: DistillResult | None = None,
+) -> RetrainRecord:
+    """Distil (resuming a killed run), save the checkpoint, score it, write its card and record: one process.
+
+    `distilled`: how this candidate's data-parallel KD went, when all ranks ran it before the others left (see
+    the recipe); its finished state then only loads here, and the record keeps that run's numbers."""
+    if (record := reusable(out, retraining.settings_hash)) is not None:
+        return record
+    context = retraining.context
+    done = distil(retraining, candidate, out)
+    student, plan, result = done.student, done.plan, distilled or done.result
     provenance = {"trial": candidate.trial, "kd_tokens": result.tokens, "plan": plan.as_dict(),
-                  "corpus": context.corpus.describe()}  # fmt: skip
+                  "corpus": context.corpus.describe(), "teacher": retraining.lineage.teacher}  # fmt: skip
     save_checkpoint(student, context.teacher.tokenizer, out / MODEL_DIR, provenance | {"command": retraining.command})
     scored = retraining.scorer(student, candidate.arch.label())
-    scored["seconds"]["kd"] = kd_seconds
+    scored["seconds"]["kd"] = result.seconds
     speed, memory = {}, {}
     if retraining.speed is not None:
         started = time.perf_counter()
-        comparison = compare_speed(student, teacher_model, retraining.speed, candidate.arch.label(), "teacher")
-        scored["seconds"]["speed"] = time.perf_counter() - started
+        comparison = compare_speed(student, context.teacher.model, retraining.speed, candidate.arch.label(), "teacher")
         speed = comparison.as_row() | {"model": asdict(comparison.model), "reference": asdict(comparison.reference)}
+        scored["seconds"]["speed"] = time.perf_counter() - started
+        started = time.perf_counter()
         memory = asdict(measure_memory(str(out / MODEL_DIR), retraining.speed, context.device))
-    params = param_count(teacher_model.config, candidate.arch)
+        scored["seconds"]["memory"] = time.perf_counter() - started
+    params = param_count(context.teacher.model.config, candidate.arch)
     record = RetrainRecord(
         name=candidate.name, trial=candidate.trial, label=candidate.arch.label(), architecture=candidate.arch.as_dict(),
-        params=params, params_fraction=params / param_count(teacher_model.config), reference=candidate.reference,
-        kd_tokens=result.tokens, search=candidate.search or {}, kd=asdict(result), speed=speed,
-        flops_per_token=flops_per_token(student.config, retraining.speed.prompt_len if retraining.speed else 128),
+        params=params, params_fraction=params / param_count(context.teacher.model.config),
+        reference=candidate.reference, kd_tokens=result.tokens, search=candidate.search or {}, kd=asdict(result),
+        speed=speed, flops_per_token=flops_per_token(student.config, retraining.speed.prompt_len if retraining.speed
+                                                     else 128),
         memory=memory, model_dir=str(out / MODEL_DIR), command=retraining.command,
         hardware=hardware(context.device), corpus=context.corpus.describe(), settings_hash=retraining.settings_hash,
         **scored,
     )  # fmt: skip
-    model_card(record, teacher, retraining.teacher_name, plan.as_dict()).save(out / MODEL_DIR / "README.md")
+    card = model_card(record, teacher, retraining.lineage, plan.as_dict())
+    card.save(out / MODEL_DIR / "README.md")
     write_json(out / RECORD_FILE, asdict(record))
     (out / KD_DIR / STATE_FILE).unlink(missing_ok=True)  # finished: its optimizer state is not needed again
-    distributed.barrier()
     return record

@@ -45,6 +45,16 @@ class Budget:
             return False
         return True
 
+    def over(self, final: dict) -> str | None:
+        """Which measured budget a candidate that reached the last rung breaks, from its final metrics; None when it
+        meets them all. Such a candidate stays in the tables but is never a leader, the pick or retrained first."""
+        if self.latency_ms is None:
+            return None
+        latency = final.get("latency_p50_ms")
+        if latency is None:
+            return f"p50 decode latency not measured (budget {self.latency_ms} ms)"
+        return f"p50 decode latency {latency:.1f} ms > {self.latency_ms} ms" if latency > self.latency_ms else None
+
     def window_text(self) -> str:
         return f"at most, down to -{self.window:.0%}" if self.cap else f"+-{self.window:.0%}"
 

@@ -1,10 +1,14 @@
 """The leaders' extended last rung: more KD for the top two while the race cannot tell them apart.
 
-Once no trial is running, the two best candidates that reached the last rung are compared on the
-selection documents (the race's one-sided paired test, at `search.race.confidence`). While they are
-not separated and the KD budget allows both, each is distilled again from its pruned weights with
-twice the last budget (a fresh warmup + cosine schedule over the longer run: what a longer rung would
-have been), and compared again; at most `search.race.extensions` times. The winner is the search's
+Once no trial is running, the two best feasible candidates that reached the last rung are compared on
+the selection documents: a two-sided paired test (which of the two is worse is not known before the
+data), at `search.race.confidence` after a Bonferroni correction over the looks (the first comparison
+and one per extension), so two equal leaders are called separated with at most 1 - confidence. While
+they are not separated and the KD budget allows both, each is distilled again from its pruned weights
+with twice the last budget (a fresh warmup + cosine schedule over the longer run: what a longer rung
+would have been), and compared again; at most `search.race.extensions` times. Like a rung, a round
+reserves its tokens first and checks the budget after (any number of workers), under its own study
+attribute, so a round redone after a kill replaces its reservation instead of adding to it. The winner is the search's
 pick: retrain takes it first and the proof benchmark takes it as the search's finalist. Everything
 goes to RUN_DIR/race.json, with the settings hash; a rerun reads it back instead of redoing it.
 """
@@ -24,11 +28,11 @@ from slimnas.search.setup import SearchSetup
 from slimnas.search.trial import distiller
 
 
-def separated(a: list[float], b: list[float], confidence: float) -> tuple[bool, dict]:
-    """Is one of the two better than the other with confidence (the one with the higher mean KL tested worse)?"""
-    worse, better = (a, b) if sum(a) >= sum(b) else (b, a)
-    test = paired_test(worse, better)
-    return test.confident(confidence), {"difference": test.difference, "stderr": test.stderr, "p": test.p}
+def separated(a: list[float], b: list[float], looks: int, confidence: float) -> tuple[bool, dict]:
+    """Do the two differ with confidence: a two-sided paired test, Bonferroni-adjusted over `looks` comparisons."""
+    test = paired_test(a, b, alternative="two-sided")
+    p = min(1.0, test.p * looks)
+    return p < 1 - confidence, {"difference": test.difference, "stderr": test.stderr, "p": p, "looks": looks}
 
 
 def extended(setup: SearchSetup, record: TrialRecord, tokens: int) -> dict:
@@ -65,19 +69,21 @@ def extend_leaders(study: optuna.Study, setup: SearchSetup) -> dict | None:
             values = {leader["trial"]: leader["kl_per_doc"] for leader in done["leaders"]}
         settings, budget = setup.settings.race, setup.settings.budget.kd_tokens
         while True:
-            split, test = separated(*values.values(), settings.confidence)
+            split, test = separated(*values.values(), settings.extensions + 1, settings.confidence)
             race["test"] = test
             if split:
-                race["why"] = f"separated with {settings.confidence:.0%} confidence"
+                race["why"] = f"separated with {settings.confidence:.0%} confidence (two-sided)"
                 break
             if len(race["rounds"]) >= settings.extensions:
                 race["why"] = f"not separated after {settings.extensions} extension(s)"
                 break
             tokens = setup.tokens_at(setup.last_rung) * 2 ** (len(race["rounds"]) + 1)
-            if budget is not None and kd_spent(study) + 2 * tokens > budget:
+            reservation = f"{EXTENSION_TOKENS}_{race['leaders'][0]}_{race['leaders'][1]}_{len(race['rounds'])}"
+            study.set_user_attr(reservation, 2 * tokens)  # reserve, then check (as the rungs do)
+            if budget is not None and kd_spent(study) > budget:
+                study.set_user_attr(reservation, 0)
                 race["why"] = f"not separated; the KD budget has no room for two runs of {tokens:,} tokens"
                 break
-            study.set_user_attr(EXTENSION_TOKENS, study.user_attrs.get(EXTENSION_TOKENS, 0) + 2 * tokens)
             print(f"race: trials {race['leaders'][0]} and {race['leaders'][1]} are within noise; both again with "
                   f"{tokens:,} KD tokens")  # fmt: skip
             round_ = {"kd_tokens": tokens, "leaders": [extended(setup, record, tokens) for record in top]}

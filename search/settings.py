@@ -7,7 +7,7 @@ command is composed, and `__post_init__` checks what types cannot.
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimnas.core.errors import SlimnasError
+from slimnas.core.errors import SlimnasError, first_line
 from slimnas.search.constraints import Budget
 from slimnas.search.objectives import OBJECTIVES, QUALITY_METRICS
 from slimnas.search.space import SpaceSettings
@@ -33,7 +33,7 @@ class RaceSettings:
     """KD in rungs; after each, a candidate stops only when a peer is better on the same documents with confidence."""
 
     rung_tokens: list[int] = field(default_factory=lambda: [100_000, 400_000])  # cumulative KD tokens of each rung
-    confidence: float = 0.95  # one-sided paired test over the selection documents
+    confidence: float = 0.95  # paired tests over the selection documents, Bonferroni-adjusted (search.race)
     extensions: int = 2  # then the two leaders' last rung is doubled, at most this often, until they are separated
 
     def __post_init__(self):
@@ -61,6 +61,18 @@ class StorageSettings:
     url: str | None = None  # null = SQLite in the run directory; postgresql://user@host/db for many workers
     heartbeat_interval: int = 20  # seconds between a running trial's heartbeats
     grace_period: int = 180  # a trial of another host silent this long is failed and retried
+
+    def __post_init__(self):
+        """A URL SQLAlchemy cannot parse, of an unknown database, or whose driver is missing: refused before anything
+        runs or is written (a server nobody listens on is found when the search opens the storage)."""
+        if self.url is None:
+            return
+        from sqlalchemy.engine import make_url  # only when a URL is given: it takes a moment to import
+
+        try:
+            make_url(self.url).get_dialect().import_dbapi()
+        except Exception as error:  # sqlalchemy raises many types: unparsable, unknown dialect, driver not installed
+            raise SlimnasError(f"search.storage.url={self.url} cannot be used: {first_line(error)}") from error
 
 
 @dataclass
@@ -100,6 +112,11 @@ class SearchSettings:
             raise SlimnasError(f"search.quality_metric must be one of {', '.join(QUALITY_METRICS)}")
         if self.quality_metric == "summary" and not self.score_trials:
             raise SlimnasError("search.quality_metric=summary needs search.score_trials=true")
+        if self.quality_metric == "summary" and self.proposals != "enumerate":
+            raise SlimnasError(  # one metric chooses and decides: no leaders by the summary separated by KL
+                "search.quality_metric=summary: the race stops and separates candidates by held-out KL, so it would "
+                "choose by one metric and decide by another; use it with search.proposals=enumerate (no race)"
+            )
         if self.proposals not in PROPOSALS:
             raise SlimnasError(f"search.proposals must be one of {', '.join(PROPOSALS)}, not {self.proposals!r}")
         if min(self.n_trials, self.max_attempts, self.max_failures_in_a_row, self.workers) < 1:

@@ -126,13 +126,13 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     if settings.quality_metric == "summary":
         check_summary(quality)
 
-    # 4. The study's storage: a server nobody listens on fails here, before minutes of compute
+    # 4. The study's storage: a server nobody listens on fails here, before minutes of compute and the run directory
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(settings.storage.url, run_dir)
     storage = open_storage(url, settings.storage.heartbeat_interval, settings.storage.grace_period)
     hashed = settings_hash(cfg, teacher.fingerprint)
     check_existing_study(storage, settings.study_name, hashed)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     # 5. Corpus, importance, the teacher's top-k logits for every KD row a trial can use, the selection documents
     context = load_teacher_context(cfg.teacher, cfg.device, data, cache_root(cfg.cache_dir), importance, teacher)

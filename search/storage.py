@@ -38,7 +38,10 @@ def storage_url(url: str | None, run_dir: Path) -> str:
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int, attempts: int = 5) -> RDBStorage:
-    """Connect, creating the tables if needed; retried because workers starting together race to create them."""
+    """Connect, creating the tables if needed; retried because workers starting together race to create them. A
+    SQLite file's folder (the run directory) is made here, so a server that cannot be reached leaves nothing behind."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(1, attempts + 1):
         with warnings.catch_warnings():

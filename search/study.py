@@ -119,11 +119,34 @@ def _finished(trials: list[FrozenTrial], setup: SearchSetup) -> str | None:
     budget = setup.settings.budget.kd_tokens
     spent = sum(t.user_attrs.get(RESERVED, 0) for t in trials)
     if budget is not None and spent + setup.tokens_at(1) > budget:
-        return f"the study's KD budget is spent ({spent:,} of {budget:,} tokens)"
+        why = f"the study's KD budget is spent ({spent:,} of {budget:,} tokens)"
+        if proposals_of(setup).races and setup.settings.race.extensions > 0:  # it needs more than one rung's tokens
+            why += f"; the leaders' extension ({extension_tokens(setup):,} tokens) cannot run either"
+        return why
     taken = evaluated_keys(trials, setup.settings.max_attempts)
     if not waiting and all(arch_key(a) in taken for a in setup.feasible):
         return "every feasible candidate was evaluated"
     return proposals_of(setup).exhausted(waiting)
+
+
+def extension_tokens(setup: SearchSetup) -> int:
+    """KD tokens of the leaders' first extension round: both leaders again with twice the last rung's tokens."""
+    return 2 * 2 * setup.tokens_at(setup.last_rung)
+
+
+def _extension_plan(setup: SearchSetup) -> str:
+    """The plan line's promise about the leaders' extension, kept only when the budget can pay for it."""
+    settings = setup.settings
+    if not proposals_of(setup).races or settings.race.extensions == 0:
+        return ""
+    plan = f"; the two leaders' last rung doubled up to {settings.race.extensions}x while they are not separated"
+    budget, needed = settings.budget.kd_tokens, settings.n_trials * setup.tokens_at(setup.last_rung)
+    if budget is not None and budget - needed < extension_tokens(setup):
+        return (
+            f"; no extension of the leaders' last rung: after {settings.n_trials} trials at the last rung "
+            f"({needed:,} tokens) the KD budget ({budget:,}) has less than the {extension_tokens(setup):,} it needs"
+        )
+    return plan + (" (if the KD budget has room left)" if budget is not None else "")
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, setup: SearchSetup) -> None:
@@ -286,12 +309,8 @@ def describe(setup: SearchSetup) -> list[str]:
         f"proposals: {proposals_of(setup).describe(setup)}; objectives: "
         + ", ".join(f"{o.name} ({o.direction})" for o in setup.objectives),
         f"KD per trial: rungs at {tokens} tokens (batch {setup.distill.batch_size} x {corpus.seq_len}); a candidate "
-        f"stops when a peer is better with {settings.race.confidence:.0%} one-sided confidence"
-        + (
-            ""
-            if not proposals_of(setup).races or settings.race.extensions == 0
-            else f"; the two leaders' last rung doubled up to {settings.race.extensions}x while they are not separated"
-        ),
+        f"stops when a peer is better with {settings.race.confidence:.0%} one-sided confidence, Bonferroni-adjusted "
+        f"over its peers and the rungs where it can stop" + _extension_plan(setup),
         f"quality: -held-out KL on {corpus.documents('selection')} selection {corpus.unit}s (one row each, full "
         f"vocabulary) of {corpus.source}; error bars and the race's tests over those documents",
     ]

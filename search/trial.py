@@ -157,5 +157,6 @@ def finish(
         "kl_per_doc": heldout.kl_per_doc,
         **record.final,
     }
+    record.over_budget = setup.settings.budget.over(record.final) if complete else None
     record.seconds = time.perf_counter() - started
     return record

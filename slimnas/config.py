@@ -9,10 +9,12 @@ its own few keys), the presets (conf/preset: what they change and why) and the s
 (conf/search/sampler). A section's `precision` follows the command's top-level `precision` setting.
 """
 
+import itertools
+
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from slimnas.bench.settings import QualitySettings, SpeedSettings
 from slimnas.compress.settings import (
@@ -23,6 +25,7 @@ from slimnas.compress.settings import (
     PruningSettings,
 )
 from slimnas.core.errors import SlimnasError
+from slimnas.core.launch import check_storage, launcher_of, wants_workers
 from slimnas.core.settings import check_precision, settings_of
 from slimnas.recipes.settings import BaselinesSettings, ChainsSettings
 from slimnas.retrain.settings import RetrainSettings
@@ -60,8 +63,25 @@ def compose(command_config: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name=command_config, overrides=overrides)
 
 
+def check_chain(chain: object) -> list[float]:
+    """slimnas pipeline's chain=[f1, f2, ...]: decreasing fractions of the original teacher's parameters in (0, 1)."""
+    refused = SlimnasError(
+        f"chain must be a list of decreasing fractions of the teacher's parameters in (0, 1), not {chain}"
+    )
+    if not isinstance(chain, ListConfig | list):
+        raise refused
+    try:
+        fractions = [float(f) for f in chain]
+    except (TypeError, ValueError):
+        raise refused from None
+    if any(not 0 < f < 1 for f in fractions) or any(b >= a for a, b in itertools.pairwise(fractions)):
+        raise refused
+    return fractions
+
+
 def check(cfg: DictConfig) -> None:
-    """Every section the command uses, checked from the configuration alone (seconds before any model loads)."""
+    """Every section the command uses, checked from the configuration alone (seconds before any model loads), and
+    what the sections depend on together: the pipeline's chain, and a launcher's workers against the storage."""
     if missing := sorted(OmegaConf.missing_keys(cfg)):
         raise SlimnasError(f"missing setting {', '.join(missing)}: give it as key=value (or as the command's path)")
     if "precision" in cfg:
@@ -69,3 +89,7 @@ def check(cfg: DictConfig) -> None:
     for section in SECTIONS:
         if section in cfg:
             settings_of(cfg, section)
+    if "chain" in cfg:
+        check_chain(cfg.chain)
+    if "search" in cfg and wants_workers(cfg):
+        check_storage(cfg, launcher_of(list(cfg.get("launcher", []))))

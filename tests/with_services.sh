@@ -4,6 +4,8 @@
 #   - Debian's chromium and chromium-driver, for the report page opened in a headless browser.
 # Installs the missing Debian packages (root only). Without them (not root, no apt) the command runs anyway and
 # those tests skip, except under CI.
+# The server listens on the first free port from 55432 to 55451 (SLIMNAS_TEST_POSTGRES_PORT: that port only), so
+# runs side by side do not collide; a server a killed run left behind (its script gone) is stopped and removed.
 set -euo pipefail
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
@@ -22,14 +24,40 @@ if [ -z "$BIN" ] || ! id postgres >/dev/null 2>&1; then
   echo "PostgreSQL not available: its tests will be skipped"
   exec "$@"
 fi
-
-DATA=$(mktemp -d /tmp/slimnas-pg.XXXXXX)
-PORT=${SLIMNAS_TEST_POSTGRES_PORT:-55432}
-chown postgres "$DATA"
 as_postgres() { su postgres -s /bin/bash -c "$*"; }
+
+# Each run's folder holds its script's pid (owner) and the server's data (data/). A folder whose owner is gone is
+# what a killed run left: its server is stopped and the folder removed. Runs still going are left alone.
+for stale in /tmp/slimnas-pg.*; do
+  owner=$(cat "$stale/owner" 2>/dev/null || true)
+  if [ -z "$owner" ] || [ -d "/proc/$owner" ]; then continue; fi
+  if [ -f "$stale/data/postmaster.pid" ]; then
+    as_postgres "$BIN/pg_ctl -D $stale/data -m immediate stop" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$stale"
+done
+
+RUN=$(mktemp -d /tmp/slimnas-pg.XXXXXX)
+echo $$ >"$RUN/owner"
+chmod 755 "$RUN"
+DATA=$RUN/data
+trap 'as_postgres "$BIN/pg_ctl -D $DATA -m fast stop" >/dev/null 2>&1 || true; rm -rf "$RUN"' EXIT
+trap 'exit 130' INT TERM HUP  # the EXIT trap stops the server on Ctrl-C and kill too
+mkdir "$DATA" && chown postgres "$DATA"
 as_postgres "$BIN/initdb -D $DATA -A trust -U postgres" >/dev/null
-as_postgres "$BIN/pg_ctl -D $DATA -l $DATA/server.log -w -o '-p $PORT -k $DATA -c listen_addresses=127.0.0.1' start" >/dev/null
-trap 'as_postgres "$BIN/pg_ctl -D $DATA -m fast stop" >/dev/null; rm -rf "$DATA"' EXIT
+start() {
+  local options="-p $1 -k $DATA -c listen_addresses=127.0.0.1"
+  as_postgres "$BIN/pg_ctl -D $DATA -l $DATA/server.log -w -o '$options' start" >/dev/null
+}
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+PORT=
+for port in ${SLIMNAS_TEST_POSTGRES_PORT:-$(seq 55432 55451)}; do
+  if ! listening "$port" && start "$port"; then PORT=$port; break; fi  # a run starting beside this one may win a port
+done
+if [ -z "$PORT" ]; then
+  echo "PostgreSQL could not start on a free port: $(tail -n 1 "$DATA/server.log" 2>/dev/null)" >&2
+  exit 1
+fi
 as_postgres "$BIN/createdb -h 127.0.0.1 -p $PORT slimnas_test"
 export SLIMNAS_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$PORT/slimnas_test"
 echo "PostgreSQL $("$BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PORT"

@@ -15,10 +15,13 @@ The three methods that spend KD tokens to choose get the same budget; every fina
 with the same KD tokens, rows, schedule and seed and scored on the evaluation documents, on a text no
 method saw (WikiText-2 valid, one row per article) and on lm-eval's evaluation pool. All of it repeats
 per seed (the sampler's seed and the KD row order). The tables give, per method, the finalist's size, the
-mean and a 95% interval over seeds, what choosing cost (KD tokens, wall time), and each method minus the
-search: paired by seed, and for the KL also paired by document (each document's difference averaged over
-the seeds, then a 95% interval over documents). Results go to RUN_DIR/proof/ (proof.md, proof.json: the
-tables as shown, which `slimnas report RUN_DIR` shows; methods.*, paired.*, per_seed.json; proof.png).
+mean and a 95% interval over seeds, how stable its pick was (how many seeds chose the same finalist, the
+spread of their retrained KL), what choosing cost (KD tokens; wall time, each method charged the screen it
+uses), and each method minus the search: paired by seed, and for the KL also paired by document (each
+document's difference averaged over the seeds, then a 95% interval over documents; reports/verdicts.py).
+Results go to RUN_DIR/proof/ (proof.md, proof.json: the tables as shown, which `slimnas report RUN_DIR`
+shows; methods.*, paired.*, per_seed.json; proof.png). With one `search.storage.url` every method of every
+seed is a study of its own (`search.study_name`-seed_S-METHOD).
 """
 
 import math
@@ -38,11 +41,13 @@ from slimnas.compress.settings import PruningSettings
 from slimnas.core.data import find_data_dir
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import atomic_write_text, write_json
-from slimnas.core.rundir import RetrainRecord, add_wall_seconds, read_records, search_pick, update_run
+from slimnas.core.rundir import RetrainRecord, add_wall_seconds, read_records, read_screen, search_pick, update_run
 from slimnas.core.settings import settings_of
 from slimnas.core.stats import mean_ci95
 from slimnas.core.tables import plus_minus, save_records
 from slimnas.recipes.settings import RULES, SEARCHING, BaselinesSettings
+from slimnas.reports.verdicts import paired as paired_over_seeds
+from slimnas.reports.verdicts import pick_stability
 from slimnas.retrain.retraining import Candidate, prepare_retraining, retrain, score_teacher
 from slimnas.search.front import write_trial_tables
 from slimnas.search.race import kd_spent
@@ -54,10 +59,13 @@ from slimnas.search.study import run_study
 
 def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k: int) -> DictConfig:
     """One method's search: its own run directory, the seed for sampler and KD order, no reference cuts, quality
-    alone as the objective (every candidate lies under the same cap: the best one is the finalist)."""
+    alone as the objective (every candidate lies under the same cap: the best one is the finalist), and a study of its
+    own in a shared storage (in SQLite each run directory has its own file)."""
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.run_dir, run_cfg.search.seed, run_cfg.distill.seed = str(run_dir), seed, seed
+        if cfg.search.storage.url:
+            run_cfg.search.study_name = f"{cfg.search.study_name}-seed_{seed}-{method}"
         run_cfg.search.references.kinds = []
         run_cfg.search.objectives = ["quality"]
         run_cfg.search.measure_speed = False
@@ -72,7 +80,8 @@ def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k:
 
 def search_finalist(cfg: DictConfig) -> tuple[Architecture, PruningSettings, dict]:
     """Run (or resume) one method's search; its pick, and what choosing cost (from the records: a resumed run
-    counts what its earlier runs did)."""
+    counts what its earlier runs did). The screen it read is charged at the seconds it took when it was computed,
+    even when it came from the cache: every method that uses a screen pays for one."""
     setup = build_setup(cfg)
     update_run(setup.run_dir, settings=OmegaConf.to_container(cfg, resolve=True), command=cfg.command)
     study = run_study(setup)
@@ -80,7 +89,9 @@ def search_finalist(cfg: DictConfig) -> tuple[Architecture, PruningSettings, dic
     pick = search_pick(setup.run_dir, read_records(setup.run_dir))
     if pick is None:
         raise SlimnasError(f"the search in {setup.run_dir} completed no trial")
-    cost = {"search_kd_tokens": kd_spent(study), "search_seconds": sum(r.seconds for r in records)}
+    screen_seconds = sum(line["seconds"] for line in read_screen(setup.run_dir))  # none for random search
+    cost = {"search_kd_tokens": kd_spent(study), "screen_seconds": screen_seconds,
+            "search_seconds": sum(r.seconds for r in records)}  # fmt: skip
     return Architecture(**pick.architecture), PruningSettings(**pick.pruning), cost
 
 
@@ -96,25 +107,33 @@ METRICS = {  # what the tables report per finalist: name -> how to read it from 
 
 def result(record: RetrainRecord, cost: dict) -> dict:
     values = {metric: read(record) for metric, read in METRICS.items()}
-    seconds = cost["search_seconds"] + sum(record.seconds.values())
-    return {"label": record.label, "params": record.params, "kd_tokens": record.kd_tokens, **cost,
-            "seconds": seconds, "kl_per_doc": record.heldout["kl_per_doc"], **values}  # fmt: skip
+    retrain_seconds = sum(record.seconds.values())
+    seconds = cost["screen_seconds"] + cost["search_seconds"] + retrain_seconds
+    return {"finalist": record.name, "label": record.label, "params": record.params, "kd_tokens": record.kd_tokens,
+            **cost, "retrain_seconds": retrain_seconds, "seconds": seconds, "kl_per_doc": record.heldout["kl_per_doc"],
+            **values}  # fmt: skip
 
 
-def by_documents(mine: dict[int, dict], search: dict[int, dict], seeds: list[int]) -> tuple[float, float, int]:
-    """KL minus the search's, document by document: averaged over the seeds, then a 95% interval over documents."""
-    documents = zip(*(mine[s]["kl_per_doc"] for s in seeds), *(search[s]["kl_per_doc"] for s in seeds), strict=True)
-    n = len(seeds)
-    differences = [sum(values[:n]) / n - sum(values[n:]) / n for values in documents]
-    return *mean_ci95(differences), len(differences)
+NO_COST = {"search_kd_tokens": 0, "screen_seconds": 0.0, "search_seconds": 0.0}  # a rule: no screen, no search
+COSTS = ("params", "kd_tokens", "search_kd_tokens", "screen_seconds", "search_seconds", "retrain_seconds", "seconds")
+
+
+def over(per_seed: dict[int, dict], key: str, seeds: list[int]) -> list:
+    """One value of every seed's result, in seed order."""
+    return [per_seed[s][key] for s in seeds]
 
 
 def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[list[dict], list[dict]]:
-    """Per method mean ± 95% CI over seeds; each method minus the search, paired by seed (and by document for KL)."""
+    """Per method mean ± 95% CI over seeds and its pick's stability; each method minus the search, paired by seed
+    (and by document for KL)."""
     rows, paired = [], []
+    search = results["search"]
     for method, per_seed in results.items():
-        row = {"method": method, "seeds": len(per_seed), "label": per_seed[seeds[0]]["label"]}
-        for metric in (*METRICS, "params", "kd_tokens", "search_kd_tokens", "seconds"):
+        stability = pick_stability(over(per_seed, "finalist", seeds), over(per_seed, "kl", seeds))
+        label = next(per_seed[s]["label"] for s in seeds if per_seed[s]["finalist"] == stability.finalist)
+        row = {"method": method, "seeds": len(per_seed), "label": label, "same_finalist": stability.same,
+               "kl_spread": stability.kl_spread}  # fmt: skip
+        for metric in (*METRICS, *COSTS):
             values = [per_seed[s][metric] for s in seeds if per_seed[s].get(metric) is not None]
             if len(values) == len(seeds):
                 row[metric], row[f"{metric}_ci95"] = mean_ci95(values)
@@ -123,19 +142,19 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
         if method == "search":
             continue
         for metric in ("kl", "text_perplexity", "summary"):
-            differences = [
-                results[method][s][metric] - results["search"][s][metric]
-                for s in seeds
-                if results[method][s].get(metric) is not None and results["search"][s].get(metric) is not None
-            ]
-            if len(differences) != len(seeds):
+            if any(r[s].get(metric) is None for r in (per_seed, search) for s in seeds):
                 continue
-            difference, half_width = mean_ci95(differences)
-            pair = {"method": method, "metric": metric, "minus_search": difference, "ci95_seeds": half_width,
-                    "wins_for_search": sum(d > 0 if metric != "summary" else d < 0 for d in differences)}  # fmt: skip
-            if metric == "kl":
-                _, pair["ci95_documents"], pair["documents"] = by_documents(results[method], results["search"], seeds)
-            pair["significant"] = abs(difference) > max(half_width, pair.get("ci95_documents", 0.0))
+            by_doc = metric == "kl"
+            difference = paired_over_seeds(
+                over(per_seed, metric, seeds), over(search, metric, seeds),
+                over(per_seed, "kl_per_doc", seeds) if by_doc else None,
+                over(search, "kl_per_doc", seeds) if by_doc else None, higher_is_better=metric == "summary",
+            )  # fmt: skip
+            pair = {"method": method, "metric": metric, "minus_search": difference.difference,
+                    "ci95_seeds": difference.ci95_seeds, "wins_for_search": difference.reference_better}  # fmt: skip
+            if difference.ci95_documents is not None:
+                pair["ci95_documents"], pair["documents"] = difference.ci95_documents, difference.documents
+            pair["significant"] = difference.significant
             paired.append(pair)
     rows.sort(key=lambda row: row.get("kl", math.inf))
     return rows, paired
@@ -146,13 +165,16 @@ def display_tables(rows: list[dict], paired: list[dict]) -> tuple[list[dict], li
     table = [
         {
             "method": r["method"],
-            "finalist (first seed)": r["label"],
+            "finalist (most seeds)": r["label"],
+            "same finalist (seeds)": f"{r['same_finalist']} of {r['seeds']}",
             "params (seeds)": " - ".join(f"{p / 1e6:.2f}M" for p in sorted(set(r["params_range"]))),
             "KL (evaluation docs)": plus_minus(r.get("kl"), r.get("kl_ci95")),
+            "KL spread (seeds)": f"{r['kl_spread']:.3f}",
             "perplexity (unseen text)": plus_minus(r.get("text_perplexity"), r.get("text_perplexity_ci95")),
             "lm-eval summary": plus_minus(r.get("summary"), r.get("summary_ci95")),
             "KD tokens to choose": f"{r['search_kd_tokens']:,.0f}",
-            "wall s to choose + retrain": f"{r['seconds']:.0f}",
+            "wall s: screen + search + retrain": f"{r['screen_seconds']:.0f} + {r['search_seconds']:.0f} + "
+            f"{r['retrain_seconds']:.0f} = {r['seconds']:.0f}",
         }
         for r in rows
     ]
@@ -229,7 +251,7 @@ def main(cfg: DictConfig) -> None:
     fixed: dict[str, tuple[Architecture, PruningSettings, dict]] = {}
     screen_seconds = sum(s.seconds for s in screened)
     if "zero_shot" in settings.methods:
-        fixed["zero_shot"] = (screened[0].arch, first.policy, {"search_kd_tokens": 0, "search_seconds": screen_seconds})
+        fixed["zero_shot"] = (screened[0].arch, first.policy, NO_COST | {"screen_seconds": screen_seconds})
     notes = [f"zero_shot: {screened[0].arch.label()}, the best of {len(screened)} screened candidates"]
     for method in [m for m in settings.methods if m in RULES]:
         reference, note = find_reference(method, first)
@@ -237,7 +259,7 @@ def main(cfg: DictConfig) -> None:
         print(f"{method}: {note}")
         if reference is not None:
             policy = replace(first.policy, depth_strategy=reference.depth_strategy or first.policy.depth_strategy)
-            fixed[method] = (reference.arch, policy, {"search_kd_tokens": 0, "search_seconds": 0.0})
+            fixed[method] = (reference.arch, policy, NO_COST)
 
     # 3. Per seed: the methods that search, then every finalist retrained alike and scored on unseen text
     heldout_text = ()
@@ -284,8 +306,12 @@ def main(cfg: DictConfig) -> None:
         + (f", lm-eval summary {plus_minus(teacher.summary['value'], teacher.summary['stderr'])}" if suite else ""),
         "a paired difference is significant when it lies outside both 95% intervals (over seeds, and for KL over "
         "documents, each document's difference averaged over the seeds)",
-        f"wall s: the method's own cost from the records (its search's trials, or the screen's {screen_seconds:.0f} s "
-        f"for zero_shot, plus the finalist's retraining; the search and modelopt also read the cached screen)",
+        "same finalist: how many seeds chose the finalist shown; KL spread: the largest minus the smallest retrained "
+        "KL of the method's finalists over the seeds",
+        f"wall s, from the records: every method that uses the screen is charged it, at the seconds it took when it "
+        f"was computed (search, modelopt and zero_shot; {screen_seconds:.0f} s for the first seed's screen, which is "
+        "cached and read by the others), then its search's trials, then its finalist's retraining; random search and "
+        "the rule-based cuts use no screen",
     ]
     table, pairs = display_tables(rows, paired)
     proof_dir = run_dir / "proof"

@@ -14,7 +14,6 @@ resumes whichever stage was interrupted (a finished stage is kept: its study, re
   The pick is chosen on selection documents, as in any search; the evaluation documents only report.
 """
 
-import itertools
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from slimnas.bench.tasks import prepare_suite
 from slimnas.compress.arch import param_count
 from slimnas.compress.corpus import resolve_corpus
 from slimnas.compress.models import load_model, local_fingerprint
+from slimnas.config import check_chain
 from slimnas.core.data import find_data_dir
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import hash_file, hash_json
@@ -31,10 +31,7 @@ from slimnas.core.rundir import (
     CORRECTED_DIR,
     RUN_FILE,
     add_wall_seconds,
-    read_records,
-    read_retrained,
     read_run,
-    search_pick,
     stage_dir,
     stage_dirs,
     update_run,
@@ -44,7 +41,7 @@ from slimnas.recipes import correct as run_correct
 from slimnas.recipes import report as run_report
 from slimnas.recipes import retrain as run_retrain
 from slimnas.recipes import search as run_search
-from slimnas.reports.chain import write_chain, write_correction
+from slimnas.reports.chain import retrained_pick, write_chain, write_correction
 from slimnas.search.constraints import Budget
 
 
@@ -72,13 +69,6 @@ def budgets(cfg: DictConfig, chain: list[float]) -> list[str]:
     return lines
 
 
-def check_chain(chain: list) -> list[float]:
-    fractions = [float(f) for f in chain]
-    if any(not 0 < f < 1 for f in fractions) or any(b >= a for a, b in itertools.pairwise(fractions)):
-        raise SlimnasError(f"chain must be decreasing fractions of the teacher's parameters in (0, 1), not {chain}")
-    return fractions
-
-
 def stage_config(cfg: DictConfig, run_dir: Path, teacher: str, original: str, params: int | None) -> DictConfig:
     """One stage's configuration: its run directory, its teacher, its target, the original as reference."""
     stage = cfg.copy()
@@ -92,15 +82,10 @@ def stage_config(cfg: DictConfig, run_dir: Path, teacher: str, original: str, pa
     return stage
 
 
-def search_and_retrain(cfg: DictConfig) -> Path:
-    """Search, then retrain; the retrained search pick's checkpoint."""
+def search_and_retrain(cfg: DictConfig) -> None:
     run_search.main(cfg)
     print(f"\n== retrain ({cfg.run_dir})")
     run_retrain.main(cfg)
-    run_dir = Path(cfg.run_dir)
-    pick = search_pick(run_dir, read_records(run_dir))
-    retrained = {r.trial: r for r in read_retrained(run_dir)}
-    return Path(retrained[pick.trial].model_dir)
 
 
 def finished_key(cfg: DictConfig) -> str | None:
@@ -123,9 +108,12 @@ def report(cfg: DictConfig, report_dirs: list[Path]) -> None:
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     # 0. The later stages' own settings, checked before the first stage spends anything
-    settings_of(cfg, "retrain")
+    retrain = settings_of(cfg, "retrain")
     correct = settings_of(cfg, "correct")
-    chain = check_chain(list(cfg.chain))
+    chain = check_chain(cfg.chain)
+    if chain and retrain.top_k < 1:
+        raise SlimnasError("a chain's next stage is taught by this stage's pick, retrained: set retrain.top_k >= 1 "
+                           "(retrain.top_k=0 retrains only the references)")  # fmt: skip
     quality = settings_of(cfg, "quality")
     if quality.tasks:
         prepare_suite(list(quality.tasks), cfg.data.dir)
@@ -162,9 +150,8 @@ def main(cfg: DictConfig) -> None:
         for number, fraction in enumerate(chain, 1):
             stage = stage_dir(run_dir, number)
             print(f"\n== stage {number}: {fraction:g} of {original}'s parameters, teacher {teacher}")
-            teacher = str(
-                search_and_retrain(stage_config(cfg, stage, teacher, original, int(fraction * original_params)))
-            )
+            search_and_retrain(stage_config(cfg, stage, teacher, original, int(fraction * original_params)))
+            teacher = str(retrained_pick(stage).model_dir)
             stages.append(stage)
         update_run(run_dir, kind="chain", teacher=original, chain=chain, stages=[str(d) for d in stages],
                    settings=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip

@@ -20,8 +20,8 @@ class BaselinesSettings:
     heldout_text: str | None = "wikitext2/wiki.valid.tokens"  # under data.dir: text no method saw (one row an article)
 
     def __post_init__(self):
-        if len(self.seeds) < 2:
-            raise SlimnasError("baselines.seeds needs at least two seeds for a confidence interval")
+        if len(self.seeds) < 2 or len(set(self.seeds)) < len(self.seeds):
+            raise SlimnasError("baselines.seeds needs at least two distinct seeds for a confidence interval")
         unknown = set(self.methods) - set(METHODS)
         if unknown or "search" not in self.methods:
             raise SlimnasError(f"baselines.methods must include search and come from {', '.join(METHODS)}")
@@ -34,8 +34,13 @@ class ChainsSettings:
     stages: list[float] = field(default_factory=lambda: [0.6, 0.4])  # the chain's targets; the last is the final size
     correct_tokens: int = 49_152  # teacher correction for the *_corrected arms
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    # every arm runs once per seed (the sampler's seed and the KD row order): a small search's pick moves with it,
+    # and only an interval over seeds covers that; one seed gives the table without a verdict
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
     def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) < len(self.seeds):
+            raise SlimnasError("chains.seeds needs at least one seed, each once (three or more for a verdict)")
         if len(self.stages) < 2:
             raise SlimnasError("chains.stages needs at least two stages (the last is the final size)")
         if set(self.arms) - set(ARMS) or "one_shot" not in self.arms:
