@@ -79,3 +79,52 @@ def test_overrides_are_type_checked_when_composed():
 def test_any_optuna_sampler_by_configuration_alone(choice, sampler):
     cfg = compose("search", [f"search/sampler={choice}"])
     assert isinstance(instantiate(OmegaConf.to_object(cfg.search.sampler), seed=3), sampler)
+
+
+BAD_SETTINGS = [
+    ("pipeline", ["chain=[abc]"], "chain must be a list of decreasing fractions"),
+    ("pipeline", ["chain=[0.4,0.6]"], "chain must be a list of decreasing fractions"),
+    ("pipeline", ["chain=abc"], "chain must be a list of decreasing fractions"),
+    ("search", ["search.storage.url=foo://host/db"], "search.storage.url=foo://host/db cannot be used"),
+    ("search", ["search.storage.url=not a url"], "cannot be used: Could not parse"),
+    ("search", ["hydra/launcher=submitit_slurm"], "cannot share a SQLite file"),
+    # the pipeline refuses the launcher before its correction stage spends anything
+    ("pipeline", ["hydra/launcher=submitit_slurm", "correct.budget_tokens=1000"], "cannot share a SQLite file"),
+]
+
+
+@pytest.mark.parametrize("command, overrides, message", BAD_SETTINGS, ids=[" ".join(o) for _, o, _ in BAD_SETTINGS])
+def test_bad_settings_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, command, overrides, message):
+    from slimnas.cli import main
+
+    run_dir = tmp_path / "runs" / "search"
+    assert main([command, f"run_dir={run_dir}", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimnas: error:") and message in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_settings_are_refused_before_torch_is_imported(tmp_path):
+    """The checks run on the composed configuration alone: a second, not the recipe's imports."""
+    import subprocess
+    import sys
+
+    cases = [(command, overrides) for command, overrides, _ in BAD_SETTINGS]
+    script = (
+        "import sys\nfrom slimnas.cli import main\n"
+        f"codes = [main([command, 'run_dir={tmp_path / 'run'}', *overrides]) for command, overrides in {cases!r}]\n"
+        "print(codes, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[0] == f"{[2] * len(BAD_SETTINGS)} False", done.stderr
+
+
+def test_a_storage_server_nobody_listens_on_leaves_no_run_directory(tiny_checkpoint, tmp_path, capsys):
+    from slimnas.cli import main
+
+    run_dir = tmp_path / "runs" / "search"
+    url = "postgresql://nobody@127.0.0.1:1/slimnas"  # port 1: refused at once
+    assert main(["search", f"teacher={tiny_checkpoint}", f"run_dir={run_dir}", f"search.storage.url={url}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"slimnas: error: cannot open study storage {url}")
+    assert not (tmp_path / "runs").exists()

@@ -28,9 +28,10 @@ as_postgres() { su postgres -s /bin/bash -c "$*"; }
 
 # Each run's folder holds its script's pid (owner) and the server's data (data/). A folder whose owner is gone is
 # what a killed run left: its server is stopped and the folder removed. Runs still going are left alone.
+alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }  # not a zombie
 for stale in /tmp/slimnas-pg.*; do
   owner=$(cat "$stale/owner" 2>/dev/null || true)
-  if [ -z "$owner" ] || [ -d "/proc/$owner" ]; then continue; fi
+  if [ -z "$owner" ] || alive "$owner"; then continue; fi
   if [ -f "$stale/data/postmaster.pid" ]; then
     as_postgres "$BIN/pg_ctl -D $stale/data -m immediate stop" >/dev/null 2>&1 || true
   fi
