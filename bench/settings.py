@@ -16,12 +16,20 @@ class SpeedSettings:
     warmup: int = 1  # untimed generations of each model first
     repeats: int = 4  # ABBA blocks (model, reference, reference, model): the speed-up's error bar is over these
     precision: str = "auto"  # in a command: the top-level precision setting
+    # A decode speed-up is unstable when its error bar (the ± the tables show) is over `stable_stderr` of it, or when
+    # it is over `stable_flops_ratio` times the FLOPs ratio: a machine busy during one block does that. Such a
+    # speed-up is timed again, `retimes` times at most; still unstable, it is marked and kept off the speed front.
+    stable_stderr: float = 0.25
+    stable_flops_ratio: float = 1.3
+    retimes: int = 1
 
     def __post_init__(self):
         if min(self.batch_size, self.prompt_len, self.new_tokens) < 1 or self.warmup < 0 or self.repeats < 2:
             raise SlimnasError(
                 "speed.batch_size, prompt_len and new_tokens must be at least 1, speed.repeats at least 2"
             )
+        if self.stable_stderr <= 0 or self.stable_flops_ratio < 1 or self.retimes < 0:
+            raise SlimnasError("speed.stable_stderr must be > 0, speed.stable_flops_ratio >= 1, speed.retimes >= 0")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Search rows and retrained rows are measured on different held-out documents of the corpus (selection
 documents choose, evaluation documents are never used to choose) and after different KD budgets, so
 every row says which: `heldout_split`, `kd_tokens` and `stage` (a rung of the search, or retrained).
-"vs best" pairs a row only with rows measured on the same documents after the same KD budget. Flat
-rows for CSV; Markdown (pandas) and the cells the page's template shows.
+"vs best" pairs a row only with rows measured on the same documents after the same KD budget. A decode
+speed-up that stayed unstable when timed again (bench.speed) says why in `decode_speedup_unstable` and is
+shown as "(unstable)". Flat rows for CSV; Markdown (pandas) and the cells the page's template shows.
 """
 
 import pandas as pd
@@ -29,7 +30,7 @@ HEAD_COLUMNS = [
 ]  # fmt: skip
 TAIL_COLUMNS = [
     "summary", "summary_stderr", "teacher_score_kept_pct", "prefill_tokens_per_s", "decode_tokens_per_s",
-    "decode_speedup", "decode_speedup_stderr", "flops_ratio", "peak_memory_bytes",
+    "decode_speedup", "decode_speedup_stderr", "decode_speedup_unstable", "flops_ratio", "peak_memory_bytes",
 ]  # fmt: skip
 TEACHER, RETRAINED = "teacher", "retrained"
 
@@ -126,6 +127,7 @@ def retrained_row(run: Run, record: RetrainRecord) -> dict:
             "decode_tokens_per_s": speed["model"].get("decode_tokens_per_s"),
             "decode_speedup": speed.get("decode_speedup"),
             "decode_speedup_stderr": speed.get("decode_speedup_stderr"),
+            "decode_speedup_unstable": speed.get("unstable"),
             "flops_ratio": run.teacher.flops_per_token / record.flops_per_token,
             "peak_memory_bytes": record.memory.get("peak_bytes"),
         }
@@ -150,6 +152,7 @@ def search_row(run: Run, record: TrialRecord) -> dict:
             "decode_tokens_per_s": final.get("decode_tokens_per_s"),
             "decode_speedup": final.get("decode_speedup"),
             "decode_speedup_stderr": final.get("decode_speedup_stderr"),
+            "decode_speedup_unstable": record.speed.get("unstable"),
             "flops_ratio": record.speed.get("flops_reduction"),
         }
     )
@@ -288,7 +291,7 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             *(pm(row, f"{task}/{metric}") for task, metric in tasks),
             pm(row, "summary"),
             number(row["teacher_score_kept_pct"], "{:.0f}%"),
-            pm(row, "decode_speedup", "x"),
+            pm(row, "decode_speedup", "x (unstable)" if row["decode_speedup_unstable"] else "x"),
             number(row["flops_ratio"], "{:.2f}x"),
             number(row["decode_tokens_per_s"], "{:,.0f}"),
             mib(row["peak_memory_bytes"]),

@@ -2,8 +2,10 @@
 
 The front is Optuna's `best_trials`: the non-dominated trials among the feasible ones (those that
 reached the last rung within the latency budget; stopped and screened candidates violate the
-`rungs_missed` constraint). With more than two objectives, the quality-vs-parameters plot needs the
-non-dominated subset in those two alone: it is computed at the same moment and stored beside it.
+`rungs_missed` constraint). When a timing is an objective, a trial whose speed-up stayed unstable
+(bench.speed) is no point to place on it: the front is then the non-dominated set of the other feasible
+trials, some of which it may have hidden. With more than two objectives, the quality-vs-parameters plot
+needs the non-dominated subset in those two alone: it is computed at the same moment and stored beside it.
 """
 
 from pathlib import Path
@@ -18,14 +20,14 @@ from slimnas.search.objectives import Objective, pareto_front
 TABLE_COLUMNS = [
     "trial", "state", "rung", "proposed_by", "reference", "label", "params", "params_fraction", "kd_tokens",
     "quality", "quality_stderr", "heldout_kl", "heldout_kl_stderr", "perplexity", "perplexity_stderr",
-    "summary", "summary_stderr", "decode_speedup", "decode_speedup_stderr", "decode_tokens_per_s",
+    "summary", "summary_stderr", "decode_speedup", "decode_speedup_stderr", "speed_unstable", "decode_tokens_per_s",
     "latency_p50_ms", "seconds", "stop_reason", "retry_of", "fail_reason",
 ]  # fmt: skip
 
 
 def table_row(record: TrialRecord) -> dict:
     """One flat row of the trials table (no per-document lists)."""
-    values = {**record.as_dict(), **record.architecture, **record.final}
+    values = {**record.as_dict(), **record.architecture, **record.final, "speed_unstable": record.speed.get("unstable")}
     return (
         {column: values.get(column) for column in TABLE_COLUMNS[:6]}
         | record.architecture
@@ -39,10 +41,25 @@ def quality_params_front(records: list[TrialRecord], front: list[int]) -> list[i
     return pareto_front(points, ["maximize", "minimize"])
 
 
+def front_trials(study: optuna.Study, records: dict[int, TrialRecord], objectives: list[Objective]) -> list[int]:
+    """Optuna's best trials, or, when a timing is an objective and one of them stayed unstable, the non-dominated
+    set of the feasible trials whose timings are stable (module doc)."""
+    front = sorted(t.number for t in study.best_trials if t.number in records)
+    unstable = {n for n, r in records.items() if r.speed.get("unstable")}
+    if not any(o.measured for o in objectives) or not unstable & set(front):
+        return front
+    points = {
+        n: [r.final[o.metric] for o in objectives]
+        for n, r in records.items()
+        if n not in unstable and r.over_budget is None
+    }
+    return pareto_front(points, [o.direction for o in objectives])
+
+
 def write_front(run_dir: Path, study: optuna.Study, objectives: list[Objective]) -> dict:
     """front.json: the study's front (trial numbers) and its quality-vs-parameters subset, computed once."""
     records = {r.trial: r for r in read_records(run_dir) if r.state == COMPLETE}
-    front = sorted(t.number for t in study.best_trials if t.number in records)
+    front = front_trials(study, records, objectives)
     stored = {
         "objectives": [o.name for o in objectives],
         "trials": front,

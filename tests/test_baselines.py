@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from slimnas.cli import main
 from slimnas.compress.arch import Architecture, param_count
-from slimnas.core.rundir import read_records
+from slimnas.core.rundir import read_records, read_screen
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()
 WITH_DATA = ["quality.tasks=[piqa]", "quality.limit=4"]
@@ -37,20 +37,27 @@ def test_every_method_chooses_under_one_cap_with_one_kd_budget_and_the_table_equ
     rows = {row["method"]: row for row in methods}
     assert [row["method"] for row in proof["rows"]] == [row["method"] for row in methods]
     assert {"search", "modelopt", "random", "zero_shot", "depth_only", "width_only"} <= set(rows)
-    finalists, records = {}, {}
+    finalists, records, picks = {}, {}, {}
+    screen = sum(line["seconds"] for line in read_screen(run_dir / "seed_0" / "search"))
     for seed in (0, 1):
         for method, pick in json.loads((run_dir / f"seed_{seed}" / "methods.json").read_text()).items():
             path = run_dir / f"seed_{seed}" / "finalists" / pick["finalist"] / "record.json"
             record = json.loads(path.read_text())
             finalists.setdefault(method, {})[seed], records[path] = record, path.stat().st_mtime
+            picks.setdefault(method, {})[seed] = pick
             params = param_count(config, Architecture(**record["architecture"]))
             assert 0.7 * cap <= params <= cap  # one cap for every method: nobody wins by being bigger
             if method in ("search", "modelopt", "random"):  # the same KD budget to choose with
                 trials = read_records(run_dir / f"seed_{seed}" / method)
                 assert sum(r.kd_tokens for r in trials) <= pick["search_kd_tokens"] <= KD_BUDGET
                 assert pick["search_seconds"] == pytest.approx(sum(r.seconds for r in trials))
-            else:  # a rule costs nothing; the zero-shot pick costs its screen
-                assert pick["search_kd_tokens"] == 0 and pick["search_seconds"] >= 0
+            else:  # neither a rule nor the zero-shot pick searches
+                assert pick["search_kd_tokens"] == 0 and pick["search_seconds"] == 0
+            # every method that uses the screen is charged it, cached or not: search, modelopt and zero_shot alike
+            own = read_screen(run_dir / f"seed_{seed}" / method) if method in ("search", "modelopt") else []
+            expected = {"random": 0, "zero_shot": screen}.get(method, sum(line["seconds"] for line in own))
+            assert pick["screen_seconds"] == pytest.approx(expected)
+    assert screen > 0 and picks["modelopt"][0]["screen_seconds"] == pytest.approx(screen)  # the same cached screen
     modelopt = read_records(run_dir / "seed_0" / "modelopt")
     assert len(modelopt) == 2 and {r.proposed_by for r in modelopt} == {"screen"}  # the screen's top 2, one rung
     assert {r.kd_tokens for r in modelopt} == {KD_BUDGET // 2 // 128 * 128}
@@ -59,6 +66,14 @@ def test_every_method_chooses_under_one_cap_with_one_kd_budget_and_the_table_equ
     for method, seeds in finalists.items():
         kls = [seeds[s]["heldout"]["kl"] for s in (0, 1)]
         assert rows[method]["kl"] == pytest.approx(statistics.fmean(kls))
+        names = [picks[method][s]["finalist"] for s in (0, 1)]  # pick stability: the same finalist in both seeds?
+        assert rows[method]["same_finalist"] == (2 if names[0] == names[1] else 1)
+        assert rows[method]["kl_spread"] == pytest.approx(max(kls) - min(kls))
+        shown = next(row for row in proof["rows"] if row["method"] == method)
+        assert shown["same finalist (seeds)"] == f"{rows[method]['same_finalist']} of 2"
+        seconds = [picks[method][s]["screen_seconds"] + picks[method][s]["search_seconds"]
+                   + sum(seeds[s]["seconds"].values()) for s in (0, 1)]  # fmt: skip
+        assert rows[method]["seconds"] == pytest.approx(statistics.fmean(seconds))
         assert rows[method]["kl_ci95"] == pytest.approx(student_t.ppf(0.975, 1) * statistics.stdev(kls) / 2**0.5)
         if HAS_DATA:
             texts = [seeds[s]["heldout_other"]["wiki.valid"]["perplexity"] for s in (0, 1)]

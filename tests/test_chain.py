@@ -1,12 +1,16 @@
 """Minitron's whole process on a tiny teacher: teacher correction, and chains of prune-distill stages."""
 
 import json
+import math
 import os
 import signal
+import statistics
 
+import optuna
 import pytest
 import torch
 from conftest import FAST, SEARCH_FAST, SEARCH_SPACE, save_tiny_checkpoint, slimnas_process, wait_until
+from scipy.stats import t as student_t
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimnas.cli import main
@@ -16,7 +20,10 @@ from slimnas.compress.importance import importance_cache_path
 from slimnas.compress.models import cache_root, load_model
 from slimnas.compress.settings import DataSettings, ImportanceSettings
 from slimnas.core.rundir import read_records, read_retrained
+from slimnas.core.tables import plus_minus
+from slimnas.reports.verdicts import paired, pick_stability
 
+POSTGRES = os.environ.get("SLIMNAS_TEST_POSTGRES_URL")
 CORRECT = ["correct.batch_size=4", "correct.eval_every=4", "correct.save_every=4", "correct.lr=1e-3"]
 PIPELINE = [
     *SEARCH_SPACE, *SEARCH_FAST, "search.n_trials=2", "search.measure_speed=false", "search.screen.top_k=2",
@@ -106,16 +113,17 @@ def test_a_two_stage_chain_recomputes_importance_on_the_first_student_and_resume
     assert "The chain" in page and "stage_2" in page
 
 
+CHAINS_BUDGETS = ["search.budget.cap=true", "search.budget.kd_tokens=2048", "retrain.budget_tokens=256"]
+
+
 def test_chains_compares_a_chain_and_a_corrected_teacher_with_one_cut_at_the_same_kd_tokens(teacher, tmp_path, capsys):
     run_dir = tmp_path / "chains"
     arms = "chains.arms=[one_shot,one_shot_corrected,chain_corrected]"
-    budgets = ["search.budget.cap=true", "search.budget.kd_tokens=2048", "retrain.budget_tokens=256",
-               "chains.correct_tokens=256"]  # fmt: skip
-    args = ["chains", f"teacher={teacher}", f"run_dir={run_dir}", "chains.stages=[0.8,0.55]", arms, *PIPELINE,
-            *CORRECT, *budgets]  # fmt: skip
+    args = ["chains", f"teacher={teacher}", f"run_dir={run_dir}", "chains.stages=[0.8,0.55]", arms, "chains.seeds=[0]",
+            *PIPELINE, *CORRECT, *CHAINS_BUDGETS, "chains.correct_tokens=256"]  # fmt: skip
     assert main(args) == 0
     arms_json = json.loads((run_dir / "proof" / "arms.json").read_text())
-    one_shot, chain = arms_json["one_shot"], arms_json["chain_corrected"]
+    one_shot, chain = arms_json["one_shot"]["0"], arms_json["chain_corrected"]["0"]
     target = 0.55 * param_count(AutoConfig.from_pretrained(teacher))
     assert all(0.7 * target <= arm["params"] <= target for arm in (one_shot, chain))  # under the same cap
     assert one_shot["kd_tokens"] <= 2048 + 256 and chain["kd_tokens"] <= 2048 + 256  # the same KD tokens in all
@@ -123,12 +131,17 @@ def test_chains_compares_a_chain_and_a_corrected_teacher_with_one_cut_at_the_sam
     assert (run_dir / "corrected" / "model" / "config.json").is_file()
     assert capsys.readouterr().out.count("correcting ") == 1  # one corrected teacher for both corrected arms
     for arm in ("one_shot_corrected", "chain_corrected"):
-        assert (run_dir / arm / "corrected").resolve() == (run_dir / "corrected").resolve()
-    assert json.loads((run_dir / "chain_corrected" / "stage_1" / "run.json").read_text())["teacher"].endswith(
-        "corrected/model"
-    )
+        assert (run_dir / "seed_0" / arm / "corrected").resolve() == (run_dir / "corrected").resolve()
+    stage_1 = run_dir / "seed_0" / "chain_corrected" / "stage_1"
+    assert json.loads((stage_1 / "run.json").read_text())["teacher"].endswith("corrected/model")
     proof = json.loads((run_dir / "proof" / "proof.json").read_text())
     assert [row["arm"] for row in proof["rows"]] == ["one_shot", "one_shot_corrected", "chain_corrected"]
+    # one seed: the table is there, with the interval over documents, but without a verdict
+    assert "one seed: no interval over seeds" in " ".join(proof["notes"])
+    assert [row["significant"] for row in proof["rows"]] == ["", "no", "no"]
+    assert [row["same final student (seeds)"] for row in proof["rows"]] == ["1 of 1"] * 3
+    assert "±" in proof["rows"][2]["minus one_shot (95% over documents)"]
+    assert "±" not in proof["rows"][2]["minus one_shot (95% over seeds)"]
     assert main(["report", str(run_dir)]) == 0
     assert "Chain vs one shot" in (run_dir / "report" / "index.html").read_text()
 
@@ -139,3 +152,70 @@ def test_chains_without_a_cap_is_one_line_before_any_compute(teacher, tmp_path, 
     err = capsys.readouterr().err
     assert "search.budget.cap=true" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "chains").exists()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server (tests/with_services.sh starts one)")
+def test_chains_over_two_seeds_in_one_postgresql_storage_give_a_verdict_over_seeds_and_documents(teacher, tmp_path):
+    run_dir, name = tmp_path / "chains", f"chains-{tmp_path.name}"
+    args = ["chains", f"teacher={teacher}", f"run_dir={run_dir}", "chains.stages=[0.8,0.55]",
+            "chains.arms=[one_shot,chain]", "chains.seeds=[0,1]", *PIPELINE, *CHAINS_BUDGETS,
+            f"search.storage.url={POSTGRES}", f"search.study_name={name}"]  # fmt: skip
+    assert main(args) == 0
+    # one storage: every seed's every arm (and a chain's every stage) a study of its own, holding its own trials
+    for seed in (0, 1):
+        runs = {"one_shot": "one_shot", "chain-stage_1": "chain/stage_1", "chain-stage_2": "chain/stage_2"}
+        for study, directory in runs.items():
+            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{study}", storage=POSTGRES).trials
+            records = read_records(run_dir / f"seed_{seed}" / directory)
+            labels = {t.number: t.user_attrs.get("label") for t in trials}
+            assert records and all(labels[r.trial] == r.label for r in records)
+            settings = json.loads((run_dir / f"seed_{seed}" / directory / "run.json").read_text())["settings"]
+            assert settings["search"]["seed"] == settings["distill"]["seed"] == seed
+
+    arms = json.loads((run_dir / "proof" / "arms.json").read_text())
+    proof = json.loads((run_dir / "proof" / "proof.json").read_text())
+    chain, one_shot = ([arms[arm][str(s)] for s in (0, 1)] for arm in ("chain", "one_shot"))
+    row = next(r for r in proof["rows"] if r["arm"] == "chain")
+    differences = [c["kl"] - o["kl"] for c, o in zip(chain, one_shot, strict=True)]
+    half_seeds = student_t.ppf(0.975, 1) * statistics.stdev(differences) / 2**0.5
+    chain_docs, one_shot_docs = (
+        [statistics.fmean(seeds) for seeds in zip(*(r["kl_per_doc"] for r in runs), strict=True)]
+        for runs in (chain, one_shot)
+    )  # each document's KL averaged over the seeds
+    by_document = [c - o for c, o in zip(chain_docs, one_shot_docs, strict=True)]
+    half_documents = student_t.ppf(0.975, 7) * statistics.stdev(by_document) / 8**0.5
+    mean = statistics.fmean(differences)
+    assert row["minus one_shot (95% over seeds)"] == plus_minus(mean, half_seeds)
+    assert row["minus one_shot (95% over documents)"] == plus_minus(mean, half_documents)
+    assert row["significant"] == ("yes" if abs(mean) > max(half_seeds, half_documents) else "no")
+    assert row["seeds where one_shot is better"] == f"{sum(d > 0 for d in differences)} of 2"
+    same = 2 if chain[0]["finalist"] == chain[1]["finalist"] else 1  # a chain's finalist: its pick at every stage
+    assert row["same final student (seeds)"] == f"{same} of 2" and chain[0]["finalist"].count(" -> ") == 1
+    assert row["KL spread (seeds)"] == f"{abs(chain[0]['kl'] - chain[1]['kl']):.3f}"
+
+
+def test_the_verdict_needs_both_intervals_and_more_than_one_seed():
+    mine, reference = [1.0, 1.3, 1.1], [0.5, 0.6, 0.55]
+    mine_docs = [[1.0, 1.1, 0.9], [1.2, 1.4, 1.3], [1.0, 1.2, 1.1]]
+    reference_docs = [[0.5, 0.4, 0.6], [0.6, 0.7, 0.5], [0.5, 0.6, 0.55]]
+    difference = paired(mine, reference, mine_docs, reference_docs)
+    assert difference.difference == pytest.approx(statistics.fmean([0.5, 0.7, 0.55]))
+    assert difference.ci95_seeds == pytest.approx(student_t.ppf(0.975, 2) * statistics.stdev([0.5, 0.7, 0.55]) / 3**0.5)
+    assert difference.documents == 3 and difference.reference_better == 3 and difference.significant
+    wide = paired([1.0, 0.0, 1.1], [0.5, 0.6, 0.55])  # the seeds disagree: inside the interval over seeds
+    assert not wide.significant and wide.reference_better == 2 and wide.ci95_documents is None
+    one = paired([1.0], [0.5], [[1.0, 1.1, 0.9]], [[0.5, 0.4, 0.6]])  # far outside the interval over documents
+    assert one.ci95_documents < one.difference and math.isnan(one.ci95_seeds) and not one.significant
+    stability = pick_stability(["a", "b", "b"], [2.0, 2.5, 2.25])
+    assert (stability.finalist, stability.text(), stability.kl_spread) == ("b", "2 of 3", 0.5)
+
+
+@pytest.mark.parametrize("command", ["pipeline chain=[0.8,0.55]", "chains"])
+def test_a_chain_without_its_pick_retrained_is_one_line_before_any_compute(command, teacher, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [*command.split(), f"teacher={teacher}", f"run_dir={run_dir}", *PIPELINE, *CHAINS_BUDGETS,
+            "retrain.top_k=0", "retrain.references=true"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "retrain.top_k >= 1" in err and len(err.strip().splitlines()) == 1
+    assert not run_dir.exists()

@@ -3,14 +3,19 @@
 import json
 import os
 import signal
+import socket
 
 import pytest
 import torch
 from conftest import SlimnasProcess, wait_until
 from safetensors.torch import load_file
 from test_retrain import RETRAIN, copy_run, searched  # noqa: F401 (the module's finished search, as a fixture)
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from slimnas.cli import main
+from slimnas.compress.distill import HiddenStateMatch
+from slimnas.core import distributed
 
 SETTINGS = [*RETRAIN, "retrain.references=false", "retrain.budget_tokens=2048", "distill.save_every=2"]
 
@@ -31,18 +36,79 @@ def candidate(run_dir) -> str:
 
 
 def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batch(searched, tmp_path, monkeypatch):  # noqa: F811
+    """... and rank 0 scores after the other rank left: scoring longer than the process group's timeout is fine."""
     one = copy_run(searched, tmp_path / "one", monkeypatch)
     two = copy_run(searched, tmp_path / "two", monkeypatch)
     assert main(["retrain", str(one), *SETTINGS]) == 0
-    returncode, output = torchrun(2, "retrain", str(two), *SETTINGS).finish()
+    timeout = 4  # seconds; rank 0's scoring (held-out, speed, memory in a fresh process each) takes longer
+    returncode, output = torchrun(2, "retrain", str(two), *SETTINGS, f"retrain.ddp_timeout_s={timeout}").finish()
     assert returncode == 0, output[-3000:]
     name = candidate(one)
     single, double = losses(one, name), losses(two, name)
     assert len(single) == len(double) == 2048 // (4 * 32)  # the same steps of the same global batch
     assert single == pytest.approx(double, rel=1e-3)  # the same loss curve, up to summation order
-    a, b = (json.loads((run / "retrain" / name / "record.json").read_text())["heldout"] for run in (one, two))
+    records = [{r: json.loads((run / "retrain" / r / "record.json").read_text()) for r in ("teacher", name)}
+               for run in (one, two)]  # fmt: skip
+    scoring = sum(v for r in records[1].values() for k, v in r["seconds"].items() if k != "kd")
+    assert scoring > timeout  # rank 0 alone scored for longer than any collective may wait
+    a, b = (r[name]["heldout"] for r in records)
     assert abs(a["kl"] - b["kl"]) < a["kl_stderr"]  # the same final KL within its error bar
+    assert records[0][name]["kd"]["initial"] == pytest.approx(records[1][name]["kd"]["initial"], rel=1e-5)
+    assert records[1][name]["kd"]["final"]["kl"] == pytest.approx(b["kl"], rel=1e-5)  # the KD run's own numbers
+    assert records[1][name]["kd"]["tokens_per_second"] > 0  # not the reload's (nothing trained after the others left)
+    assert records[0]["teacher"]["heldout"] == records[1]["teacher"]["heldout"]
     assert output.count("retrain: ") == 1  # rank 0 alone prints (and writes)
+
+
+class MatchLoss(nn.Module):
+    """The hidden-state loss as a module, so DistributedDataParallel averages its maps' gradients over the ranks."""
+
+    def __init__(self, match: HiddenStateMatch):
+        super().__init__()
+        self.match, self.maps = match, match.maps
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return self.match.loss({0: student}, {0: teacher})
+
+
+def hidden_case() -> tuple[HiddenStateMatch, torch.Tensor, torch.Tensor]:
+    """A global batch of 4 rows whose teacher states are 10 times larger in rows 1 and 3 (rank 1's share)."""
+    torch.manual_seed(0)
+    match = HiddenStateMatch.build((0,), [0], [0, 2, 3], teacher_hidden=4)
+    with torch.no_grad():
+        match.maps[0].weight.add_(0.3 * torch.randn_like(match.maps[0].weight))
+    scale = torch.tensor([1.0, 10.0, 1.0, 10.0])[:, None, None]
+    return match, torch.randn(4, 5, 3), scale * torch.randn(4, 5, 4)
+
+
+def hidden_rank(rank: int, port: int, out: str) -> None:
+    """One of two ranks: its share of the global batch through DistributedDataParallel (gloo)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    distributed.init(60)
+    match, student, teacher = hidden_case()
+    rows = distributed.share(torch.arange(len(student)))
+    model = DistributedDataParallel(MatchLoss(match))  # kept: its hooks average the gradient in backward
+    loss = model(student[rows], teacher[rows])
+    loss.backward()
+    mean_loss = distributed.mean(loss)
+    if distributed.leave():
+        torch.save({"loss": mean_loss, "grad": match.maps[0].weight.grad}, out)
+
+
+def test_the_hidden_state_loss_over_two_ranks_is_the_one_process_loss_of_the_global_batch(tmp_path):
+    match, student, teacher = hidden_case()
+    single = match.loss({0: student}, {0: teacher})
+    single.backward()
+    per_share = [match.loss({0: student[r::2]}, {0: teacher[r::2]}) for r in range(2)]  # each normalised alone
+    assert abs(sum(per_share).item() / 2 - single.item()) > 0.1 * single.item()  # a case that tells them apart
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(hidden_rank, args=(port, str(tmp_path / "rank0.pt")), nprocs=2)
+    two = torch.load(tmp_path / "rank0.pt")
+    assert two["loss"].item() == pytest.approx(single.item(), rel=1e-6)
+    assert torch.allclose(two["grad"], match.maps[0].weight.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_killed_two_process_retrain_resumes_in_one_process(searched, tmp_path, monkeypatch):  # noqa: F811

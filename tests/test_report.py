@@ -330,6 +330,10 @@ def test_the_page_shows_the_front_rank_fidelity_the_race_and_why_candidates_stop
     page = (retrained / "report" / "index.html").read_text()
     assert "Rank fidelity against retraining" in page and "The race&#39;s leaders" in page
     assert "The screen:" in page and "screened" in page
+    race = json.loads((retrained / "race.json").read_text())
+    first = page.index("<p>", page.index("<h1>"))  # the first paragraph says whether the pick stands out
+    verdict = "is separated from" if race["why"].startswith("separated") else "is NOT separated from"
+    assert f"The pick, trial {race['winner']}, {verdict} the runner-up" in page[first : first + 2000]
     stopped = [r for r in trial_records(retrained).values() if r["state"] == "stopped"]
     assert all(r["stop_reason"].replace("±", "&#177;")[:20] in page or r["stop_reason"][:20] in page for r in stopped)
 
