@@ -105,7 +105,7 @@ class HiddenStateMatch:
         for linear, (s_layer, t_layer) in zip(self.maps, self.pairs, strict=True):
             teacher_state = teacher_outputs[t_layer].float()
             mapped = linear(student_outputs[s_layer].float())
-            total = total + F.mse_loss(mapped, teacher_state) / teacher_state.pow(2).mean()
+            total = total + F.mse_loss(mapped, teacher_state) / distributed.mean(teacher_state.pow(2).mean())
         return total
 
 

@@ -130,6 +130,13 @@ def notes(run: Run) -> list[str]:
     if not run.retrained:
         items.append("This run was never retrained: search-only report.")
     items += [f"retrain/{name} has no record yet (interrupted or still running): left out." for name in run.unfinished]
+    timed = [("Trial", r) for r in run.candidates] + [("Retrained trial", r) for r in run.retrained]
+    items += [
+        f"{what} {r.trial}: {r.speed['unstable']} ({r.speed['measurements']} timings). Marked (unstable) in the "
+        "tables, drawn hollow in the speed plot, never placed on a front by its speed."
+        for what, r in timed
+        if r.speed.get("unstable")
+    ]
     teacher_summary = run.teacher.summary.get("value") if run.teacher else None
     if teacher_summary is not None and teacher_summary <= 0:
         items.append("The teacher's lm-eval summary is at or below chance: no share of it is reported.")

@@ -3,6 +3,8 @@
 Every axis says what it plots and on which documents: search trials are scored on the selection
 documents after the KD tokens of the rung they reached; retrained candidates on the evaluation documents
 after the retrain budget. Fronts are the ones the search stored (front.json), never recomputed here.
+A speed-up that stayed unstable when timed again (bench.speed) is drawn hollow, with a note, and never
+marked as on the front in the speed plot.
 Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state) and are
 kept as PNG and SVG bytes, so nothing is written until the whole report is ready.
 """
@@ -114,8 +116,11 @@ def draw_trials(ax: Axes, run: Run, trials: list[TrialRecord], x: Measure, xerr:
         ax.annotate(name, (at_x, at_y), textcoords="offset points", xytext=offset, fontsize=8, color="0.25")
 
 
-def draw_retrained(ax: Axes, run: Run, x: Measure, xerr: Measure | None = None) -> None:
-    scored = [r for r in run.retrained if retrained_quality(run, r)[0] is not None]
+def draw_retrained(
+    ax: Axes, run: Run, x: Measure, xerr: Measure | None = None, records: list[RetrainRecord] | None = None
+) -> None:
+    """The retrained candidates (or those of `records`) against their quality on the evaluation documents."""
+    scored = [r for r in (run.retrained if records is None else records) if retrained_quality(run, r)[0] is not None]
     if not scored:
         return
     qualities = [retrained_quality(run, r) for r in scored]
@@ -160,17 +165,49 @@ def quality_vs_params(run: Run) -> Figure | None:
     return figure
 
 
+def unstable(record: TrialRecord | RetrainRecord) -> bool:
+    """Its decode speed-up stayed unstable when timed again (bench.speed)."""
+    return bool(record.speed.get("unstable"))
+
+
+def draw_unstable(ax: Axes, run: Run, trials: list[TrialRecord], retrained: list[RetrainRecord]) -> None:
+    """Speed-ups still unstable when timed again: hollow markers without error bars, and a note in the legend."""
+    retrained = [r for r in retrained if retrained_quality(run, r)[0] is not None]
+    if not trials and not retrained:
+        return
+    speed = run.info["settings"].get("speed", {})
+    note = (
+        f"speed-up unstable after {speed.get('retimes', 0) + 1} timings (error bar over "
+        f"{speed.get('stable_stderr', 0):.0%} of it, or over {speed.get('stable_flops_ratio')}x the FLOPs ratio): "
+        "hollow, kept off the speed front"
+    )
+    colors = rung_colors(run)
+    ax.scatter(
+        [r.final["decode_speedup"] for r in trials], [r.final["quality"] for r in trials], marker="o", s=49,
+        facecolors="none", edgecolors=[colors[r.rung] for r in trials], label=note if trials else None,
+    )  # fmt: skip
+    ax.scatter(
+        [r.speed["decode_speedup"] for r in retrained], [retrained_quality(run, r)[0] for r in retrained], marker="D",
+        s=49, facecolors="none", edgecolors="tab:red", label=None if trials else note,
+    )  # fmt: skip
+
+
 def quality_vs_speedup(run: Run) -> Figure | None:
     trials = [r for r in ranked(run) if r.final.get("decode_speedup") is not None]
     if not trials and not run.retrained:
         return None
     figure, ax = new_axes()
-    draw_trials(ax, run, trials, lambda r: r.final["decode_speedup"], lambda r: r.final.get("decode_speedup_stderr"))
-    if members := [r for r in run.members() if r.final.get("decode_speedup") is not None]:
+    stable = [r for r in trials if not unstable(r)]
+    draw_trials(ax, run, stable, lambda r: r.final["decode_speedup"], lambda r: r.final.get("decode_speedup_stderr"))
+    if members := [r for r in run.members() if r.trial in {s.trial for s in stable}]:
         objectives = ", ".join(run.front["objectives"])
         ax.plot([r.final["decode_speedup"] for r in members], [r.final["quality"] for r in members], "s", color="k",
                 markerfacecolor="none", markersize=11, label=f"on the {FRONT_LABEL} ({objectives})")  # fmt: skip
-    draw_retrained(ax, run, lambda r: r.speed["decode_speedup"], lambda r: r.speed.get("decode_speedup_stderr"))
+    draw_retrained(
+        ax, run, lambda r: r.speed["decode_speedup"], lambda r: r.speed.get("decode_speedup_stderr"),
+        [r for r in run.retrained if not unstable(r)],
+    )  # fmt: skip
+    draw_unstable(ax, run, [r for r in trials if unstable(r)], [r for r in run.retrained if unstable(r)])
     draw_teacher(ax, run, 1.0, "teacher (1x)")
     speed = run.info["settings"].get("speed", {})
     ax.set(

@@ -1,5 +1,6 @@
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -155,6 +156,67 @@ def test_speed_is_timed_against_a_reference_in_abba_blocks():
     assert comparison.decode_speedup_stderr >= 0 and comparison.model.cpu_load >= 0
     alone = measure_speed(small, settings, "small")
     assert alone.decode_tokens_per_s > 0 and 0 < alone.latency_p50_ms <= alone.latency_p90_ms
+
+
+def fixed_timings(monkeypatch, reference, slow_runs: set[int]):
+    """generate_timed replaced by fixed seconds per token: 2 ms for the reference, 1 ms for the model, except the
+    reference's timed runs (0, 1, ... over every timing of the pair; warm-up runs have 4 tokens, timed ones 8) whose
+    index is in slow_runs: those take ten times as long, as if another process were busy just then."""
+    import slimnas.bench.speed
+
+    reference_runs = []
+
+    def timed(model, prompt, new_tokens, precision):
+        seconds = 2e-3 if model is reference else 1e-3
+        if model is reference and new_tokens == 8:
+            reference_runs.append(new_tokens)
+            seconds *= 10 if len(reference_runs) - 1 in slow_runs else 1
+        return seconds, [seconds] * new_tokens
+
+    monkeypatch.setattr(slimnas.bench.speed, "generate_timed", timed)
+
+
+SPEED = SpeedSettings(prompt_len=16, new_tokens=8, repeats=3, precision="fp32")  # 6 reference runs per timing
+
+
+@pytest.mark.parametrize("slow_runs, measurements, unstable", [
+    (set(), 1, None),  # steady: 2x, no error bar, well below 1.3 x the FLOPs ratio (3.4)
+    ({0}, 2, None),  # slow once: blocks of 11x, 2x, 2x (5 ± 3), timed again, the steady 2x kept
+    ({0, 6}, 2, "decode speed-up 5.00x unstable: its error bar 3.00 is over 25% of it and it is over 1.3 x the FLOPs"),
+])  # fmt: skip
+def test_a_speedup_disturbed_by_load_is_timed_again_and_marked_when_it_stays_unstable(
+    monkeypatch, capsys, slow_runs, measurements, unstable
+):
+    small = tiny_model(max_position_embeddings=256, num_hidden_layers=1)
+    large = tiny_model(max_position_embeddings=256, num_hidden_layers=4)
+    fixed_timings(monkeypatch, large, slow_runs)
+    comparison = compare_speed(small, large, SPEED, "small", "large")
+    assert comparison.flops_reduction == pytest.approx(3.4, abs=0.05)
+    assert (comparison.measurements, comparison.model.repeats) == (measurements, 6)  # the last timing is kept whole
+    assert comparison.decode_speedup == pytest.approx(5.0 if unstable else 2.0)
+    assert comparison.unstable == (unstable and unstable + f" ratio {comparison.flops_reduction:.2f}")
+    assert (
+        comparison.as_row()["unstable"] == comparison.unstable and comparison.as_row()["measurements"] == measurements
+    )
+    out = capsys.readouterr().out
+    assert out.count("timing it again") == measurements - 1 and ("marked so after 2 timings" in out) == bool(unstable)
+
+
+def test_a_speedup_beyond_what_the_flops_allow_is_unstable_even_with_a_narrow_error_bar(monkeypatch):
+    small = tiny_model(max_position_embeddings=256, num_hidden_layers=1)
+    large = tiny_model(max_position_embeddings=256, num_hidden_layers=4)
+    fixed_timings(monkeypatch, large, set(range(12)))  # every reference run slow: 20x in every block, no spread
+    comparison = compare_speed(small, large, replace(SPEED, retimes=0), "small", "large")
+    assert (comparison.decode_speedup, comparison.decode_speedup_stderr, comparison.measurements) == (20.0, 0.0, 1)
+    assert comparison.unstable == "decode speed-up 20.00x unstable: it is over 1.3 x the FLOPs ratio 3.40"
+    relaxed = compare_speed(small, large, replace(SPEED, stable_flops_ratio=6.0), "small", "large")
+    assert relaxed.unstable is None and relaxed.measurements == 1
+
+
+@pytest.mark.parametrize("override", ["speed.stable_stderr=0", "speed.stable_flops_ratio=0.9", "speed.retimes=-1"])
+def test_bad_stability_settings_are_refused(override, capsys):
+    assert main(["bench", "model=x", override]) == 2
+    assert "speed.stable_stderr must be > 0" in capsys.readouterr().err
 
 
 def test_peak_memory_of_a_model_alone_follows_its_size(tmp_path):

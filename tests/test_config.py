@@ -128,3 +128,19 @@ def test_a_storage_server_nobody_listens_on_leaves_no_run_directory(tiny_checkpo
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"slimnas: error: cannot open study storage {url}")
     assert not (tmp_path / "runs").exists()
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    import torch
+
+    import slimnas.core.device as device_module
+
+    cpu = torch.device("cpu")
+    for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(device_module, "native_bf16", lambda device, native=native: native)
+        with device_module.autocast(cpu, "auto"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
+    with device_module.autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with device_module.autocast(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
