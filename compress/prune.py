@@ -1,9 +1,11 @@
 """Structured pruning: keep the most important channels, heads, neurons and layers of a teacher.
 
-Every kept layer keeps the same *number* of heads and neurons (so the result is a vanilla config of
-the same model class) but its own *choice* of them. Attention stays GQA-consistent: whole KV groups
-are chosen by the summed importance of their query heads, then the best query heads inside each kept
-group, laid out group by group as the model's repeat_kv expects.
+A uniform target keeps the same *number* of heads and neurons in every kept layer (so the result is a vanilla
+config of the same model class); a per-layer target gives each layer its own numbers, and 0 removes a layer's
+attention or MLP (compress/modeling.py builds such students). Either way each layer keeps its own *choice*,
+ranked by its own scores. Attention stays GQA-consistent: whole KV groups are chosen by the summed importance
+of their query heads, then the best query heads inside each kept group, laid out group by group as the
+model's repeat_kv expects.
 
 RMSNorm divides by the root mean square over the hidden channels, so after removing channels the
 mean is taken over fewer of them; the norm weights are scaled by sqrt(teacher / student hidden size)
@@ -19,8 +21,19 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from slimnas.compress.arch import Architecture, head_dim, param_count, pruned_config, validate_target
+from slimnas.compress.arch import (
+    Architecture,
+    LayerShape,
+    PerLayerArchitecture,
+    Shape,
+    architecture_of,
+    head_dim,
+    param_count,
+    pruned_config,
+    validate_target,
+)
 from slimnas.compress.importance import Importance
+from slimnas.compress.modeling import per_layer_config
 from slimnas.compress.settings import PruningSettings
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import write_json
@@ -31,9 +44,9 @@ from slimnas.core.rundir import MODEL_RECORD_FILE
 class PrunePlan:
     layers: list[int]  # kept teacher layers, in order
     channels: list[int]  # kept embedding channels
-    query_heads: list[list[int]]  # per kept layer: teacher query heads, grouped by KV group
+    query_heads: list[list[int]]  # per kept layer: teacher query heads, grouped by KV group (none: removed)
     kv_heads: list[list[int]]  # per kept layer: teacher KV heads
-    neurons: list[list[int]]  # per kept layer: teacher MLP neurons
+    neurons: list[list[int]]  # per kept layer: teacher MLP neurons (none: removed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,25 +72,29 @@ def select_layers(importance: Importance, keep: int, policy: PruningSettings | N
 
 
 def plan_pruning(
-    importance: Importance, teacher_config, target: Architecture, policy: PruningSettings | None = None
+    importance: Importance, teacher_config, target: Shape, policy: PruningSettings | None = None
 ) -> PrunePlan:
     validate_target(target, teacher_config)
     source = Architecture.of(teacher_config)
     group = source.num_attention_heads // source.num_key_value_heads
-    per_group = target.num_attention_heads // target.num_key_value_heads
-    layers = select_layers(importance, target.num_hidden_layers, policy)
+    if isinstance(target, Architecture):
+        shape = LayerShape(target.intermediate_size, target.num_attention_heads, target.num_key_value_heads)
+        shapes = {layer: shape for layer in select_layers(importance, target.num_hidden_layers, policy)}
+    else:
+        shapes = {layer: shape for layer, shape in enumerate(target.layers) if shape.kept}
     query_heads, kv_heads, neurons = [], [], []
-    for layer in layers:
+    for layer, shape in shapes.items():
         scores = importance.heads[layer]
         group_scores = scores.view(source.num_key_value_heads, group).sum(1)
-        kept_groups = _top(group_scores, target.num_key_value_heads)
+        kept_groups = _top(group_scores, shape.num_key_value_heads)
+        per_group = shape.num_attention_heads // shape.num_key_value_heads if shape.num_key_value_heads else 0
         kv_heads.append(kept_groups)
         query_heads.append(
             [g * group + h for g in kept_groups for h in _top(scores[g * group : (g + 1) * group], per_group)]
         )
-        neurons.append(_top(importance.neurons[layer], target.intermediate_size))
+        neurons.append(_top(importance.neurons[layer], shape.intermediate_size))
     channels = _top(importance.channels, target.hidden_size)
-    return PrunePlan(layers, channels, query_heads, kv_heads, neurons)
+    return PrunePlan(list(shapes), channels, query_heads, kv_heads, neurons)
 
 
 def _head_rows(heads: list[int], dim: int) -> torch.Tensor:
@@ -130,9 +147,14 @@ def _pruned_tensor(name: str, teacher_state: dict, plan: PrunePlan, dim: int) ->
 
 
 @torch.no_grad()
-def prune_model(teacher: PreTrainedModel, plan: PrunePlan, target: Architecture) -> PreTrainedModel:
-    """A new model of the teacher's class holding only the planned slices of the teacher's weights."""
-    config = pruned_config(teacher.config, target, plan.layers)
+def prune_model(teacher: PreTrainedModel, plan: PrunePlan, target: Shape) -> PreTrainedModel:
+    """A new model holding only the planned slices of the teacher's weights: of the teacher's class when the target
+    is uniform, else the per-layer student of its family."""
+    uniform = target.uniform() if isinstance(target, PerLayerArchitecture) else target
+    if uniform is not None:
+        config = pruned_config(teacher.config, uniform, plan.layers)
+    else:
+        config = per_layer_config(teacher.config, target)
     dtype = next(teacher.parameters()).dtype
     with no_init_weights():  # every parameter is overwritten below: random initialisation would cost seconds
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -152,5 +174,5 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    shape = {"architecture": Architecture.of(model.config).as_dict(), "params": param_count(model.config)}
+    shape = {"architecture": architecture_of(model.config).as_dict(), "params": param_count(model.config)}
     write_json(out_dir / MODEL_RECORD_FILE, {**shape, **record})

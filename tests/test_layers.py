@@ -3,6 +3,7 @@
 core < compress < bench < search < retrain          the stages, lowest first
 core < reports                                       reports read run directories' records only
 slimnas.recipes, slimnas.cli, slimnas.config         above every stage: the commands
+slimnas.models                                       above every stage: the import that registers per-layer students
 """
 
 import ast
@@ -13,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["core", "compress", "bench", "search", "retrain"]  # lowest first
 ALLOWED = {stage: set(STAGES[: i + 1]) for i, stage in enumerate(STAGES)} | {"reports": {"core", "reports"}}
-TOP = ("recipes", "cli", "config")  # slimnas.recipes.*, slimnas.cli, slimnas.config
+TOP = ("recipes", "cli", "config", "models")  # slimnas.recipes.*, slimnas.cli, slimnas.config, slimnas.models
 
 
 def package_of(module: str) -> str:
@@ -80,3 +81,9 @@ def test_composing_and_checking_a_command_imports_nothing_heavy():
     for command, overrides in [("export", "['model=x']"), ("report", "['run_dirs=[x]']"), ("search", "[]")]:
         code = f"from slimnas.config import check, compose\ncheck(compose('{command}', {overrides}))"
         assert imported(code, HEAVY) == set(), command
+
+
+def test_a_bare_import_of_slimnas_loads_nothing_heavy_and_slimnas_models_registers_the_per_layer_students():
+    assert imported("import slimnas", HEAVY) == set()
+    code = "import slimnas.models\nfrom transformers import AutoConfig\nAutoConfig.for_model('slimnas_qwen3')"
+    assert {"torch", "transformers"} <= imported(code, HEAVY)
