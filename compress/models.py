@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 import slimnas.compress.modeling  # noqa: F401  (registers the per-layer students: they load like any checkpoint)
 from slimnas.compress.arch import family
@@ -47,6 +54,21 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype=torc
     return loaded
 
 
+def load_config(name_or_path: str) -> PretrainedConfig:
+    """A model's config alone, so a target is checked against it before any weights load."""
+    if name_or_path == DEFAULT_TEACHER:
+        location = str(_default_teacher_dir(hash_file(default_teacher_gguf())))
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists() and _names_a_directory(name_or_path):
+            raise SlimnasError(f"no such model directory: {name_or_path}")
+        location = str(path) if path.exists() else name_or_path
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=False)
+    except Exception as error:  # transformers raises many types for bad paths, ids and files
+        raise SlimnasError(f"cannot load model '{name_or_path}': {first_line(error)}") from error
+
+
 def local_fingerprint(name_or_path: str) -> str | None:
     """The content hash of the default teacher or a local checkpoint, read from its files without loading it
     (None for a hub id: its weights are only known once loaded). Equal fingerprints mean equal weights and config."""
@@ -65,11 +87,16 @@ def _load(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
         return _load_default_teacher(dtype)
     if (fingerprint := local_fingerprint(name_or_path)) is not None:
         return _from_pretrained(str(Path(name_or_path).expanduser()), fingerprint, name_or_path, dtype)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if _names_a_directory(name_or_path):
         raise SlimnasError(f"no such model directory: {name_or_path}")
     loaded = _from_pretrained(name_or_path, "", name_or_path, dtype)
     loaded.fingerprint = hash_json([name_or_path, getattr(loaded.model.config, "_commit_hash", None)])
     return loaded
+
+
+def _names_a_directory(name_or_path: str) -> bool:
+    """A path rather than a hub id (org/name)."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
 def _from_pretrained(location: str, fingerprint: str, source: str, dtype: torch.dtype) -> LoadedModel:
@@ -103,13 +130,18 @@ def default_teacher_gguf() -> Path:
 
 
 def _load_default_teacher(dtype: torch.dtype) -> LoadedModel:
+    gguf_hash = hash_file(default_teacher_gguf())
+    return _from_pretrained(str(_default_teacher_dir(gguf_hash)), gguf_hash, DEFAULT_TEACHER, dtype)
+
+
+def _default_teacher_dir(gguf_hash: str) -> Path:
+    """The default teacher as a safetensors checkpoint in the cache, converted from its GGUF the first time."""
     gguf_path = default_teacher_gguf()
-    gguf_hash = hash_file(gguf_path)
     converted = cache_root() / "teachers" / f"smollm2-135m-{gguf_hash[:16]}"
     with locked(converted.with_name(converted.name + ".lock")):  # one process converts; the others wait
         if not (converted / "config.json").is_file():
             _convert_gguf(gguf_path, converted)
-    return _from_pretrained(str(converted), gguf_hash, DEFAULT_TEACHER, dtype)
+    return converted
 
 
 def _convert_gguf(gguf_path: Path, destination: Path) -> None:

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model, tiny_tokenizer
+from conftest import FAST, tiny_config, tiny_model, tiny_tokenizer
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 import slimnas.models  # noqa: F401  (the documented import: registers the per-layer students)
+from slimnas.cli import main
 from slimnas.compress.arch import (
     LayerShape,
     PerLayerArchitecture,
@@ -216,3 +217,53 @@ def test_a_per_layer_target_whose_kept_layers_are_alike_is_checked_and_built_as_
     assert target.uniform() is not None and target.uniform().num_hidden_layers == 3
     with pytest.raises(SlimnasError, match="not a multiple of the number of attention heads"):
         validate_target(shape((64, 2, 1), (64, 2, 1), (64, 2, 1), (64, 2, 1), hidden=47), teacher)
+
+
+PER_LAYER_ARGS = [
+    "target.hidden_size=48",
+    "target.intermediate_size=[96,40,64,0]",
+    "target.num_attention_heads=[4,2,0,2]",
+    "target.num_key_value_heads=[2,1,0,2]",
+]
+
+
+def test_prune_command_cuts_a_per_layer_target_and_replays_its_record_from_a_file(tiny_checkpoint, tmp_path):
+    out, replay = tmp_path / "pruned", tmp_path / "replayed"
+    assert (
+        main(["prune", f"teacher={tiny_checkpoint}", f"out={out}", *FAST, "eval_heldout=false", *PER_LAYER_ARGS]) == 0
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    expected = shape((96, 4, 2), (40, 2, 1), (64, 0, 0), (0, 2, 2), hidden=48)
+    assert architecture_of(model.config) == expected
+    record = json.loads((out / "slimnas.json").read_text())
+    assert record["target"] == expected.as_dict() and record["params"] == sum(p.numel() for p in model.parameters())
+    args = ["prune", f"teacher={tiny_checkpoint}", f"out={replay}", *FAST, "eval_heldout=false"]
+    assert main([*args, f"target_file={out / 'slimnas.json'}"]) == 0
+    assert json.loads((replay / "slimnas.json").read_text())["plan"] == record["plan"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("target.num_key_value_heads=[2,2,3,2]", "num_key_value_heads[2]=3 is larger than the teacher's 2"),
+        ("target.num_attention_heads=[4,4,3,4]", "3 attention heads in layer 2 are not divisible into 2 KV groups"),
+        ("target.hidden_size=80", "hidden_size=80 is larger than the teacher's 64"),
+        ("target.intermediate_size=[96,96,96]", "differ in length"),
+        ("target.intermediate_size=[96,96,x,96]", "whole numbers only"),
+    ],
+)
+def test_bad_per_layer_targets_on_the_command_line_exit_2_before_any_weights_load(
+    tiny_checkpoint, tmp_path, capsys, override, message
+):
+    (tiny_checkpoint / "model.safetensors").write_bytes(b"not read: the target is refused first")
+    args = [
+        "prune",
+        f"teacher={tiny_checkpoint}",
+        f"out={tmp_path / 'x'}",
+        *FAST,
+        "target.intermediate_size=[96,96,96,96]",
+    ]
+    assert main([*args, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimnas: error: invalid target") and message in err[0]
+    assert not (tmp_path / "x").exists()
