@@ -1,8 +1,10 @@
 """The search-vs-baselines benchmark end to end on a tiny teacher with tiny budgets."""
 
 import json
+import os
 import statistics
 
+import optuna
 import pytest
 from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA
 from scipy.stats import t as student_t
@@ -16,6 +18,7 @@ HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()
 WITH_DATA = ["quality.tasks=[piqa]", "quality.limit=4"]
 WITHOUT_DATA = ["baselines.heldout_text=null", "quality.tasks=[]"]
 KD_BUDGET = 3000
+POSTGRES = os.environ.get("SLIMNAS_TEST_POSTGRES_URL")
 
 
 def test_every_method_chooses_under_one_cap_with_one_kd_budget_and_the_table_equals_the_records(
@@ -107,3 +110,25 @@ def test_the_proof_refuses_to_compare_without_a_cap_and_a_kd_budget(search_teach
     assert main(args) == 2
     assert "set search.budget.cap=true and search.budget.kd_tokens" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server (tests/with_services.sh starts one)")
+def test_every_method_of_every_seed_is_a_study_of_its_own_in_one_postgresql_storage(search_teacher, tmp_path):
+    run_dir, name = tmp_path / "baselines", f"proof-{tmp_path.name}"
+    args = [
+        "baselines", f"teacher={search_teacher}", f"run_dir={run_dir}", *SEARCH_SPACE, *SEARCH_FAST,
+        "search.budget.params=0.8", "search.budget.window=0.3", "search.budget.cap=true",
+        "search.budget.kd_tokens=1536", "search.n_trials=2", "retrain.budget_tokens=256", "baselines.seeds=[0,1]",
+        "baselines.methods=[search,modelopt]", "baselines.modelopt_top_k=2", *WITHOUT_DATA,
+        f"search.storage.url={POSTGRES}", f"search.study_name={name}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    studies = set(optuna.get_all_study_names(POSTGRES))
+    assert name not in studies  # no method searched in the shared name
+    for seed in (0, 1):
+        for method in ("search", "modelopt"):
+            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{method}", storage=POSTGRES).trials
+            records = read_records(run_dir / f"seed_{seed}" / method)
+            labels = {t.number: t.user_attrs.get("label") for t in trials}
+            assert records and all(labels[r.trial] == r.label for r in records)
+    assert {r.proposed_by for r in read_records(run_dir / "seed_1" / "modelopt")} == {"screen"}

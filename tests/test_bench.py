@@ -194,10 +194,9 @@ def test_a_speedup_disturbed_by_load_is_timed_again_and_marked_when_it_stays_uns
     assert comparison.flops_reduction == pytest.approx(3.4, abs=0.05)
     assert (comparison.measurements, comparison.model.repeats) == (measurements, 6)  # the last timing is kept whole
     assert comparison.decode_speedup == pytest.approx(5.0 if unstable else 2.0)
-    assert comparison.unstable == (unstable and unstable + f" ratio {comparison.flops_reduction:.2f}")
-    assert (
-        comparison.as_row()["unstable"] == comparison.unstable and comparison.as_row()["measurements"] == measurements
-    )
+    assert comparison.unstable == (unstable and f"{unstable} ratio {comparison.flops_reduction:.2f}")
+    row = comparison.as_row()
+    assert (row["unstable"], row["measurements"]) == (comparison.unstable, measurements)
     out = capsys.readouterr().out
     assert out.count("timing it again") == measurements - 1 and ("marked so after 2 timings" in out) == bool(unstable)
 

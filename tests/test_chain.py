@@ -140,6 +140,7 @@ def test_chains_compares_a_chain_and_a_corrected_teacher_with_one_cut_at_the_sam
     assert "one seed: no interval over seeds" in " ".join(proof["notes"])
     assert [row["significant"] for row in proof["rows"]] == ["", "no", "no"]
     assert [row["same final student (seeds)"] for row in proof["rows"]] == ["1 of 1"] * 3
+    assert chain["finalist"].count(" -> ") == 1  # a chain's final student: its pick at every stage
     assert "±" in proof["rows"][2]["minus one_shot (95% over documents)"]
     assert "±" not in proof["rows"][2]["minus one_shot (95% over seeds)"]
     assert main(["report", str(run_dir)]) == 0
@@ -155,43 +156,45 @@ def test_chains_without_a_cap_is_one_line_before_any_compute(teacher, tmp_path, 
 
 
 @pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server (tests/with_services.sh starts one)")
-def test_chains_over_two_seeds_in_one_postgresql_storage_give_a_verdict_over_seeds_and_documents(teacher, tmp_path):
+def test_chains_over_two_seeds_in_one_postgresql_storage_give_a_verdict_over_seeds_and_documents(
+    teacher, tmp_path, capsys
+):
     run_dir, name = tmp_path / "chains", f"chains-{tmp_path.name}"
     args = ["chains", f"teacher={teacher}", f"run_dir={run_dir}", "chains.stages=[0.8,0.55]",
-            "chains.arms=[one_shot,chain]", "chains.seeds=[0,1]", *PIPELINE, *CHAINS_BUDGETS,
-            f"search.storage.url={POSTGRES}", f"search.study_name={name}"]  # fmt: skip
+            "chains.arms=[one_shot,one_shot_corrected]", "chains.seeds=[0,1]", *PIPELINE, *CORRECT, *CHAINS_BUDGETS,
+            "chains.correct_tokens=256", f"search.storage.url={POSTGRES}", f"search.study_name={name}"]  # fmt: skip
     assert main(args) == 0
-    # one storage: every seed's every arm (and a chain's every stage) a study of its own, holding its own trials
+    assert capsys.readouterr().out.count("correcting ") == 1  # one corrected teacher for every arm and seed
+    # one storage: every seed's every arm a study of its own (a chain's stages add their own), holding its trials
     for seed in (0, 1):
-        runs = {"one_shot": "one_shot", "chain-stage_1": "chain/stage_1", "chain-stage_2": "chain/stage_2"}
-        for study, directory in runs.items():
-            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{study}", storage=POSTGRES).trials
-            records = read_records(run_dir / f"seed_{seed}" / directory)
+        for arm in ("one_shot", "one_shot_corrected"):
+            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{arm}", storage=POSTGRES).trials
+            records = read_records(run_dir / f"seed_{seed}" / arm)
             labels = {t.number: t.user_attrs.get("label") for t in trials}
             assert records and all(labels[r.trial] == r.label for r in records)
-            settings = json.loads((run_dir / f"seed_{seed}" / directory / "run.json").read_text())["settings"]
+            settings = json.loads((run_dir / f"seed_{seed}" / arm / "run.json").read_text())["settings"]
             assert settings["search"]["seed"] == settings["distill"]["seed"] == seed
 
     arms = json.loads((run_dir / "proof" / "arms.json").read_text())
     proof = json.loads((run_dir / "proof" / "proof.json").read_text())
-    chain, one_shot = ([arms[arm][str(s)] for s in (0, 1)] for arm in ("chain", "one_shot"))
-    row = next(r for r in proof["rows"] if r["arm"] == "chain")
-    differences = [c["kl"] - o["kl"] for c, o in zip(chain, one_shot, strict=True)]
+    corrected, one_shot = ([arms[arm][str(s)] for s in (0, 1)] for arm in ("one_shot_corrected", "one_shot"))
+    row = next(r for r in proof["rows"] if r["arm"] == "one_shot_corrected")
+    differences = [c["kl"] - o["kl"] for c, o in zip(corrected, one_shot, strict=True)]
     half_seeds = student_t.ppf(0.975, 1) * statistics.stdev(differences) / 2**0.5
-    chain_docs, one_shot_docs = (
+    corrected_docs, one_shot_docs = (
         [statistics.fmean(seeds) for seeds in zip(*(r["kl_per_doc"] for r in runs), strict=True)]
-        for runs in (chain, one_shot)
+        for runs in (corrected, one_shot)
     )  # each document's KL averaged over the seeds
-    by_document = [c - o for c, o in zip(chain_docs, one_shot_docs, strict=True)]
+    by_document = [c - o for c, o in zip(corrected_docs, one_shot_docs, strict=True)]
     half_documents = student_t.ppf(0.975, 7) * statistics.stdev(by_document) / 8**0.5
     mean = statistics.fmean(differences)
     assert row["minus one_shot (95% over seeds)"] == plus_minus(mean, half_seeds)
     assert row["minus one_shot (95% over documents)"] == plus_minus(mean, half_documents)
     assert row["significant"] == ("yes" if abs(mean) > max(half_seeds, half_documents) else "no")
     assert row["seeds where one_shot is better"] == f"{sum(d > 0 for d in differences)} of 2"
-    same = 2 if chain[0]["finalist"] == chain[1]["finalist"] else 1  # a chain's finalist: its pick at every stage
-    assert row["same final student (seeds)"] == f"{same} of 2" and chain[0]["finalist"].count(" -> ") == 1
-    assert row["KL spread (seeds)"] == f"{abs(chain[0]['kl'] - chain[1]['kl']):.3f}"
+    same = 2 if corrected[0]["finalist"] == corrected[1]["finalist"] else 1
+    assert row["same final student (seeds)"] == f"{same} of 2"
+    assert row["KL spread (seeds)"] == f"{abs(corrected[0]['kl'] - corrected[1]['kl']):.3f}"
 
 
 def test_the_verdict_needs_both_intervals_and_more_than_one_seed():

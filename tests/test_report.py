@@ -16,8 +16,11 @@ from conftest import SCREENSHOT_DIR, SHARED_DATA, chrome, save_tiny_checkpoint, 
 from matplotlib.figure import Figure
 
 from slimnas.cli import main
-from slimnas.reports.plots import FRONT_LABEL, quality_vs_params
+from slimnas.core.rundir import COMPLETE, TrialRecord
+from slimnas.reports.plots import FRONT_LABEL, quality_vs_params, quality_vs_speedup
 from slimnas.reports.runs import read_runs
+from slimnas.search.front import front_trials
+from slimnas.search.objectives import objectives_of
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()  # without the benchmark files: no lm-eval scores to plot
 RETRAIN_FAST = [
@@ -166,6 +169,75 @@ def test_the_front_line_is_the_front_the_search_stored(retrained, tmp_path):
     figure = quality_vs_params(read_runs([run_dir])[0])
     (line,) = [line for line in figure.axes[0].get_lines() if line.get_label().startswith(FRONT_LABEL)]
     assert len(line.get_xydata()) == 1 and "of the front over quality, params, throughput" in line.get_label()
+
+
+UNSTABLE = (
+    "decode speed-up 3.18x unstable: its error bar 1.51 is over 25% of it and it is over 1.3 x the FLOPs ratio 1.60"
+)
+
+
+def hollow_points(figure: Figure) -> list[tuple[float, float]]:
+    """The points of the speed plot's hollow markers (no face colour)."""
+    collections = [c for c in figure.axes[0].collections if len(c.get_offsets()) and not len(c.get_facecolor())]
+    return [tuple(point) for c in collections for point in c.get_offsets().tolist()]
+
+
+def test_an_unstable_speedup_is_marked_in_the_tables_hollow_in_the_plot_and_off_the_speed_front(retrained, tmp_path):
+    run_dir = shutil.copytree(retrained, tmp_path / "unstable", ignore=shutil.ignore_patterns("report"))
+    trials, retrain = trial_records(run_dir), retrain_records(run_dir)
+    front = read_json(run_dir / "front.json")["trials"]
+    trial = next(n for n in front if "decode_speedup" in trials[n]["final"])  # a front member, timed
+    record = trials[trial]
+    record["speed"] |= {"unstable": UNSTABLE, "measurements": 2}
+    record["final"] |= {"decode_speedup": 3.18, "decode_speedup_stderr": 1.51}
+    (run_dir / "trials" / f"{trial:04d}" / "record.json").write_text(json.dumps(record))
+    name = next(n for n in retrain if n != "teacher")
+    retrain[name]["speed"] |= {"unstable": UNSTABLE, "measurements": 2}
+    (run_dir / "retrain" / name / "record.json").write_text(json.dumps(retrain[name]))
+    assert main(["report", str(run_dir)]) == 0
+
+    table = leaderboard(run_dir)
+    unstable = table[table.decode_speedup_unstable.notna()]
+    marked = {(stage == "retrained", int(name)) for stage, name in zip(unstable.stage, unstable.name, strict=True)}
+    retrained_trials = {r["trial"] for n, r in retrain.items() if n != "teacher"}
+    expected = {(True, retrain[name]["trial"])} | ({(False, trial)} if trial not in retrained_trials else set())
+    assert marked == expected and set(table.decode_speedup_unstable.dropna()) == {UNSTABLE}
+    assert (run_dir / "report" / "leaderboard.md").read_text().count("x (unstable)") == len(expected)
+    page = (run_dir / "report" / "index.html").read_text()
+    assert f"Trial {trial}: {UNSTABLE} (2 timings). Marked (unstable) in the tables" in page
+    assert f"Retrained trial {retrain[name]['trial']}: {UNSTABLE} (2 timings)" in page
+
+    figure = quality_vs_speedup(read_runs([run_dir])[0])
+    labels = [c.get_label() for c in figure.axes[0].collections]
+    assert any(label.startswith("speed-up unstable after 2 timings (error bar over 25% of it") for label in labels)
+    hollow = hollow_points(figure)
+    assert (3.18, record["final"]["quality"]) in hollow
+    assert (retrain[name]["speed"]["decode_speedup"], -retrain[name]["heldout"]["kl"]) in hollow
+    (on_front,) = [line for line in figure.axes[0].get_lines() if line.get_label().startswith(f"on the {FRONT_LABEL}")]
+    assert 3.18 not in on_front.get_xdata() and len(on_front.get_xdata()) == len(front) - 1
+
+
+def timed_record(trial: int, quality: float, params: int, speedup: float, unstable: str | None) -> TrialRecord:
+    final = {"quality": quality, "params": params, "decode_speedup": speedup}
+    return TrialRecord(
+        trial, {}, str(trial), params, 0.5, 0, {}, state=COMPLETE, final=final, speed={"unstable": unstable}
+    )
+
+
+def test_an_unstable_timing_is_no_point_of_a_front_over_measured_objectives():
+    import optuna
+
+    values = {0: [-0.1, 100, 5.0], 1: [-0.1, 100, 2.0], 2: [-0.2, 80, 1.5]}  # 0 dominates 1 by its timing alone
+    records = {n: timed_record(n, *v, UNSTABLE if n == 0 else None) for n, v in values.items()}
+    study = optuna.create_study(directions=["maximize", "minimize", "maximize"])
+    for v in values.values():
+        study.add_trial(optuna.trial.create_trial(values=v))
+    assert sorted(t.number for t in study.best_trials) == [0, 2]
+    assert front_trials(study, records, objectives_of(["quality", "params", "throughput"])) == [1, 2]
+    two = optuna.create_study(directions=["maximize", "minimize"])  # no timing among the objectives: Optuna's front
+    for v in values.values():
+        two.add_trial(optuna.trial.create_trial(values=v[:2]))
+    assert front_trials(two, records, objectives_of(["quality", "params"])) == [0, 1, 2]
 
 
 def test_several_runs_give_one_leaderboard_tagged_by_run(searched, retrained, tmp_path):

@@ -9,12 +9,16 @@ import pytest
 import torch
 from conftest import save_tiny_checkpoint, search_args, slimnas_process, wait_until
 from huggingface_hub import ModelCard
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from slimnas.bench.quality import pool
 from slimnas.cli import main
+from slimnas.config import compose
+from slimnas.core.errors import SlimnasError
 from slimnas.core.rundir import read_records, read_retrained
-from slimnas.recipes.retrain import choose_candidates
+from slimnas.recipes.retrain import choose_candidates, effective_config
 
 RETRAIN = [
     "precision=fp32", "distill.batch_size=4", "distill.eval_every=64", "distill.save_every=16",
@@ -62,11 +66,13 @@ def test_retrain_gives_every_candidate_the_same_budget_and_a_loadable_checkpoint
         results = {(r.dataset_type, r.metric_type): r for r in card.data.eval_results}
         kl = results[("slimnas-heldout", "kl_divergence")]
         assert kl.metric_value == pytest.approx(record.heldout["kl"], abs=1e-4) and "evaluation" in kl.dataset_split
-        assert card.data.base_model.endswith("teacher")  # the teacher the candidate was cut from
+        assert card.data.base_model is None  # a local teacher is no hub id: left out (its name is in the text)
+        assert "1. a local checkpoint, teacher" in card.text and f"{record.kd_tokens:,} KD tokens" in card.text
         assert card.data.slimnas["kd_tokens"] == 1024 and card.data.slimnas["architecture"] == record.architecture
         assert not (run_dir / "retrain" / record.name / "kd" / "train_state.safetensors").exists()
         slimnas = json.loads((run_dir / "retrain" / record.name / "model" / "slimnas.json").read_text())
         assert slimnas["plan"] == records[record.trial].plan  # re-pruned exactly as searched
+        assert slimnas["teacher"] == str(searched / "teacher")  # what it was made from: a later card's lineage
 
 
 def test_kill_9_mid_candidate_then_rerun_gives_the_weights_of_an_uninterrupted_run(searched, tmp_path, monkeypatch):
@@ -106,6 +112,8 @@ def test_kill_9_mid_candidate_then_rerun_gives_the_weights_of_an_uninterrupted_r
         ("not_a_run", "is not a slimnas run directory"),
         ("no_trials", "no trial that reached the last rung"),
         ("corrupt", "corrupt JSON file"),
+        ("other_pools", "quality.seed=1 draws other pools than the search's (quality.seed=0)"),
+        ("smaller_selection", "quality.selection_share=0.2 is below the search's (0.3)"),
     ],
 )
 def test_bad_input_is_one_line_and_overwrites_nothing(searched, tmp_path, monkeypatch, capsys, setup, message):
@@ -116,6 +124,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(searched, tmp_path, monkey
         run_dir.mkdir()
     elif setup == "no_trials":
         shutil.rmtree(run_dir / "trials")
+    elif setup == "other_pools":  # the evaluation pool would overlap the selection pool the search chose on
+        extra = ["quality.seed=1"]
+    elif setup == "smaller_selection":
+        extra = ["quality.selection_share=0.2"]
     else:
         next((run_dir / "trials").glob("*/record.json")).write_text("{not json")
     assert main(["retrain", str(run_dir), *RETRAIN, *extra]) == 2
@@ -156,3 +168,20 @@ def test_each_candidate_retrained_in_its_own_launcher_job_gives_the_same_weights
         expected = load_file(together / "retrain" / name / "model" / "model.safetensors")
         actual = load_file(apart / "retrain" / name / "model" / "model.safetensors")
         assert all(torch.equal(expected[k], actual[k]) for k in expected)  # a job retrains exactly as in sequence
+
+
+def test_retrain_scores_on_the_search_pools_and_refuses_pools_that_overlap_its_selection_pool():
+    search = compose("search", ["teacher=t", "run_dir=r", "quality.seed=3", "quality.selection_share=0.4"])
+    run = {"settings": OmegaConf.to_container(search, resolve=True)}
+
+    def quality(*overrides):
+        return effective_config(compose("retrain", ["run_dir=r", *overrides]), run).quality
+
+    assert (quality().seed, quality().selection_share) == (3, 0.4)  # the search's, not retrain's defaults (0, 0.3)
+    larger = quality("quality.selection_share=0.5")
+    assert (larger.seed, larger.selection_share) == (3, 0.5)
+    assert set(pool(500, 0.5, 3, "evaluation")).isdisjoint(pool(500, 0.4, 3, "selection"))  # inside the search's
+    with pytest.raises(SlimnasError, match="quality.seed=5 draws other pools than the search's"):
+        quality("quality.seed=5")
+    with pytest.raises(SlimnasError, match="quality.selection_share=0.35 is below the search's"):
+        quality("quality.selection_share=0.35")
