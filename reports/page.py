@@ -62,7 +62,9 @@ def pick_text(run: Run) -> str:
     test = race["test"]
     difference = f"KL difference {abs(test['difference']):.4f} ± {test['stderr']:.4f}, two-sided p = {test['p']:.2g}"
     if race["why"].startswith("separated"):
-        return f" The pick, trial {pick.trial}, is separated from the runner-up, trial {runner_up.trial} ({difference})."
+        return (
+            f" The pick, trial {pick.trial}, is separated from the runner-up, trial {runner_up.trial} ({difference})."
+        )
     return (
         f" The pick, trial {pick.trial}, is NOT separated from the runner-up, trial {runner_up.trial} ({difference}; "
         f"{race['why']}): the two are within noise, and either may be the better student."
