@@ -137,6 +137,13 @@ class PerLayerArchitecture:
 Shape = Architecture | PerLayerArchitecture
 
 
+def shape_of(values: dict) -> Shape:
+    """A shape from its record (`as_dict`'s form): per layer when the per-layer fields are lists."""
+    if isinstance(values.get("intermediate_size"), list):
+        return PerLayerArchitecture.from_dict(values)
+    return Architecture(**values)
+
+
 def architecture_of(config: "PretrainedConfig") -> Shape:
     """A checkpoint's shape: uniform when its config is, else per layer."""
     arch = PerLayerArchitecture.of(config)

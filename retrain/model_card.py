@@ -5,19 +5,28 @@ KL and perplexity on the evaluation documents, lm-eval on the evaluation pool), 
 base model, and a `slimnas` block with the pruning plan's shape, the KD tokens and the corpus. The hub reads
 `base_model` and `datasets` as hub ids, so they name one or are left out: never a local path or slimnas's
 name of its default teacher. The text repeats the numbers beside the teacher's and says how the teacher
-was made from the original (a corrected teacher, a chain's earlier student).
+was made from the original (a corrected teacher, a chain's earlier student). A per-layer (heterogeneous)
+student's card adds its shape layer by layer, as a table and as a plot of the widths (WIDTHS_PLOT, beside
+README.md), and says that it loads after `import slimnas.models`.
 """
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from slimnas.compress.arch import Architecture, LayerShape, PerLayerArchitecture, shape_of
 from slimnas.compress.models import DEFAULT_TEACHER, DEFAULT_TEACHER_HUB_ID, GGUF_FILE
+from slimnas.core.files import atomic_path
 from slimnas.core.rundir import RetrainRecord, read_model_record
 from slimnas.core.tables import plus_minus
 
+WIDTHS_PLOT = "widths_by_layer.png"  # a per-layer student's widths by layer, beside its README.md
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as load_model reads a name that is not a directory
 
 TEMPLATE = """---
@@ -26,8 +35,13 @@ TEMPLATE = """---
 
 # {{ name }}: a pruned and distilled {{ title }}
 
-Structured pruning (Minitron importance) plus logit knowledge distillation by slimnas. A plain Hugging Face
+Structured pruning (Minitron importance) plus logit knowledge distillation by slimnas.
+{%- if layers %}
+Each layer has a shape of its own, saved in transformers' `per_layer_config`: after `import slimnas.models`,
+`AutoModelForCausalLM.from_pretrained(this_directory)` loads it (no remote code).
+{%- else %} A plain Hugging Face
 checkpoint: `AutoModelForCausalLM.from_pretrained(this_directory)` loads it with no other code.
+{%- endif %}
 
 ## Lineage
 
@@ -44,7 +58,16 @@ checkpoint: `AutoModelForCausalLM.from_pretrained(this_directory)` loads it with
 Held-out numbers are over {{ documents }} evaluation documents of {{ corpus }} (one row each, never used to
 choose); lm-eval scores are on the evaluation pool of each task, documents never used by the search.
 Measured on {{ hardware }}.
+{% if layers %}
+## Shape by layer
 
+| teacher layer | attention: query heads / KV groups | FFN neurons |
+|---|---|---|
+{% for row in layers -%}
+| {{ row[0] }} | {{ row[1] }} | {{ row[2] }} |
+{% endfor %}
+![widths by layer]({{ plot }})
+{% endif %}
 Made with:
 
 ```
@@ -138,15 +161,30 @@ def eval_results(record: RetrainRecord) -> list[EvalResult]:
     return results
 
 
+def shape_cells(architecture: dict) -> tuple[str, str, str]:
+    """The results table's hidden / FFN, heads / KV heads and layers of a shape; a per-layer one gives each
+    per-layer size's range over its kept layers (0: removed in some layer)."""
+    shape = shape_of(architecture)
+    if isinstance(shape, Architecture):
+        return (f"{shape.hidden_size} / {shape.intermediate_size}",
+                f"{shape.num_attention_heads} / {shape.num_key_value_heads}", str(shape.num_hidden_layers))  # fmt: skip
+    kept = [layer for layer in shape.layers if layer.kept]
+
+    def span(field: str) -> str:
+        low, high = min(getattr(layer, field) for layer in kept), max(getattr(layer, field) for layer in kept)
+        return str(low) if low == high else f"{low}-{high}"
+
+    return (f"{shape.hidden_size} / {span('intermediate_size')} by layer",
+            f"{span('num_attention_heads')} / {span('num_key_value_heads')} by layer", str(len(kept)))  # fmt: skip
+
+
 def rows(record: RetrainRecord, teacher: RetrainRecord) -> list[tuple[str, str, str]]:
-    arch, theirs = record.architecture, teacher.architecture
+    ours, theirs = shape_cells(record.architecture), shape_cells(teacher.architecture)
     table = [
         ("parameters", f"{record.params:,} ({100 * record.params_fraction:.1f}%)", f"{teacher.params:,}"),
-        ("hidden / FFN", f"{arch['hidden_size']} / {arch['intermediate_size']}",
-         f"{theirs['hidden_size']} / {theirs['intermediate_size']}"),
-        ("attention heads / KV heads", f"{arch['num_attention_heads']} / {arch['num_key_value_heads']}",
-         f"{theirs['num_attention_heads']} / {theirs['num_key_value_heads']}"),
-        ("layers", str(arch["num_hidden_layers"]), str(theirs["num_hidden_layers"])),
+        ("hidden / FFN", ours[0], theirs[0]),
+        ("attention heads / KV heads", ours[1], theirs[1]),
+        ("layers", ours[2], theirs[2]),
         ("KD tokens", f"{record.kd_tokens:,}", ""),
         ("held-out KL to the teacher", plus_minus(record.heldout["kl"], record.heldout["kl_stderr"]), "0"),
         ("held-out perplexity", plus_minus(record.heldout["perplexity"], record.heldout["perplexity_stderr"]),
@@ -173,7 +211,73 @@ def rows(record: RetrainRecord, teacher: RetrainRecord) -> list[tuple[str, str, 
     return table
 
 
+def per_layer_shapes(record: RetrainRecord, teacher: RetrainRecord) -> list[tuple[LayerShape, LayerShape]] | None:
+    """(this model's, the teacher's) shape of each teacher layer, a dropped one all zeros; None for a uniform
+    student. A candidate's architecture is its target: one entry per teacher layer."""
+    shape = shape_of(record.architecture)
+    if not isinstance(shape, PerLayerArchitecture):
+        return None
+    source = shape_of(teacher.architecture)
+    source = source if isinstance(source, PerLayerArchitecture) else PerLayerArchitecture.from_uniform(source)
+    return list(zip(shape.layers, source.layers, strict=True))
+
+
+def layer_rows(shapes: list[tuple[LayerShape, LayerShape]]) -> list[tuple[str, str, str]]:
+    """The card's shape table: each teacher layer's attention and FFN here, out of the teacher's."""
+    table = []
+    for index, (layer, source) in enumerate(shapes):
+        if not layer.kept:
+            table.append((str(index), "dropped", "dropped"))
+            continue
+        heads, their_heads = layer.num_attention_heads, source.num_attention_heads
+        attention = f"{heads} / {layer.num_key_value_heads} of {their_heads} / {source.num_key_value_heads}"
+        ffn = f"{layer.intermediate_size} of {source.intermediate_size}"
+        table.append((str(index), attention if heads else "removed", ffn if layer.intermediate_size else "removed"))
+    return table
+
+
+def widths_plot(shapes: list[tuple[LayerShape, LayerShape]]) -> bytes:
+    """FFN neurons, query heads and KV groups by teacher layer as bars, the teacher's as dashed steps (PNG)."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    ffn_axes, attention_axes = figure.subplots(2, 1, sharex=True)
+    index = list(range(len(shapes)))
+    edges = [i - 0.5 for i in range(len(shapes) + 1)]
+    ffn_axes.bar(index, [layer.intermediate_size for layer, _ in shapes], color="tab:blue", label="this model")
+    ffn_axes.stairs([source.intermediate_size for _, source in shapes], edges, color="black", linestyle="--", baseline=None,
+                    label="teacher")  # fmt: skip
+    for i, (layer, _) in enumerate(shapes):
+        if not layer.kept:
+            ffn_axes.text(i, 0, "dropped", ha="center", va="bottom", rotation=90, fontsize="small")
+    ffn_axes.set_ylabel("FFN neurons")
+    for offset, field, label, color in (
+        (-0.2, "num_attention_heads", "query heads", "tab:orange"),
+        (0.2, "num_key_value_heads", "KV groups", "tab:green"),
+    ):
+        attention_axes.bar([i + offset for i in index], [getattr(layer, field) for layer, _ in shapes], width=0.4,
+                           color=color, label=label)  # fmt: skip
+        attention_axes.stairs([getattr(source, field) for _, source in shapes], edges, color=color, linestyle="--", baseline=None)
+    attention_axes.set_ylabel("attention")
+    attention_axes.set_xlabel("teacher layer (no bar: removed; dashed: the teacher's)")
+    for axes in (ffn_axes, attention_axes):
+        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def save_model_card(record: RetrainRecord, teacher: RetrainRecord, lineage: Lineage, plan: dict, directory: Path):
+    """README.md in the checkpoint's directory, with WIDTHS_PLOT beside it for a per-layer student."""
+    if (shapes := per_layer_shapes(record, teacher)) is not None:
+        with atomic_path(directory / WIDTHS_PLOT) as staging:
+            staging.write_bytes(widths_plot(shapes))
+    model_card(record, teacher, lineage, plan).save(directory / "README.md")
+
+
 def model_card(record: RetrainRecord, teacher: RetrainRecord, lineage: Lineage, plan: dict) -> ModelCard:
+    shapes = per_layer_shapes(record, teacher)
     source = record.corpus.get("source", "")
     original = hub_id(lineage.original) if lineage.original else None
     data = ModelCardData(
@@ -198,6 +302,7 @@ def model_card(record: RetrainRecord, teacher: RetrainRecord, lineage: Lineage, 
     return ModelCard.from_template(
         data, template_str=TEMPLATE, name=record.label, title=title, lineage=lineage.text(record.kd_tokens),
         rows=rows(record, teacher), documents=record.heldout["documents"], corpus=corpus_name(source),
-        command=record.command, hardware=f"{record.hardware.get('name')} ({record.hardware.get('threads')} threads, "
+        layers=layer_rows(shapes) if shapes else [], plot=WIDTHS_PLOT, command=record.command,
+        hardware=f"{record.hardware.get('name')} ({record.hardware.get('threads')} threads, "
         f"torch {record.hardware.get('torch')})",
     )  # fmt: skip

@@ -17,7 +17,7 @@ from slimnas.bench.quality import score_model, summary_score
 from slimnas.bench.settings import QualitySettings, SpeedSettings
 from slimnas.bench.speed import compare_speed, measure_speed
 from slimnas.bench.tasks import TaskSuite
-from slimnas.compress.arch import Architecture, flops_per_token, param_count
+from slimnas.compress.arch import Architecture, architecture_of, flops_per_token, param_count
 from slimnas.compress.context import TeacherContext
 from slimnas.compress.distill import DistillResult, build_distiller, distill_to_budget, make_teacher_targets
 from slimnas.compress.heldout import HeldoutSet
@@ -29,7 +29,7 @@ from slimnas.core.device import hardware
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import hash_json, hash_tensor, read_json, write_json
 from slimnas.core.rundir import KD_DIR, MODEL_DIR, RECORD_FILE, STATE_FILE, TEACHER, RetrainRecord
-from slimnas.retrain.model_card import Lineage, model_card
+from slimnas.retrain.model_card import Lineage, save_model_card
 from slimnas.retrain.settings import RetrainSettings
 
 
@@ -163,7 +163,7 @@ def score_teacher(retraining: Retraining, out: Path, model: LoadedModel | None =
         return record
     loaded = model or retraining.context.teacher
     teacher, speed = loaded.model, retraining.speed
-    arch = Architecture.of(teacher.config)
+    arch = architecture_of(teacher.config)  # a chain's earlier student may be per layer
     scored = retraining.scorer(teacher, "teacher")
     timed, memory = {}, {}
     if speed is not None:
@@ -264,8 +264,7 @@ def retrain(
         hardware=hardware(context.device), corpus=context.corpus.describe(), settings_hash=retraining.settings_hash,
         **scored,
     )  # fmt: skip
-    card = model_card(record, teacher, retraining.lineage, plan.as_dict())
-    card.save(out / MODEL_DIR / "README.md")
+    save_model_card(record, teacher, retraining.lineage, plan.as_dict(), out / MODEL_DIR)
     write_json(out / RECORD_FILE, asdict(record))
     (out / KD_DIR / STATE_FILE).unlink(missing_ok=True)  # finished: its optimizer state is not needed again
     return record

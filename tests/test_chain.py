@@ -213,6 +213,24 @@ def test_the_verdict_needs_both_intervals_and_more_than_one_seed():
     assert (stability.finalist, stability.text(), stability.kl_spread) == ("b", "2 of 3", 0.5)
 
 
+def test_a_chains_run_from_before_the_seeds_is_still_reported(tmp_path):
+    run_dir = tmp_path / "chains"  # one seed, its arms in RUN_DIR/ARM, the table of that time
+    columns = ["arm", "final student", "params", "KL to the original (evaluation docs)",
+               "minus one_shot (95% over documents)", "perplexity", "KD tokens", "correction tokens"]  # fmt: skip
+    rows = [dict(zip(columns, values, strict=True)) for values in (
+        ["one_shot", "h384-ffn1152-q6-kv2-L20", "53.30M", "2.514 ± 0.039", "", "378 ± 19", "20,480", "0"],
+        ["chain", "h576-ffn512-q3-kv1-L20", "51.93M", "3.137 ± 0.048", "+0.623 ± 0.050", "685 ± 41", "20,480", "0"],
+    )]  # fmt: skip
+    table = {"title": "Chain vs one shot, with and without teacher correction", "columns": columns, "rows": rows,
+             "notes": ["one seed"]}  # fmt: skip
+    (run_dir / "proof").mkdir(parents=True)
+    (run_dir / "proof" / "proof.json").write_text(json.dumps(table))
+    (run_dir / "run.json").write_text(json.dumps({"kind": "baselines", "teacher": "smollm2-135m"}))
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "Chain vs one shot" in page and "+0.623 ± 0.050" in page and "h576-ffn512-q3-kv1-L20" in page
+
+
 @pytest.mark.parametrize("command", ["pipeline chain=[0.8,0.55]", "chains"])
 def test_a_chain_without_its_pick_retrained_is_one_line_before_any_compute(command, teacher, tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -22,6 +22,7 @@ Results: RUN_DIR/proof/ (shown by `slimnas report RUN_DIR`).
 """
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def arm_row(arm: str, per_seed: dict[int, dict], one_shot: dict[int, dict], seed
         "significant": "",
         "seeds where one_shot is better": "",
         "perplexity (95% over seeds)": plus_minus(*mean_ci95([r["perplexity"] for r in runs])),
-        "KD tokens": f"{mean_ci95([r['kd_tokens'] for r in runs])[0]:,.0f}",
+        "KD tokens": f"{statistics.fmean(r['kd_tokens'] for r in runs):,.0f}",
         "correction tokens": f"{correction:,}" if arm.endswith("corrected") else "0",
     }
     if arm != "one_shot":
