@@ -244,8 +244,8 @@ def widths_plot(shapes: list[tuple[LayerShape, LayerShape]]) -> bytes:
     index = list(range(len(shapes)))
     edges = [i - 0.5 for i in range(len(shapes) + 1)]
     ffn_axes.bar(index, [layer.intermediate_size for layer, _ in shapes], color="tab:blue", label="this model")
-    ffn_axes.stairs([source.intermediate_size for _, source in shapes], edges, color="black", linestyle="--", baseline=None,
-                    label="teacher")  # fmt: skip
+    teacher_ffn = [source.intermediate_size for _, source in shapes]
+    ffn_axes.stairs(teacher_ffn, edges, baseline=None, color="black", linestyle="--", label="teacher")
     for i, (layer, _) in enumerate(shapes):
         if not layer.kept:
             ffn_axes.text(i, 0, "dropped", ha="center", va="bottom", rotation=90, fontsize="small")
@@ -256,7 +256,9 @@ def widths_plot(shapes: list[tuple[LayerShape, LayerShape]]) -> bytes:
     ):
         attention_axes.bar([i + offset for i in index], [getattr(layer, field) for layer, _ in shapes], width=0.4,
                            color=color, label=label)  # fmt: skip
-        attention_axes.stairs([getattr(source, field) for _, source in shapes], edges, color=color, linestyle="--", baseline=None)
+        attention_axes.stairs(
+            [getattr(source, field) for _, source in shapes], edges, color=color, linestyle="--", baseline=None
+        )
     attention_axes.set_ylabel("attention")
     attention_axes.set_xlabel("teacher layer (no bar: removed; dashed: the teacher's)")
     for axes in (ffn_axes, attention_axes):

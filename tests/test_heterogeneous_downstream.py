@@ -1,6 +1,7 @@
 """Per-layer (heterogeneous) students downstream: KD, held-out KL, lm-eval, speed, memory, torch.compile."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -218,3 +219,38 @@ def test_a_compiled_per_layer_student_captures_one_graph_and_gives_the_same_logi
         next_token = eager.logits[:, -1:].argmax(-1)
         step = compiled(next_token, cache=graph.cache, use_cache=True).logits
         assert torch.equal(step, student(next_token, cache=eager.cache, use_cache=True).logits)
+
+
+def test_a_per_layer_students_card_has_its_shape_by_layer_as_a_table_and_a_plot(tmp_path):
+    from matplotlib.image import imread
+    from test_model_card import ARCH, record
+
+    from slimnas.retrain.model_card import WIDTHS_PLOT, Lineage, save_model_card
+
+    teacher_arch = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "num_hidden_layers": 5}  # fmt: skip
+    student = replace(record("0003", "c.jsonl"), architecture=MIXED.as_dict())
+    teacher = replace(record("teacher", "c.jsonl"), architecture=teacher_arch)
+    save_model_card(student, teacher, Lineage.of("smollm2-135m"), {"layers": [0, 1, 2, 3]}, tmp_path / "mixed")
+    text = (tmp_path / "mixed" / "README.md").read_text()
+    assert "after `import slimnas.models`" in text and "with no other code" not in text
+    assert "| hidden / FFN | 48 / 0-96 by layer | 64 / 96 |" in text and "| layers | 4 | 5 |" in text
+    table = text.split("## Shape by layer")[1].split("![widths by layer]")[0].strip().splitlines()[2:]
+    assert table == [
+        "| 0 | 4 / 2 of 4 / 2 | 96 of 96 |",
+        "| 1 | 2 / 1 of 4 / 2 | 40 of 96 |",
+        "| 2 | removed | 64 of 96 |",
+        "| 3 | 2 / 2 of 4 / 2 | removed |",
+        "| 4 | dropped | dropped |",
+    ]
+    assert f"![widths by layer]({WIDTHS_PLOT})" in text
+    height, width, _ = imread(tmp_path / "mixed" / WIDTHS_PLOT).shape
+    assert (width, height) == (700, 400)
+
+    uniform = replace(record("0003", "c.jsonl"), architecture=ARCH)
+    save_model_card(uniform, replace(teacher, architecture=ARCH), Lineage.of("smollm2-135m"), {"layers": [0, 1]},
+                    tmp_path / "uniform")  # fmt: skip
+    text = (tmp_path / "uniform" / "README.md").read_text()
+    assert "| hidden / FFN | 48 / 64 | 48 / 64 |" in text and "loads it with no other code" in text
+    assert "Shape by layer" not in text and "slimnas.models" not in text
+    assert not (tmp_path / "uniform" / WIDTHS_PLOT).exists()
