@@ -6,10 +6,11 @@ when it is worse than one of them with `search.race.confidence` after a Bonferro
 every comparison it can lose: its peers at this rung times the rungs where it can stop. A stop needs
 one rejection, so Holm's procedure reduces to Bonferroni's here; without the correction a candidate
 as good as its peers would be stopped far more often than 1 - confidence (24% with ten peers at 95%).
-A candidate within noise of every peer gets the next rung. Peers are the trials of any worker that reached that rung; their per-document KL
-lives in the study, so every worker races against the same evidence. With several objectives only a
-peer that is no larger can stop a candidate: a smaller candidate that is worse in quality can still
-be on the front (size also stands in for speed, which is measured at the last rung only).
+A candidate within noise of every peer gets the next rung. Peers are the trials of any worker that
+reached that rung; their per-document KL lives in the study, so every worker races against the same
+evidence. With several objectives only a peer that is no larger can stop a candidate: a smaller
+candidate that is worse in quality can still be on the front (size also stands in for speed, which is
+measured at the last rung only).
 
 The KD-token budget (`search.budget.kd_tokens`) is never exceeded, with any number of workers: before
 each rung a trial reserves the tokens it will have seen at its end, then adds up every reservation of
