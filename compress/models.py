@@ -64,9 +64,11 @@ def load_config(name_or_path: str) -> PretrainedConfig:
             raise SlimnasError(f"no such model directory: {name_or_path}")
         location = str(path) if path.exists() else name_or_path
     try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for bad paths, ids and files
         raise SlimnasError(f"cannot load model '{name_or_path}': {first_line(error)}") from error
+    check_supported(config)
+    return config
 
 
 def local_fingerprint(name_or_path: str) -> str | None:
@@ -107,13 +109,13 @@ def _from_pretrained(location: str, fingerprint: str, source: str, dtype: torch.
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for bad paths, ids and files
         raise SlimnasError(f"cannot load model '{source}': {first_line(error)}") from error
-    check_supported(model)
+    check_supported(model.config)
     model.eval()
     return LoadedModel(model, tokenizer, fingerprint, source)
 
 
-def check_supported(model: PreTrainedModel) -> None:
-    model_type = family(model.config)
+def check_supported(config: PretrainedConfig) -> None:
+    model_type = family(config)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SlimnasError(
             f"unsupported architecture '{model_type}': slimnas prunes {', '.join(SUPPORTED_MODEL_TYPES)} models"
