@@ -200,3 +200,19 @@ def chrome():
     options.add_argument("--window-size=1400,1000")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
+
+
+def matched_outputs(student, teacher, match, rows):
+    """The student's and the teacher's outputs at the layers a HiddenStateMatch pairs, on the same rows."""
+    import torch
+
+    from slimnas.compress.teacher_targets import capture_layer_outputs
+
+    with torch.no_grad():
+        teacher_out, handles = capture_layer_outputs(teacher, [t for _, t in match.pairs])
+        teacher(rows)
+        student_out, more = capture_layer_outputs(student, [s for s, _ in match.pairs])
+        student(rows)
+    for handle in handles + more:
+        handle.remove()
+    return student_out, teacher_out

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import matched_outputs, tiny_model, tiny_tokenizer
 
 from slimnas.compress.arch import Architecture
 from slimnas.compress.corpus import load_corpus
@@ -16,7 +16,7 @@ from slimnas.compress.kd_loss import LiveTarget, next_token_labels, token_losses
 from slimnas.compress.models import LoadedModel
 from slimnas.compress.prune import PrunePlan, plan_pruning, prune_model
 from slimnas.compress.settings import BUILTIN, DataSettings, DistillSettings, ImportanceSettings
-from slimnas.compress.teacher_targets import MAX_CACHE_BYTES, TopKLogitCache, capture_layer_outputs
+from slimnas.compress.teacher_targets import MAX_CACHE_BYTES, TopKLogitCache
 from slimnas.core import interrupt
 from slimnas.core.errors import SlimnasError
 from slimnas.core.rundir import STATE_FILE
@@ -209,13 +209,7 @@ def test_hidden_state_maps_start_where_each_student_channel_came_from(data):
     match = HiddenStateMatch.build((1, -1), plan.layers, plan.channels, teacher_hidden=64)
     prefix = HiddenStateMatch.build((1, -1), plan.layers, list(range(63)), teacher_hidden=64)  # the old eye map
     rows = data.train[:4]
-    with torch.no_grad():
-        teacher_out, handles = capture_layer_outputs(teacher, [t for _, t in match.pairs])
-        teacher(rows)
-        student_out, more = capture_layer_outputs(student, [s for s, _ in match.pairs])
-        student(rows)
-    for handle in handles + more:
-        handle.remove()
+    student_out, teacher_out = matched_outputs(student, teacher, match, rows)
     assert match.pairs == [(1, 1), (3, 3)]
     assert match.loss(student_out, teacher_out).item() < 1e-6
     assert prefix.loss(student_out, teacher_out).item() > 0.1

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, SHARED_DATA, needs_data, tiny_model, tiny_tokenizer
+from conftest import FAST, SHARED_DATA, matched_outputs, needs_data, tiny_model, tiny_tokenizer
 from test_heterogeneous import MIXED, SETTINGS, calibration, shape, zeroed_teacher
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +24,6 @@ from slimnas.compress.importance import compute_importance
 from slimnas.compress.models import LoadedModel
 from slimnas.compress.prune import plan_pruning, prune_model, save_checkpoint
 from slimnas.compress.settings import BUILTIN, DataSettings, DistillSettings
-from slimnas.compress.teacher_targets import capture_layer_outputs
 
 VOCAB = 300
 IDENTITY = {"student": "s", "teacher": "t", "corpus": "c"}
@@ -83,13 +82,7 @@ def test_hidden_state_loss_matches_each_student_layer_to_its_teacher_layer_acros
     match = HiddenStateMatch.build((1, 2, -1), plan.layers, plan.channels, teacher_hidden=64)
     assert match.pairs == [(1, 1), (2, 3), (3, 4)]
     rows = data.train[:4]
-    with torch.no_grad():
-        teacher_out, handles = capture_layer_outputs(teacher, [t for _, t in match.pairs])
-        teacher(rows)
-        student_out, more = capture_layer_outputs(student, [s for s, _ in match.pairs])
-        student(rows)
-    for handle in handles + more:
-        handle.remove()
+    student_out, teacher_out = matched_outputs(student, teacher, match, rows)
     torch.testing.assert_close(student_out[1], teacher_out[1])
     assert HiddenStateMatch.build((1,), plan.layers, plan.channels, 64).loss(student_out, teacher_out) < 1e-10
     assert match.loss(student_out, teacher_out) > 1e-3
