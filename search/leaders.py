@@ -35,6 +35,11 @@ def separated(a: list[float], b: list[float], looks: int, confidence: float) -> 
     return p < 1 - confidence, {"difference": test.difference, "stderr": test.stderr, "p": p, "looks": looks}
 
 
+def round_tokens(setup: SearchSetup, number: int) -> int:
+    """KD tokens each leader gets in extension round `number` (from 0): the last rung's, doubled number + 1 times."""
+    return setup.tokens_at(setup.last_rung) * 2 ** (number + 1)
+
+
 def extended(setup: SearchSetup, record: TrialRecord, tokens: int) -> dict:
     """One leader distilled from its pruned weights for `tokens` KD tokens, scored on the selection documents."""
     started = time.perf_counter()
@@ -77,7 +82,7 @@ def extend_leaders(study: optuna.Study, setup: SearchSetup) -> dict | None:
             if len(race["rounds"]) >= settings.extensions:
                 race["why"] = f"not separated after {settings.extensions} extension(s)"
                 break
-            tokens = setup.tokens_at(setup.last_rung) * 2 ** (len(race["rounds"]) + 1)
+            tokens = round_tokens(setup, len(race["rounds"]))
             reservation = f"{EXTENSION_TOKENS}_{race['leaders'][0]}_{race['leaders'][1]}_{len(race['rounds'])}"
             study.set_user_attr(reservation, 2 * tokens)  # reserve, then check (as the rungs do)
             if budget is not None and kd_spent(study) > budget:
@@ -86,7 +91,7 @@ def extend_leaders(study: optuna.Study, setup: SearchSetup) -> dict | None:
                 break
             print(f"race: trials {race['leaders'][0]} and {race['leaders'][1]} are within noise; both again with "
                   f"{tokens:,} KD tokens")  # fmt: skip
-            round_ = {"kd_tokens": tokens, "leaders": [extended(setup, record, tokens) for record in top]}
+            round_: dict = {"kd_tokens": tokens, "leaders": [extended(setup, record, tokens) for record in top]}
             race["rounds"].append(round_)
             values = {leader["trial"]: leader["kl_per_doc"] for leader in round_["leaders"]}
             write_json(path, race)

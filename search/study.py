@@ -30,7 +30,7 @@ from slimnas.core import interrupt
 from slimnas.core.errors import SlimnasError, one_line
 from slimnas.core.files import hash_json
 from slimnas.core.rundir import FAILED, TrialRecord, outcome_text, trial_dir, write_record
-from slimnas.search.leaders import extend_leaders
+from slimnas.search.leaders import extend_leaders, round_tokens
 from slimnas.search.proposals import (
     REJECTED,
     SCREENED,
@@ -131,7 +131,7 @@ def _finished(trials: list[FrozenTrial], setup: SearchSetup) -> str | None:
 
 def extension_tokens(setup: SearchSetup) -> int:
     """KD tokens of the leaders' first extension round: both leaders again with twice the last rung's tokens."""
-    return 2 * 2 * setup.tokens_at(setup.last_rung)
+    return 2 * round_tokens(setup, 0)
 
 
 def _extension_plan(setup: SearchSetup) -> str:
