@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Llama-family models built in the test, a tiny tokenizer, CLI settings."""
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -111,7 +112,17 @@ def search_args(teacher, run_dir, *extra) -> list[str]:
 def load_study(run_dir, name="slimnas", url=None):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=url or f"sqlite:///{run_dir / 'study.db'}")
+    return optuna.load_study(study_name=name, storage=storage(url or f"sqlite:///{run_dir / 'study.db'}"))
+
+
+@functools.cache
+def storage(url: str):
+    """One storage (one connection pool) per URL for the whole session: tests poll a study several times a second,
+    and a new storage per poll leaves its connections open until garbage collection, which ran a PostgreSQL server
+    out of connection slots ("too many clients") and failed the search that needed one."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
 
 
 def reached_last_rung(study):

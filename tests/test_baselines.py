@@ -6,7 +6,7 @@ import statistics
 
 import optuna
 import pytest
-from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA
+from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA, storage
 from scipy.stats import t as student_t
 from transformers import AutoConfig
 
@@ -127,7 +127,7 @@ def test_every_method_of_every_seed_is_a_study_of_its_own_in_one_postgresql_stor
     assert name not in studies  # no method searched in the shared name
     for seed in (0, 1):
         for method in ("search", "modelopt"):
-            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{method}", storage=POSTGRES).trials
+            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{method}", storage=storage(POSTGRES)).trials
             records = read_records(run_dir / f"seed_{seed}" / method)
             labels = {t.number: t.user_attrs.get("label") for t in trials}
             assert records and all(labels[r.trial] == r.label for r in records)

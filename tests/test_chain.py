@@ -9,7 +9,7 @@ import statistics
 import optuna
 import pytest
 import torch
-from conftest import FAST, SEARCH_FAST, SEARCH_SPACE, save_tiny_checkpoint, slimnas_process, wait_until
+from conftest import FAST, SEARCH_FAST, SEARCH_SPACE, save_tiny_checkpoint, slimnas_process, storage, wait_until
 from scipy.stats import t as student_t
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -168,7 +168,7 @@ def test_chains_over_two_seeds_in_one_postgresql_storage_give_a_verdict_over_see
     # one storage: every seed's every arm a study of its own (a chain's stages add their own), holding its trials
     for seed in (0, 1):
         for arm in ("one_shot", "one_shot_corrected"):
-            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{arm}", storage=POSTGRES).trials
+            trials = optuna.load_study(study_name=f"{name}-seed_{seed}-{arm}", storage=storage(POSTGRES)).trials
             records = read_records(run_dir / f"seed_{seed}" / arm)
             labels = {t.number: t.user_attrs.get("label") for t in trials}
             assert records and all(labels[r.trial] == r.label for r in records)

@@ -47,7 +47,7 @@ trap 'exit 130' INT TERM HUP  # the EXIT trap stops the server on Ctrl-C and kil
 mkdir "$DATA" && chown postgres "$DATA"
 as_postgres "$BIN/initdb -D $DATA -A trust -U postgres" >/dev/null
 start() {
-  local options="-p $1 -k $DATA -c listen_addresses=127.0.0.1"
+  local options="-p $1 -k $DATA -c listen_addresses=127.0.0.1 -c max_connections=300"
   as_postgres "$BIN/pg_ctl -D $DATA -l $DATA/server.log -w -o '$options' start" >/dev/null
 }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
