@@ -5,6 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimnas-installed
+TEST_STAMP := $(VENV)/.slimnas-llamacpp-installed
 
 .PHONY: install demo test lint
 
@@ -26,5 +27,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# make test only: llama.cpp for the GGUF checks, compiled here once (about 30 min on 2 cores; pip caches the wheel).
+$(TEST_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e ".[llamacpp]"
+	touch $(TEST_STAMP)
+
+test: lint $(TEST_STAMP)
 	tests/with_services.sh $(BIN)/python -m pytest -q

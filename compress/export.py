@@ -1,8 +1,18 @@
-"""Export a Hugging Face Llama-family checkpoint to one GGUF file, for llama.cpp and transformers' GGUF loader.
+"""Export a Hugging Face Llama-family checkpoint to one GGUF file, for llama.cpp (and transformers' GGUF loader).
 
-A pruned model is a vanilla checkpoint, so the export is llama.cpp's own conversion for llama
+A uniform student is a vanilla checkpoint, so the export is llama.cpp's own conversion for llama
 (convert_hf_to_gguf.py) done with the `gguf` package: the same metadata keys, tensor names, Q/K row
-order and byte-level BPE vocabulary. Two details matter for pruned models:
+order and byte-level BPE vocabulary. A per-layer student is written with llama.cpp's `deci` architecture, the
+one it runs Puzzle / Nemotron-NAS models with: the same tensors, and per-layer arrays for the head count, the KV
+head count and the FFN width (conversion/deci.py writes Nemotron-51B the same way). Its graph (src/models/deci.cpp)
+decides the encoding:
+
+- an attention-free layer is head_count[i] = 0 (and head_count_kv[i] = 0), with no attention tensors;
+- head_count_kv[i] = 0 with heads > 0 would be Nemotron's "linear attention" (a bare o_proj), never written here;
+- feed_forward_length[i] = 0 skips the rest of the block, attention included, so a layer whose MLP was removed is
+  written with one all-zero neuron (its FFN adds exactly 0); a dropped layer is not in the checkpoint at all.
+
+Two details matter for every pruned model:
 
 - hidden_size can differ from heads * head_dim, so head_dim is written explicitly (rope dimension
   count and attention key/value length; transformers reads head_dim back from the rope count).
@@ -23,16 +33,19 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+import slimnas.models  # noqa: F401  (registers the per-layer students, so their config.json reads)
+from slimnas.compress.arch import PerLayerArchitecture, family, head_dim
 from slimnas.core.errors import SlimnasError, first_line
 from slimnas.core.files import atomic_path, read_json
 
 EXPORTABLE_MODEL_TYPES = ("llama", "mistral")  # mistral: same tensors as llama, written as llama like llama.cpp does
+# What llama.cpp's deci graph lacks for a per-layer student of these families (uniform ones are refused as above).
+DECI_LACKS = {"qwen2": "q/k/v projection biases", "qwen3": "q/k norms"}
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
 }
-ARCH = gguf.MODEL_ARCH.LLAMA
 
 
 @dataclass
@@ -53,7 +66,7 @@ def export_gguf(model_dir: Path, out_file: Path, dtype: str = "f32") -> Path:
     config = read_config(model_dir)
     vocabulary = read_vocabulary(model_dir, config.vocab_size)
     with atomic_path(out_file) as staging:
-        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[ARCH])
+        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[gguf_arch(config)])
         try:
             add_metadata(writer, config, model_dir.resolve().name, FILE_TYPES[dtype])
             add_vocabulary(writer, vocabulary)
@@ -87,7 +100,12 @@ def read_config(model_dir: Path) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a bad config
         raise SlimnasError(f"cannot read {model_dir / 'config.json'}: {first_line(error)}") from error
-    if config.model_type not in EXPORTABLE_MODEL_TYPES:
+    if config.is_heterogeneous and family(config) in DECI_LACKS:
+        raise SlimnasError(
+            f"cannot export a per-layer {family(config)} student to GGUF: llama.cpp's deci graph has no "
+            f"{DECI_LACKS[family(config)]}"
+        )
+    if family(config) not in EXPORTABLE_MODEL_TYPES:
         raise SlimnasError(
             f"cannot export model type '{config.model_type}' to GGUF: only {', '.join(EXPORTABLE_MODEL_TYPES)}"
         )
@@ -111,8 +129,9 @@ def rope_parameters(config: PretrainedConfig) -> tuple[float, str]:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))), rope.get("rope_type", "default")
 
 
-def head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def gguf_arch(config: PretrainedConfig) -> gguf.MODEL_ARCH:
+    """llama for a uniform student, deci (per-layer head counts and FFN widths) for a per-layer one."""
+    return gguf.MODEL_ARCH.DECI if config.is_heterogeneous else gguf.MODEL_ARCH.LLAMA
 
 
 def add_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig, name: str, file_type: int) -> None:
@@ -121,9 +140,15 @@ def add_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig, name: str, f
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    if config.is_heterogeneous:
+        layers = PerLayerArchitecture.of(config).layers
+        writer.add_feed_forward_length([layer.intermediate_size or 1 for layer in layers])  # 1: the zero neuron
+        writer.add_head_count([layer.num_attention_heads for layer in layers])
+        writer.add_head_count_kv([layer.num_key_value_heads for layer in layers])
+    else:
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(rope_parameters(config)[0])
     # Explicit, as a pruned model may have hidden_size != heads * head_dim (llama.cpp's default).
@@ -237,19 +262,42 @@ def checkpoint_tensors(model_dir: Path):
 
 def gguf_tensors(model_dir: Path, config: PretrainedConfig, dtype: str):
     """(GGUF name, array, raw GGML type or None) for each weight, permuted and converted as llama.cpp stores them."""
-    names = gguf.get_tensor_name_map(ARCH, config.num_hidden_layers)
+    arch = gguf_arch(config)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    layers = PerLayerArchitecture.of(config).layers
     for hf_name, tensor in checkpoint_tensors(model_dir):
         if hf_name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and hf_name == "lm_head.weight"):
             continue  # recomputed from the config; a tied head is the embedding matrix
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise SlimnasError(f"cannot export tensor '{hf_name}': it has no GGUF name for llama")
+            raise SlimnasError(
+                f"cannot export tensor '{hf_name}': it has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}"
+            )
         tensor = tensor.float()
         if hf_name.endswith("self_attn.q_proj.weight"):
-            tensor = permute_rotary(tensor, config.num_attention_heads)
+            tensor = permute_rotary(tensor, layers[layer_index(hf_name)].num_attention_heads)
         elif hf_name.endswith("self_attn.k_proj.weight"):
-            tensor = permute_rotary(tensor, config.num_key_value_heads)
+            tensor = permute_rotary(tensor, layers[layer_index(hf_name)].num_key_value_heads)
         yield name, *convert(tensor.contiguous().numpy(), dtype)
+    for i, layer in enumerate(layers):
+        if not layer.intermediate_size:  # MLP removed: one all-zero neuron, as deci skips a block with no FFN
+            for tensor_name, array in zero_ffn(config.hidden_size).items():
+                yield f"blk.{i}.{tensor_name}.weight", *convert(array, dtype)
+
+
+def layer_index(hf_name: str) -> int:
+    """i in model.layers.i.*"""
+    return int(hf_name.split("layers.", 1)[1].split(".", 1)[0])
+
+
+def zero_ffn(hidden_size: int) -> dict[str, np.ndarray]:
+    """A one-neuron FFN that adds exactly 0 (its norm is the identity scale; the zero down projection decides)."""
+    return {
+        "ffn_norm": np.ones(hidden_size, dtype=np.float32),
+        "ffn_gate": np.zeros((1, hidden_size), dtype=np.float32),
+        "ffn_up": np.zeros((1, hidden_size), dtype=np.float32),
+        "ffn_down": np.zeros((hidden_size, 1), dtype=np.float32),
+    }
 
 
 def convert(array: np.ndarray, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:

@@ -8,8 +8,10 @@ from conftest import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from gguf import GGMLQuantizationType, GGUFReader
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file, save_file
+from test_llamacpp import MIXED, save_student
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slimnas.cli import main
 from slimnas.compress.export import export_gguf, tensor_count
 from slimnas.core.errors import SlimnasError
 from slimnas.recipes import export as run_export
@@ -160,3 +162,34 @@ def test_a_sharded_checkpoint_exports_every_shard(tmp_path):
     tiny_tokenizer(300).save_pretrained(checkpoint)
     assert len(list(checkpoint.glob("model-*.safetensors"))) > 1
     assert_round_trip(checkpoint, export_gguf(checkpoint, tmp_path / "sharded.gguf"), TOLERANCE["f32"])
+
+
+def test_per_layer_student_is_written_as_deci_with_per_layer_arrays(tmp_path):
+    """Head counts, KV heads and FFN widths per layer; an attention-free layer has no attention tensors; an FFN-free
+    layer gets one all-zero neuron (deci would skip its whole block, attention included, at width 0)."""
+    save_student(tmp_path / "student", MIXED)
+    out = export_gguf(tmp_path / "student", tmp_path / "student.gguf", "f16")
+    reader = GGUFReader(out)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "deci" and fields["deci.block_count"] == 4  # layer 4 dropped
+    assert fields["deci.attention.head_count"] == [4, 2, 0, 2]
+    assert fields["deci.attention.head_count_kv"] == [2, 1, 0, 2]
+    assert fields["deci.feed_forward_length"] == [96, 40, 64, 1]
+    tensors = {t.name: t for t in reader.tensors}
+    assert not [name for name in tensors if name.startswith("blk.2.attn")]
+    assert tensors["blk.1.attn_k.weight"].shape.tolist() == [48, 16]  # one KV group of 16
+    assert not tensors["blk.3.ffn_down.weight"].data.any() and tensors["blk.3.ffn_gate.weight"].shape.tolist() == [
+        48,
+        1,
+    ]
+
+
+@pytest.mark.parametrize("model_type, lacks", [("qwen2", "q/k/v projection biases"), ("qwen3", "q/k norms")])
+def test_per_layer_student_of_a_family_deci_cannot_express_is_refused_in_one_line(tmp_path, capsys, model_type, lacks):
+    save_student(tmp_path / "student", MIXED, model_type)
+    capsys.readouterr()  # the save's progress bar
+    assert main(["export", f"model={tmp_path / 'student'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"per-layer {model_type} student" in err and lacks in err
+    assert not list(tmp_path.glob("student/*.gguf"))
