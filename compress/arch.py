@@ -28,6 +28,12 @@ class Architecture:
 
     @classmethod
     def of(cls, config: "PretrainedConfig") -> "Architecture":
+        """A uniform model's shape; a per-layer one has none (pruning and the search take a uniform teacher)."""
+        if getattr(config, "is_heterogeneous", False):
+            raise SlimnasError(
+                f"a per-layer model ({config.model_type}) cannot be the teacher here: pruning and the search take "
+                "a uniform teacher"
+            )
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,

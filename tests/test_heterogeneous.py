@@ -267,3 +267,18 @@ def test_bad_per_layer_targets_on_the_command_line_exit_2_before_any_weights_loa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slimnas: error: invalid target") and message in err[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["prune target.num_hidden_layers=2", "search"])
+def test_a_per_layer_teacher_is_refused_in_one_line(tmp_path, capsys, command):
+    """Pruning and the search cut a uniform teacher; a per-layer one has no single architecture to cut from."""
+    teacher = tmp_path / "per-layer"
+    AutoModelForCausalLM.from_config(per_layer_config(tiny_config(num_hidden_layers=5), MIXED)).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    capsys.readouterr()
+    name, *overrides = command.split()
+    args = [name, f"teacher={teacher}", f"out={tmp_path / 'x'}" if name == "prune" else f"run_dir={tmp_path / 'x'}"]
+    assert main([*args, *FAST, *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "per-layer model (slimnas_llama) cannot be the teacher" in err[0]
+    assert not (tmp_path / "x").exists()

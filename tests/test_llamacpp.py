@@ -57,9 +57,21 @@ def save_student(path, target: PerLayerArchitecture, model_type: str = "llama"):
 
 
 def llama_cpp_logits(gguf_file, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp().Llama(model_path=str(gguf_file), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp().Llama(model_path=str(gguf_file), n_ctx=len(tokens) + 8, n_batch=len(tokens), logits_all=True,
+                            n_threads=2, verbose=False)  # fmt: skip
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def assert_same_logits_in_llama_cpp(gguf_file, model, tokens: list[int], what: str) -> None:
+    """llama.cpp's logits at every position within TOLERANCE of PyTorch's (f32), with the same argmax."""
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].float().numpy()
+    got = llama_cpp_logits(gguf_file, tokens)
+    difference = float(np.abs(got - expected).max())
+    print(f"{what}: max |logit difference| {difference:.2e} over {len(tokens)} positions x {got.shape[1]} tokens")
+    assert difference <= TOLERANCE, f"{what}: max |logit difference| {difference:.3g} > {TOLERANCE}"
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("target, arch", [(MIXED, "deci"), (UNIFORM, "llama")], ids=["per-layer", "uniform"])
@@ -69,10 +81,4 @@ def test_exported_student_gives_pytorchs_logits_in_llama_cpp(tmp_path, target, a
     gguf_file = export_gguf(tmp_path / "student", tmp_path / "student.gguf", "f32")
     assert GGUFReader(gguf_file).fields["general.architecture"].contents() == arch
     tokens = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        expected = model(torch.tensor([tokens])).logits[0].numpy()
-    got = llama_cpp_logits(gguf_file, tokens)
-    difference = float(np.abs(got - expected).max())
-    print(f"{arch}: max |logit difference| {difference:.2e} over {len(tokens)} positions x {VOCAB} tokens")
-    assert difference <= TOLERANCE
-    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert_same_logits_in_llama_cpp(gguf_file, model, tokens, arch)

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 from conftest import SHARED_DATA, needs_data
+from test_llamacpp import assert_same_logits_in_llama_cpp, llama_cpp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimnas.cli import main
+from slimnas.compress.export import export_gguf
 from slimnas.compress.importance import perplexity
 from slimnas.compress.models import DEFAULT_TEACHER, load_model
 
@@ -39,6 +41,35 @@ def test_prune_smollm2_to_60_percent_export_reload_and_score_wikitext(tmp_path):
     teacher_ppl, student_ppl = perplexity(teacher.model, tokens), perplexity(student, tokens)
     assert math.isfinite(student_ppl) and math.isfinite(teacher_ppl)
     assert 5 < teacher_ppl < 100 and student_ppl > teacher_ppl
+
+    # llama.cpp runs the f32 export as `llama` with PyTorch's logits, and tokenises like transformers
+    gguf_file = export_gguf(out, tmp_path / "smollm2-60.gguf", "f32")
+    text = (SHARED_DATA / "wikitext2" / "wiki.valid.tokens").read_text()[:400]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
+    llm = llama_cpp().Llama(model_path=str(gguf_file), n_ctx=128, vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False)[:64] == ids
+    assert_same_logits_in_llama_cpp(gguf_file, student, ids, "SmolLM2 cut to 60%")
+
+
+# Every third layer attention-free, FFNs narrowed per layer, KV groups 1-3 per layer, layer 29 dropped, 28 FFN-free.
+PER_LAYER_TARGET = [
+    "target.hidden_size=512",
+    "target.intermediate_size=[" + ",".join(str(1536 - 32 * i) for i in range(28)) + ",0,0]",
+    "target.num_attention_heads=[" + ",".join("0" if i % 3 == 2 else str(3 * (1 + i % 3)) for i in range(29)) + ",0]",
+    "target.num_key_value_heads=[" + ",".join("0" if i % 3 == 2 else str(1 + i % 3) for i in range(29)) + ",0]",
+]
+
+
+def test_a_per_layer_smollm2_student_runs_in_llama_cpp_as_deci_with_pytorchs_logits(tmp_path):
+    out = tmp_path / "smollm2-mixed"
+    assert main(["prune", f"out={out}", "importance.n_samples=16", "eval_heldout=false", *PER_LAYER_TARGET]) == 0
+    import slimnas.models  # noqa: F401  (the documented import: registers the per-layer students)
+
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(student).__name__ == "SlimnasLlamaForCausalLM" and student.config.num_hidden_layers == 29
+    gguf_file = export_gguf(out, tmp_path / "smollm2-mixed.gguf", "f32")
+    ids = wikitext_tokens(AutoTokenizer.from_pretrained(out), n_tokens=64, seq_len=64)[0].tolist()
+    assert_same_logits_in_llama_cpp(gguf_file, student, ids, "per-layer SmolLM2 (deci)")
 
 
 def test_smollm2_scores_above_chance_on_piqa_and_arc_easy_offline(tmp_path):
