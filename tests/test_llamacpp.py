@@ -57,8 +57,9 @@ def save_student(path, target: PerLayerArchitecture, model_type: str = "llama"):
 
 
 def llama_cpp_logits(gguf_file, tokens: list[int]) -> np.ndarray:
+    f32 = llama_cpp().GGML_TYPE_F32  # the KV cache in f32 too (llama.cpp's default is f16)
     llm = llama_cpp().Llama(model_path=str(gguf_file), n_ctx=len(tokens) + 8, n_batch=len(tokens), logits_all=True,
-                            n_threads=2, verbose=False)  # fmt: skip
+                            n_threads=2, type_k=f32, type_v=f32, verbose=False)  # fmt: skip
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
