@@ -82,7 +82,7 @@ class LlamaCppDecoder:
 
         self.llm = llama_cpp.Llama(
             model_path=str(gguf_file), n_ctx=len(prompt) + new_tokens + 8, n_threads=2, n_batch=len(prompt),
-            verbose=False,
+            logits_all=True, verbose=False,
         )  # fmt: skip
         self.prompt, self.new_tokens = prompt, new_tokens
 
