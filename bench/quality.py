@@ -92,6 +92,18 @@ def task_size(suite: TaskSuite, task: str) -> int:
     return suite.sizes[task]
 
 
+def documents(suite: TaskSuite, quality: QualitySettings, pool_name: str) -> dict[str, list[int]]:
+    """The documents scored of each task, by its lm-eval name: `trial_limit` of the selection pool, `limit` of the
+    evaluation pool."""
+    limit = quality.trial_limit if pool_name == "selection" else quality.limit
+    return {
+        suite.lm_eval_names[task]: subset(
+            task_size(suite, task), quality.selection_share, quality.seed, pool_name, limit
+        )
+        for task in suite.tasks
+    }
+
+
 def score_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -102,11 +114,10 @@ def score_model(
     precision: str = "auto",
     log_to: Path | None = None,
 ) -> list[ScoreRecord]:
-    """lm-eval on the documents of one pool: `trial_limit` of the selection pool, `limit` of the evaluation pool."""
+    """lm-eval on the documents of one pool (`documents`), one task at a time."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    limit = quality.trial_limit if pool_name == "selection" else quality.limit
     records = []
     with quiet(log_to):
         device = str(model_device(model))
@@ -114,16 +125,16 @@ def score_model(
             pretrained=model, tokenizer=tokenizer, batch_size=quality.batch_size, device=device,
             max_length=quality.max_length,
         )  # fmt: skip
+        chosen = documents(suite, quality, pool_name)
         for task in suite.tasks:
             name = suite.lm_eval_names[task]
-            chosen = subset(task_size(suite, task), quality.selection_share, quality.seed, pool_name, limit)
             started = time.perf_counter()
             with autocast(model_device(model), precision):
                 result = simple_evaluate(
                     model=lm,
                     tasks=[name],
                     task_manager=suite.manager,
-                    samples={name: chosen},
+                    samples={name: chosen[name]},
                     bootstrap_iters=0,
                     log_samples=False,
                     random_seed=quality.seed,

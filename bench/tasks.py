@@ -153,6 +153,7 @@ class TaskSuite:
     sizes: dict[str, int | None]  # documents per task (None: a hub task, counted by lm-eval)
     source: str  # for records: the data directory, or "lm-eval hub"
     manager: object  # lm_eval.tasks.TaskManager
+    offline: bool  # every task reads local files, so lm-eval runs with the hub switched off
 
     def describe(self) -> str:
         return ", ".join(f"{t} ({self.splits[t]})" for t in self.tasks) + f" from {self.source}"
@@ -206,9 +207,10 @@ def prepare_suite(tasks: list[str], data_dir_setting: str | None) -> TaskSuite:
 
     key = hash_json([sorted(tasks), str(data_dir), lm_eval.__version__])[:16]
     work_dir = cache_root() / "lm-eval-tasks" / key
+    offline = data_dir is not None and all(t in SUITE for t in tasks)
     if data_dir is not None:
         check_local_files(data_dir, tasks)
-        if all(t in SUITE for t in tasks):
+        if offline:
             go_offline()
     elif any(t in SUITE for t in tasks):
         print("note: no benchmark data directory (data.dir, $SLIMNAS_DATA or shared/data): using lm-eval's hub tasks")
@@ -235,4 +237,4 @@ def prepare_suite(tasks: list[str], data_dir_setting: str | None) -> TaskSuite:
         sizes[task], splits[task] = None, "lm-eval default"
     names = {t: LOCAL_PREFIX + t if t in SUITE else t for t in tasks}
     source = str(data_dir) if data_dir is not None else "lm-eval hub"
-    return TaskSuite(tasks, names, splits, sizes, source, manager)
+    return TaskSuite(tasks, names, splits, sizes, source, manager, offline)

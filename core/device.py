@@ -29,11 +29,16 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def autocasts_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 with precision=bf16, and with precision=auto where the device computes bf16 natively; fp32 otherwise.
+    Without native bf16 the matmuls are emulated: on an AVX2-only CPU a bf16 matmul ran at 0.6 GFLOP/s against
+    14-20 in fp32 (RESULTS.md), so auto never picks it there."""
+    return check_precision(precision) != "fp32" and (precision != "auto" or native_bf16(device))
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast with precision=bf16, and with precision=auto where the device computes bf16 natively; fp32
-    otherwise. Without native bf16 the matmuls are emulated: on an AVX2-only CPU a bf16 matmul ran at 0.6 GFLOP/s
-    against 14-20 in fp32 (RESULTS.md), so auto never picks it there."""
-    if check_precision(precision) == "fp32" or (precision == "auto" and not native_bf16(device)):
+    """bf16 autocast where `autocasts_bf16` says so, else nothing (fp32)."""
+    if not autocasts_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

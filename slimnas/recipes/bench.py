@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from slimnas.bench.lm_eval_command import write_lm_eval_command
 from slimnas.bench.memory import measure_memory
 from slimnas.bench.quality import score_model, summary_score
 from slimnas.bench.speed import compare_speed, measure_speed
@@ -55,6 +56,8 @@ def main(cfg: DictConfig) -> None:
         if summary.excluded:
             print(f"not in the summary score (no known chance level, or no accuracy): {', '.join(summary.excluded)}")
         save_records(records, out / "scores")
+        script = write_lm_eval_command(model.model, suite, quality, "evaluation", cfg.precision, out)
+        print(f"the same scores with lm-eval's own command line: sh {script}")
 
     # 4. Speed: against the teacher in alternating pairs, or alone
     if cfg.measure_speed:
