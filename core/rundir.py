@@ -48,7 +48,7 @@ COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
 @dataclass
 class TrialRecord:
     trial: int
-    architecture: dict[str, int]
+    architecture: dict  # the five sizes of a uniform candidate; a per-layer one's per-layer sizes are lists
     label: str
     params: int
     params_fraction: float  # of the teacher's parameters
@@ -90,7 +90,7 @@ class RetrainRecord:
     name: str  # "teacher" or the search trial's number, e.g. "0007"
     trial: int | None
     label: str
-    architecture: dict[str, int]
+    architecture: dict  # as in TrialRecord
     params: int
     params_fraction: float
     reference: str | None
@@ -148,6 +148,17 @@ def original_teacher_record(run_dir: Path) -> RetrainRecord:
     """The original teacher scored like the students: the reference of a corrected run or a stage, else the teacher."""
     reference = run_dir / REFERENCE_DIR
     return read_retrain_record((reference if reference.is_dir() else retrain_dir(run_dir, TEACHER)) / RECORD_FILE)
+
+
+def architecture_columns(architecture: dict) -> dict[str, int | None]:
+    """An architecture record as flat table columns: a per-layer one (its sizes lists, one entry per teacher layer)
+    by its hidden size and its kept layers, its per-layer sizes blank (its label spells them out)."""
+    if not isinstance(architecture.get("intermediate_size"), list):
+        return dict(architecture)
+    layers = zip(architecture["intermediate_size"], architecture["num_attention_heads"], strict=True)
+    kept = sum(bool(ffn or heads) for ffn, heads in layers)
+    blank = dict.fromkeys(("intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    return {"hidden_size": architecture["hidden_size"], **blank, "num_hidden_layers": kept}
 
 
 def outcome_text(state: str, rung: int) -> str:

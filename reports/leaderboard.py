@@ -11,7 +11,7 @@ shown as "(unstable)". Flat rows for CSV; Markdown (pandas) and the cells the pa
 import pandas as pd
 from scipy.stats import kendalltau, spearmanr
 
-from slimnas.core.rundir import COMPLETE, RetrainRecord, TrialRecord
+from slimnas.core.rundir import COMPLETE, RetrainRecord, TrialRecord, architecture_columns
 from slimnas.core.stats import paired_difference
 from slimnas.core.tables import plus_minus
 from slimnas.reports.runs import Run
@@ -37,7 +37,7 @@ TEACHER, RETRAINED = "teacher", "retrained"
 
 def model_columns(run: Run, name: str, stage: str, record: TrialRecord | RetrainRecord | None) -> dict:
     """What a row says about the model itself; the teacher of a search-only run is known by its size only."""
-    architecture = record.architecture if record else {}
+    architecture = architecture_columns(record.architecture) if record else {}
     params = record.params if record else run.teacher_params
     return {
         "run": run.name,

@@ -245,6 +245,11 @@ def search_history(run: Run) -> Figure | None:
     return figure
 
 
+def legend_label(label: str, width: int = 40) -> str:
+    """A model's label in a legend, cut to `width` characters: a per-layer candidate's spells out every layer."""
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
 def kd_curves(run: Run) -> Figure | None:
     curves = [(r, run.kd_curves.get(r.name, [])) for r in run.retrained]
     if not any(points for _, points in curves):
@@ -254,7 +259,7 @@ def kd_curves(run: Run) -> Figure | None:
         tokens = [p["kd_tokens"] for p in points]
         kl = [p["kl"] for p in points]
         stderr = [p.get("kl_stderr") or 0.0 for p in points]
-        line = ax.plot(tokens, kl, "o-", markersize=3, label=f"trial {record.trial} {record.label}")[0]
+        line = ax.plot(tokens, kl, "o-", markersize=3, label=f"trial {record.trial} {legend_label(record.label)}")[0]
         low, high = [k - s for k, s in zip(kl, stderr, strict=True)], [k + s for k, s in zip(kl, stderr, strict=True)]
         ax.fill_between(tokens, low, high, color=line.get_color(), alpha=0.15)
     documents = run.info.get("corpus", {}).get("evaluation_documents")
@@ -280,7 +285,7 @@ def tick_label(pair: tuple[str, str], scores: dict[str, dict]) -> str:
 
 def task_scores(run: Run) -> Figure | None:
     models = [("teacher", run.teacher)] if run.teacher else []
-    models += [(f"trial {r.trial} {r.label}", r) for r in run.retrained]
+    models += [(f"trial {r.trial} {legend_label(r.label)}", r) for r in run.retrained]
     scores = {name: accuracy_scores(record) for name, record in models}
     pairs = list(dict.fromkeys(pair for by_pair in scores.values() for pair in by_pair))
     if not run.retrained or not pairs:

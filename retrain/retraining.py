@@ -17,7 +17,7 @@ from slimnas.bench.quality import score_model, summary_score
 from slimnas.bench.settings import QualitySettings, SpeedSettings
 from slimnas.bench.speed import compare_speed, measure_speed
 from slimnas.bench.tasks import TaskSuite
-from slimnas.compress.arch import Architecture, architecture_of, flops_per_token, param_count
+from slimnas.compress.arch import Shape, architecture_of, flops_per_token, param_count
 from slimnas.compress.context import TeacherContext
 from slimnas.compress.distill import DistillResult, build_distiller, distill_to_budget, make_teacher_targets
 from slimnas.compress.heldout import HeldoutSet
@@ -187,7 +187,7 @@ def score_teacher(retraining: Retraining, out: Path, model: LoadedModel | None =
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    arch: Architecture
+    arch: Shape
     policy: PruningSettings
     trial: int | None = None
     reference: str | None = None

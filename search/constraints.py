@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from slimnas.compress.arch import Architecture, param_count, weight_bytes
+from slimnas.compress.arch import Shape, param_count, weight_bytes
 from slimnas.core.errors import SlimnasError
 
 if TYPE_CHECKING:
@@ -32,12 +32,12 @@ class Budget:
             return None
         return int(self.params * param_count(teacher)) if self.params <= 1 else int(self.params)
 
-    def target_gap(self, teacher: "PretrainedConfig", arch: Architecture) -> float:
+    def target_gap(self, teacher: "PretrainedConfig", arch: Shape) -> float:
         """Relative distance of the candidate's parameter count from the target (0 without a target)."""
         target = self.target_params(teacher)
         return 0.0 if target is None else (param_count(teacher, arch) - target) / target
 
-    def allows(self, teacher: "PretrainedConfig", arch: Architecture) -> bool:
+    def allows(self, teacher: "PretrainedConfig", arch: Shape) -> bool:
         highest = 0.0 if self.cap else self.window
         if not -self.window <= self.target_gap(teacher, arch) <= highest:
             return False

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from slimnas.core.files import write_json
-from slimnas.core.rundir import COMPLETE, FRONT_FILE, TrialRecord, read_records
+from slimnas.core.rundir import COMPLETE, FRONT_FILE, TrialRecord, architecture_columns, read_records
 from slimnas.core.tables import save_records
 from slimnas.search.objectives import Objective, pareto_front
 
@@ -27,10 +27,10 @@ TABLE_COLUMNS = [
 
 def table_row(record: TrialRecord) -> dict:
     """One flat row of the trials table (no per-document lists)."""
-    values = {**record.as_dict(), **record.architecture, **record.final, "speed_unstable": record.speed.get("unstable")}
+    values = {**record.as_dict(), **record.final, "speed_unstable": record.speed.get("unstable")}
     return (
         {column: values.get(column) for column in TABLE_COLUMNS[:6]}
-        | record.architecture
+        | architecture_columns(record.architecture)
         | {column: values.get(column) for column in TABLE_COLUMNS[6:]}
     )
 

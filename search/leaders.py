@@ -17,7 +17,7 @@ import time
 
 import optuna
 
-from slimnas.compress.arch import Architecture
+from slimnas.compress.arch import shape_of
 from slimnas.compress.prune import plan_pruning, prune_model
 from slimnas.compress.settings import PruningSettings
 from slimnas.core.files import locked, read_json, write_json
@@ -44,7 +44,7 @@ def extended(setup: SearchSetup, record: TrialRecord, tokens: int) -> dict:
     """One leader distilled from its pruned weights for `tokens` KD tokens, scored on the selection documents."""
     started = time.perf_counter()
     teacher = setup.context.teacher.model
-    arch = Architecture(**record.architecture)
+    arch = shape_of(record.architecture)
     plan = plan_pruning(setup.context.importance, teacher.config, arch, PruningSettings(**record.pruning))
     student = prune_model(teacher, plan, arch)
     kd = distiller(setup, student, plan, budget_tokens=tokens)

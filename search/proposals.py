@@ -3,6 +3,8 @@
     screen     the screen's best (`search.screen.top_k`) first, then the sampler, told the rest of the screen
     uniform    feasible candidates in a seeded random order, no screen, no sampler (the random-search baseline)
     enumerate  every screened candidate to the last rung, none stopped (what a race is measured against)
+    per_layer  per-layer candidates (search.layer_space): a sample stratified by size and the caller's seed shapes
+               screened, their best first, then the sampler over each layer's variant, told the rest of the screen
 
 Every strategy also queues the reference cuts (search.references) once per study. A new way of proposing
 is a new subclass of `Proposals` added to `PROPOSALS` (and its name to search.settings.PROPOSALS): the
@@ -16,7 +18,17 @@ from collections import Counter
 import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.arch import (
+    Architecture,
+    LayerShape,
+    PerLayerArchitecture,
+    Shape,
+    param_count,
+    shape_of,
+    validate_target,
+)
+from slimnas.compress.prune import select_layers
+from slimnas.core.errors import SlimnasError
 from slimnas.core.files import locked
 from slimnas.core.rundir import update_run
 from slimnas.search.race import rung_attrs, shortfall
@@ -24,7 +36,9 @@ from slimnas.search.references import find_reference
 from slimnas.search.screen import Screened, run_screen
 from slimnas.search.settings import PROPOSALS as PROPOSAL_NAMES
 from slimnas.search.setup import SearchSetup
+from slimnas.search.space import ATTENTION, DEPTH, WIDTH
 from slimnas.search.storage import dashboard_constraints
+from slimnas.search.trial import policy_of
 
 REJECTED = "rejected"  # user attr of a proposal dropped before any compute
 SCREENED = "screened"  # user attr "state" of a screened candidate told to the sampler without running
@@ -34,14 +48,19 @@ NOT_THE_CANDIDATES_FAULT = ("interrupted",)  # failures that do not count toward
 # Which candidates count as evaluated ----------------------------------------------------------------------
 
 
+def _hashable(architecture: dict) -> tuple:
+    """An architecture record as a key (a per-layer one's lists as tuples)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(architecture.items()))
+
+
 def candidate_key(trial: FrozenTrial) -> tuple | None:
     """A candidate is its architecture and how its layers are chosen (depth-only cuts one block)."""
     arch = trial.user_attrs.get("architecture")
-    return None if arch is None else (tuple(sorted(arch.items())), trial.user_attrs.get("depth_strategy"))
+    return None if arch is None else (_hashable(arch), trial.user_attrs.get("depth_strategy"))
 
 
-def arch_key(arch: Architecture) -> tuple:
-    return tuple(sorted(arch.as_dict().items())), None
+def arch_key(arch: Shape) -> tuple:
+    return _hashable(arch.as_dict()), None
 
 
 def failed_attempts(trials: list[FrozenTrial]) -> Counter:
@@ -71,11 +90,11 @@ def evaluated_keys(trials: list[FrozenTrial], max_attempts: int, exclude: int | 
     return taken
 
 
-def enqueue(study: optuna.Study, setup: SearchSetup, arch: Architecture, attrs: dict) -> None:
+def enqueue(study: optuna.Study, setup: SearchSetup, arch: Shape, attrs: dict) -> None:
     """Queue a candidate with its architecture and size recorded (the study's user attributes carry them)."""
     params = param_count(setup.context.teacher.model.config, arch)
-    study.enqueue_trial(setup.encoding.encode(arch), user_attrs={"architecture": arch.as_dict(), "params": params,
-                                                                 **attrs})  # fmt: skip
+    study.enqueue_trial(proposals_of(setup).params(setup, arch, attrs),
+                        user_attrs={"architecture": arch.as_dict(), "params": params, **attrs})  # fmt: skip
 
 
 # The strategies ---------------------------------------------------------------------------------------------
@@ -92,9 +111,28 @@ class Proposals:
         """The screened candidates, best first (one worker screens, the others read the cache)."""
         return run_screen(setup)
 
-    def first(self, setup: SearchSetup, screened: list[Screened]) -> tuple[list[Screened], str]:
-        """The screened candidates queued first, and who proposed them."""
-        return screened[: setup.settings.screen.top_k], "screen"
+    def first(self, setup: SearchSetup, screened: list[Screened]) -> list[tuple[Screened, str]]:
+        """The screened candidates queued first, each with who proposed it."""
+        return [(screen, "screen") for screen in screened[: setup.settings.screen.top_k]]
+
+    def suggest(self, trial: optuna.Trial, setup: SearchSetup, queued: dict | None) -> Shape:
+        """The trial's candidate, from the sampler's coordinates (search.space.FeasibleEncoding); a queued trial's
+        (`queued`: its architecture) are fixed, and decode to its candidate."""
+        encoding = setup.encoding
+        attention = trial.suggest_categorical(ATTENTION, list(encoding.attention))
+        return encoding.decode(attention, trial.suggest_float(DEPTH, 0.0, 1.0), trial.suggest_float(WIDTH, 0.0, 1.0))
+
+    def params(self, setup: SearchSetup, arch: Shape, attrs: dict) -> dict:
+        """A candidate in the sampler's coordinates, to queue it or tell it."""
+        return setup.encoding.encode(arch)
+
+    def distributions(self, setup: SearchSetup) -> dict:
+        return setup.encoding.distributions()
+
+    def unevaluated(self, setup: SearchSetup, taken: dict, seed: int | str) -> Shape | None:
+        """A feasible candidate nobody evaluated, drawn with `seed`; None when every one was."""
+        left = [arch for arch in setup.feasible if arch_key(arch) not in taken]
+        return random.Random(seed).choice(left) if left else None
 
     def queue_next(self, study: optuna.Study, setup: SearchSetup, trials: list[FrozenTrial]) -> None:
         """Queue the next candidate before the study asks (nothing: the sampler proposes)."""
@@ -143,8 +181,8 @@ class Enumerate(Proposals):
     name = "enumerate"
     races = False
 
-    def first(self, setup: SearchSetup, screened: list[Screened]) -> tuple[list[Screened], str]:
-        return screened, "enumerate"
+    def first(self, setup: SearchSetup, screened: list[Screened]) -> list[tuple[Screened, str]]:
+        return [(screen, "enumerate") for screen in screened]
 
     def exhausted(self, waiting: bool) -> str | None:
         return None if waiting else "every screened candidate was evaluated"
@@ -153,7 +191,59 @@ class Enumerate(Proposals):
         return "every feasible candidate to the last rung, none stopped (enumeration)"
 
 
-PROPOSALS: dict[str, Proposals] = {p.name: p for p in (ScreenFirst(), Uniform(), Enumerate())}
+class PerLayer(ScreenFirst):
+    """Per-layer candidates (search.layer_space): the screen scores a sample stratified by size plus the caller's
+    seed shapes (SearchSetup.seeds), its best go first, then the sampler proposes each layer's variant."""
+
+    name = "per_layer"
+
+    def screen(self, setup: SearchSetup) -> list[Screened]:
+        config, budget = setup.context.teacher.model.config, setup.settings.budget
+        for seed in setup.seeds:
+            validate_target(seed, config)
+            if not budget.allows(config, seed):
+                raise SlimnasError(f"seed shape {seed.label()} ({param_count(config, seed):,} parameters) is outside "
+                                   f"the budget: {budget.describe(config)}")  # fmt: skip
+        sample = setup.layer_space.stratified_sample(setup.settings.screen.per_layer_samples, setup.settings.seed)
+        return run_screen(setup, list(dict.fromkeys([*setup.seeds, *sample])))
+
+    def first(self, setup: SearchSetup, screened: list[Screened]) -> list[tuple[Screened, str]]:
+        return [(s, "seed" if s.arch in setup.seeds else "screen") for s in screened[: setup.settings.screen.top_k]]
+
+    def suggest(self, trial: optuna.Trial, setup: SearchSetup, queued: dict | None) -> Shape:
+        proposed = setup.layer_space.suggest(trial)  # a queued trial's parameters are fixed: recorded all the same
+        return proposed if queued is None else shape_of(queued)
+
+    def params(self, setup: SearchSetup, arch: Shape, attrs: dict) -> dict:
+        """A uniform candidate (a reference) is told as the layers it keeps, each with its sizes: what it is in this
+        space's terms, although its sizes need not be among the variants."""
+        if isinstance(arch, Architecture):
+            kept = set(select_layers(setup.context.importance, arch.num_hidden_layers, policy_of(setup, attrs)))
+            layer = LayerShape(arch.intermediate_size, arch.num_attention_heads, arch.num_key_value_heads)
+            layers = tuple(layer if i in kept else LayerShape(0, 0, 0) for i in range(setup.layer_space.layers))
+            arch = PerLayerArchitecture(arch.hidden_size, layers)
+        return setup.layer_space.encode(arch)
+
+    def distributions(self, setup: SearchSetup) -> dict:
+        return setup.layer_space.distributions()
+
+    def unevaluated(self, setup: SearchSetup, taken: dict, seed: int | str) -> Shape | None:
+        """A random feasible candidate nobody evaluated (None when 100 draws found none: the space is spent)."""
+        rng = random.Random(seed)
+        draws = (setup.layer_space.random(rng) for _ in range(100))
+        return next((shape for shape in draws if arch_key(shape) not in taken), None)
+
+    def describe(self, setup: SearchSetup) -> str:
+        seeds = f" and {len(setup.seeds)} seed shapes" if setup.seeds else ""
+        sampler = setup.settings.sampler["_target_"].rsplit(".", 1)[-1]
+        return (
+            f"{setup.layer_space.describe()}; {setup.settings.screen.per_layer_samples} sampled by size{seeds} "
+            f"screened, their best {setup.settings.screen.top_k} first, then {sampler} over each layer's variant "
+            f"(told the screen); {setup.settings.n_trials} trials to reach the last rung"
+        )
+
+
+PROPOSALS: dict[str, Proposals] = {p.name: p for p in (ScreenFirst(), Uniform(), Enumerate(), PerLayer())}
 assert tuple(PROPOSALS) == PROPOSAL_NAMES, "search.settings.PROPOSALS lists the registered strategies"
 
 
@@ -164,11 +254,10 @@ def proposals_of(setup: SearchSetup) -> Proposals:
 # The first trials: the strategy's share of the screen, the reference cuts, the rest of the screen told ---------
 
 
-def first_trials(setup: SearchSetup, screened: list[Screened]) -> list[tuple[Architecture, dict]]:
+def first_trials(setup: SearchSetup, screened: list[Screened]) -> list[tuple[Shape, dict]]:
     """(candidate, user attrs) to queue in order: the strategy's share of the screen, then the references."""
-    first, proposed_by = proposals_of(setup).first(setup, screened)
-    queued: dict[tuple, tuple[Architecture, dict]] = {}
-    for rank, screen in enumerate(first):
+    queued: dict[tuple, tuple[Shape, dict]] = {}
+    for rank, (screen, proposed_by) in enumerate(proposals_of(setup).first(setup, screened)):
         attrs = {"proposed_by": proposed_by}
         note = f"screen rank {rank + 1} of {len(screened)}: KL {screen.kl:.3f} ± {screen.kl_stderr:.3f} without KD"
         if rank == 0:
@@ -195,7 +284,7 @@ def tell_screen(study: optuna.Study, setup: SearchSetup, screened: list[Screened
     without running them: quality from the KL, and no timed objective)."""
     if not proposals_of(setup).tells_screen or setup.timings_rank or setup.settings.quality_metric != "heldout_kl":
         return 0
-    config = setup.context.teacher.model.config
+    config, proposals = setup.context.teacher.model.config, proposals_of(setup)
     told = []
     for screen in screened:
         if (screen.arch, None) in queued:
@@ -207,8 +296,8 @@ def tell_screen(study: optuna.Study, setup: SearchSetup, screened: list[Screened
         constraints = {"rungs_missed": shortfall(setup.last_rung, -screen.kl)}
         told.append(
             create_trial(
-                params=setup.encoding.encode(screen.arch),
-                distributions=setup.encoding.distributions(),
+                params=proposals.params(setup, screen.arch, {}),
+                distributions=proposals.distributions(setup),
                 values=[values[o.name] for o in setup.objectives],
                 user_attrs=attrs,
                 constraints=constraints,

@@ -1,7 +1,8 @@
 """The screen: candidates scored by held-out KL right after pruning, before any KD (rung 0 for all at once).
 
 Every feasible candidate when there are at most `search.screen.max_candidates`, else a seeded stratified
-sample over the space (search.space.stratified_sample). Each costs a prune and one evaluation on the
+sample over the space (search.space.stratified_sample); or the candidates a proposal strategy gives (per-layer
+ones: search.proposals). Each costs a prune and one evaluation on the
 selection documents. The study starts with the screen's best (`search.screen.top_k`; the very best is
 the zero-shot pick, NVIDIA ModelOpt's choice), and the sampler is told the rest (search.study).
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from slimnas.compress.arch import Architecture
+from slimnas.compress.arch import Architecture, Shape, shape_of
 from slimnas.compress.models import cache_root
 from slimnas.compress.prune import plan_pruning, prune_model
 from slimnas.core.files import atomic_path, hash_json, locked, read_jsonl
@@ -31,7 +32,7 @@ from slimnas.search.space import stratified_sample
 
 @dataclass(frozen=True)
 class Screened:
-    arch: Architecture
+    arch: Shape
     kl: float  # mean over the selection documents, right after pruning
     kl_stderr: float
     kl_per_doc: list[float]
@@ -47,7 +48,7 @@ def to_screen(setup: SearchSetup) -> list[Architecture]:
     return feasible if len(feasible) <= limit else stratified_sample(feasible, limit, setup.settings.seed)
 
 
-def screen_file(setup: SearchSetup, candidates: list[Architecture]) -> Path:
+def screen_file(setup: SearchSetup, candidates: list[Shape]) -> Path:
     """The cache file of this screen: keyed by everything its numbers depend on."""
     context = setup.context
     key = hash_json([
@@ -57,17 +58,18 @@ def screen_file(setup: SearchSetup, candidates: list[Architecture]) -> Path:
     return cache_root() / "screens" / f"{key[:24]}.jsonl"
 
 
-def _screened_before(path: Path) -> dict[Architecture, Screened]:
+def _screened_before(path: Path) -> dict[Shape, Screened]:
     done = {}
     for line in read_jsonl(path) if path.is_file() else []:
-        arch = Architecture(**line["architecture"])
+        arch = shape_of(line["architecture"])
         done[arch] = Screened(arch, line["kl"], line["kl_stderr"], line["kl_per_doc"], line["seconds"])
     return done
 
 
-def run_screen(setup: SearchSetup) -> list[Screened]:
-    """Every candidate to screen, scored (or read back), best (lowest KL) first; also in RUN_DIR/screen.jsonl."""
-    candidates = to_screen(setup)
+def run_screen(setup: SearchSetup, candidates: list[Shape] | None = None) -> list[Screened]:
+    """The candidates (default: `to_screen`), scored (or read back), best (lowest KL) first; also in
+    RUN_DIR/screen.jsonl."""
+    candidates = to_screen(setup) if candidates is None else candidates
     path = screen_file(setup, candidates)
     teacher = setup.context.teacher.model
     with locked(path.with_suffix(".lock")):

@@ -13,7 +13,7 @@ from slimnas.search.objectives import OBJECTIVES, QUALITY_METRICS
 from slimnas.search.space import SpaceSettings
 
 REFERENCE_KINDS = ("uniform", "depth_only", "width_only")
-PROPOSALS = ("screen", "uniform", "enumerate")
+PROPOSALS = ("screen", "uniform", "enumerate", "per_layer")
 
 
 @dataclass
@@ -22,10 +22,12 @@ class ScreenSettings:
 
     max_candidates: int = 2000  # every feasible candidate up to this many, else a seeded stratified sample
     top_k: int = 4  # the screen's best, queued as the study's first trials (the best is the zero-shot pick)
+    per_layer_samples: int = 48  # search.proposals=per_layer: random per-layer candidates screened, one from each of
+    # this many strata by parameter count (that space is never enumerated)
 
     def __post_init__(self):
-        if self.max_candidates < 1 or self.top_k < 1:
-            raise SlimnasError("search.screen.max_candidates and search.screen.top_k must be at least 1")
+        if min(self.max_candidates, self.top_k, self.per_layer_samples) < 1:
+            raise SlimnasError("search.screen.max_candidates, top_k and per_layer_samples must be at least 1")
 
 
 @dataclass
@@ -88,7 +90,8 @@ class SearchSettings:
     keep_checkpoints: bool = False  # keep each completed trial's checkpoint in trials/N/model
     proposals: str = "screen"  # screen: the screen's best first, then the sampler, told the screen's results;
     # uniform: feasible candidates in a seeded random order, no screen, no sampler (the random-search baseline);
-    # enumerate: every feasible candidate to the last rung, none stopped (what a race is measured against)
+    # enumerate: every feasible candidate to the last rung, none stopped (what a race is measured against);
+    # per_layer: per-layer candidates (search.space.per_layer), a stratified sample screened, then the sampler
     workers: int = 1  # processes joining the study, started by a Hydra launcher (hydra/launcher=joblib by default)
     gpus: list[int] = field(default_factory=list)  # worker i sees gpus[i % len] alone; [] = leave CUDA_VISIBLE_DEVICES
     max_attempts: int = 3  # failed attempts of one candidate before it counts as evaluated

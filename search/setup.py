@@ -15,7 +15,7 @@ from optuna.storages import RDBStorage
 from slimnas.bench.quality import check_summary
 from slimnas.bench.settings import QualitySettings, SpeedSettings
 from slimnas.bench.tasks import TaskSuite, prepare_suite
-from slimnas.compress.arch import Architecture
+from slimnas.compress.arch import Architecture, PerLayerArchitecture
 from slimnas.compress.context import TeacherContext, load_teacher_context
 from slimnas.compress.distill import make_teacher_targets
 from slimnas.compress.heldout import HeldoutSet
@@ -26,6 +26,7 @@ from slimnas.core.device import hardware, pick_device
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import hash_json
 from slimnas.core.settings import settings_of
+from slimnas.search.layer_space import LayerSpace
 from slimnas.search.objectives import Objective, objectives_of
 from slimnas.search.settings import SearchSettings
 from slimnas.search.space import FeasibleEncoding, SearchSpace
@@ -46,6 +47,7 @@ class SearchSetup:
     space: SearchSpace
     feasible: tuple[Architecture, ...]
     encoding: FeasibleEncoding  # the sampler's coordinates: every point a feasible candidate
+    layer_space: LayerSpace | None  # search.proposals=per_layer: the per-layer candidates under the budget
     policy: PruningSettings
     distill: DistillSettings
     trial_tokens: int  # KD tokens of a trial's one KD run: the last rung's (search.race.rung_tokens[-1])
@@ -61,6 +63,8 @@ class SearchSetup:
     settings_hash: str  # every setting that changes a trial's result: a study holds trials of one hash only
     command: str
     log_file: Path
+    seeds: tuple[PerLayerArchitecture, ...] = ()  # per-layer shapes a caller proposes (e.g. an optimiser's picks):
+    # screened with the per-layer sample, so the race sees them when they screen well (dataclasses.replace to set)
 
     @property
     def timings_rank(self) -> bool:
@@ -81,6 +85,8 @@ def settings_hash(cfg: DictConfig, teacher_fingerprint: str) -> str:
     search = {k: v for k, v in values["search"].items() if k not in UNHASHED}
     search["budget"] = {k: v for k, v in search["budget"].items() if k != "kd_tokens"}  # how many, not what
     search["race"] = search["race"]["rung_tokens"]  # the confidence decides who goes on, not what is measured
+    if values["search"]["proposals"] != "per_layer":  # the per-layer variants are only a per-layer study's
+        search["space"] = {k: v for k, v in search["space"].items() if k != "per_layer"}
     shared = {k: values[k] for k in ("data", "importance", "distill", "pruning", "precision", "device")}
     if values["search"]["score_trials"]:
         shared["quality"] = values["quality"]
@@ -115,7 +121,10 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     config = teacher.model.config
     space = SearchSpace.from_settings(settings.space, config)
     feasible = tuple(space.feasible(config, settings.budget))
-    if not feasible:
+    layer_space = None
+    if settings.proposals == "per_layer":
+        layer_space = LayerSpace.of(settings.space.per_layer, space.values["hidden_size"], config, settings.budget)
+    if not feasible and layer_space is None:  # a per-layer study needs no uniform candidate (its references say so)
         raise SlimnasError(
             f"budget unreachable: no architecture of the search space ({space.size()} points) meets "
             f"{settings.budget.describe(config)}"
@@ -147,6 +156,7 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         space=space,
         feasible=feasible,
         encoding=FeasibleEncoding.of(list(feasible)),
+        layer_space=layer_space,
         policy=policy,
         distill=distill,
         trial_tokens=trial_tokens,

@@ -50,6 +50,17 @@ class DimensionSpec:
 
 
 @dataclass
+class PerLayerSpaceSettings:
+    """search.proposals=per_layer: the variants each layer may take (search.layer_space); the hidden size, one for
+    every layer, takes search.space.hidden_size's values. Values above the teacher's are left out (a chain's later,
+    smaller teacher)."""
+
+    ffn: list[int] | None = None  # FFN widths, 0 removes the MLP; null: 0 and quarters of the teacher's width
+    kv_groups: list[int] | None = None  # KV groups, each with all its query heads, 0 removes the attention (layer 0
+    # keeps it); a layer without both is dropped; null: 0 up to the teacher's KV groups
+
+
+@dataclass
 class SpaceSettings:
     """Per dimension: explicit choices, or values from max (default: the teacher's) down to min by step."""
 
@@ -58,6 +69,7 @@ class SpaceSettings:
     num_attention_heads: DimensionSpec = field(default_factory=lambda: DimensionSpec(max_prune=0.67))
     num_key_value_heads: DimensionSpec = field(default_factory=lambda: DimensionSpec(max_prune=0.67))
     num_hidden_layers: DimensionSpec = field(default_factory=lambda: DimensionSpec(max_prune=0.5))
+    per_layer: PerLayerSpaceSettings = field(default_factory=PerLayerSpaceSettings)
 
 
 @dataclass

@@ -5,7 +5,8 @@
     -> extend the two leaders' last rung while they are not separated (search.leaders)
 
 Proposals are feasible by construction: the sampler chooses an attention shape and positions among
-the layer counts and FFN sizes the budget leaves for it (search.space.FeasibleEncoding). The sampler
+the layer counts and FFN sizes the budget leaves for it (search.space.FeasibleEncoding), or, per layer, each
+layer's variant among those the budget leaves (search.layer_space). The sampler
 learns only from evidence: rejected proposals are told as FAIL (samplers skip those); candidates
 that stopped are told with their values at the rung they reached and a violated constraint (the
 rungs they missed, search.race.shortfall), so they rank below every candidate that went on; the
@@ -14,7 +15,6 @@ The screen's best and the reference cuts are queued once per study; the candidat
 interrupted or stale trial is queued again, so none is lost.
 """
 
-import random
 import warnings
 from collections import Counter
 from datetime import datetime
@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import kendalltau, spearmanr
 from tqdm import tqdm
 
-from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.arch import Shape, param_count, shape_of
 from slimnas.core import interrupt
 from slimnas.core.errors import SlimnasError, one_line
 from slimnas.core.files import hash_json
@@ -34,7 +34,6 @@ from slimnas.search.leaders import extend_leaders, round_tokens
 from slimnas.search.proposals import (
     REJECTED,
     SCREENED,
-    arch_key,
     candidate_key,
     enqueue,
     evaluated_keys,
@@ -44,7 +43,6 @@ from slimnas.search.proposals import (
 )
 from slimnas.search.race import RESERVED, Race, kd_spent, rung_key, shortfall
 from slimnas.search.setup import SearchSetup
-from slimnas.search.space import ATTENTION, DEPTH, WIDTH
 from slimnas.search.storage import (
     SILENT,
     Heartbeat,
@@ -74,13 +72,6 @@ def sampler_seed(setup: SearchSetup, n_trials: int, others: list[FrozenTrial], w
     return int(hash_json(parts)[:8], 16)
 
 
-def suggest(trial: optuna.Trial, setup: SearchSetup) -> Architecture:
-    """A feasible candidate from the sampler's three coordinates (see search.space.FeasibleEncoding)."""
-    encoding = setup.encoding
-    attention = trial.suggest_categorical(ATTENTION, list(encoding.attention))
-    return encoding.decode(attention, trial.suggest_float(DEPTH, 0.0, 1.0), trial.suggest_float(WIDTH, 0.0, 1.0))
-
-
 def reached_last_rung(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and trial.user_attrs.get("state") == "complete"
 
@@ -103,10 +94,9 @@ def _rejection(trials: list[FrozenTrial], trial: FrozenTrial, setup: SearchSetup
 def _queue_unevaluated(study: optuna.Study, setup: SearchSetup, trials: list[FrozenTrial]) -> bool:
     """Queue a random feasible candidate nobody evaluated (when the sampler keeps proposing rejects)."""
     taken = evaluated_keys(trials, setup.settings.max_attempts)
-    left = [a for a in setup.feasible if arch_key(a) not in taken]
-    if not left:
+    choice = proposals_of(setup).unevaluated(setup, taken, hash_json([setup.settings.seed, len(trials)]))
+    if choice is None:
         return False
-    choice = random.Random(hash_json([setup.settings.seed, len(trials)])).choice(left)
     enqueue(study, setup, choice, {"proposed_by": "fallback"})
     return True
 
@@ -124,7 +114,7 @@ def _finished(trials: list[FrozenTrial], setup: SearchSetup) -> str | None:
             why += f"; the leaders' extension ({extension_tokens(setup):,} tokens) cannot run either"
         return why
     taken = evaluated_keys(trials, setup.settings.max_attempts)
-    if not waiting and all(arch_key(a) in taken for a in setup.feasible):
+    if not waiting and proposals_of(setup).unevaluated(setup, taken, setup.settings.seed) is None:
         return "every feasible candidate was evaluated"
     return proposals_of(setup).exhausted(waiting)
 
@@ -171,14 +161,14 @@ def _failed_record(trial: FrozenTrial, reason: str, setup: SearchSetup, ended: b
 
     `ended`: it failed here and now, so its seconds are known; a dead worker's trial counts 0 s.
     """
-    arch = Architecture(**trial.user_attrs["architecture"])
+    arch = shape_of(trial.user_attrs["architecture"])
     record = new_record(setup, trial.number, arch, policy_of(setup, trial.user_attrs), trial.user_attrs)
     record.state, record.fail_reason = FAILED, reason
     record.seconds = (datetime.now() - trial.datetime_start).total_seconds() if ended and trial.datetime_start else 0.0
     return record
 
 
-def _run(study: optuna.Study, trial: optuna.Trial, arch: Architecture, setup: SearchSetup) -> TrialRecord | None:
+def _run(study: optuna.Study, trial: optuna.Trial, arch: Shape, setup: SearchSetup) -> TrialRecord | None:
     """Run one accepted candidate, write its record and tell the study; a failure is recorded and the search goes
     on. None when another worker finished this very trial first (SQLite can hand a queued trial to two workers)."""
     state = frozen(study, trial)
@@ -257,7 +247,7 @@ def run_study(setup: SearchSetup) -> optuna.Study:
             try:
                 with Heartbeat(setup.storage, trial_id(trial)):
                     trial.set_user_attr("worker", worker.id)
-                    arch = suggest(trial, setup)
+                    arch = proposals.suggest(trial, setup, frozen(study, trial).user_attrs.get("architecture"))
                     if "proposed_by" not in frozen(study, trial).user_attrs:
                         trial.set_user_attr("proposed_by", "sampler")
                     trial.set_user_attr("architecture", arch.as_dict())

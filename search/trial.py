@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 
 from slimnas.bench.quality import score_model, summary_score
 from slimnas.bench.speed import compare_speed
-from slimnas.compress.arch import Architecture, param_count, weight_bytes
+from slimnas.compress.arch import Shape, param_count, weight_bytes
 from slimnas.compress.distill import Distiller, build_distiller
 from slimnas.compress.heldout import HeldoutMetrics
 from slimnas.compress.models import cache_root
@@ -25,9 +25,7 @@ from slimnas.search.race import Race
 from slimnas.search.setup import SearchSetup
 
 
-def new_record(
-    setup: SearchSetup, number: int, arch: Architecture, policy: PruningSettings, attrs: dict
-) -> TrialRecord:
+def new_record(setup: SearchSetup, number: int, arch: Shape, policy: PruningSettings, attrs: dict) -> TrialRecord:
     """A trial's record before anything is measured; `attrs` are the study trial's user attributes."""
     config = setup.context.teacher.model.config
     return TrialRecord(
@@ -62,7 +60,7 @@ def distiller(setup: SearchSetup, student, plan: PrunePlan, budget_tokens: int |
     )  # fmt: skip
 
 
-def run_trial(setup: SearchSetup, number: int, arch: Architecture, race: Race, attrs: dict) -> TrialRecord:
+def run_trial(setup: SearchSetup, number: int, arch: Shape, race: Race, attrs: dict) -> TrialRecord:
     started = time.perf_counter()
     teacher = setup.context.teacher.model
     policy = policy_of(setup, attrs)

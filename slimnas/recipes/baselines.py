@@ -34,7 +34,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimnas.bench.tasks import prepare_suite
-from slimnas.compress.arch import Architecture
+from slimnas.compress.arch import Shape, shape_of
 from slimnas.compress.corpus import text_rows
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.settings import PruningSettings
@@ -78,7 +78,7 @@ def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k:
     return run_cfg
 
 
-def search_finalist(cfg: DictConfig) -> tuple[Architecture, PruningSettings, dict]:
+def search_finalist(cfg: DictConfig) -> tuple[Shape, PruningSettings, dict]:
     """Run (or resume) one method's search; its pick, and what choosing cost (from the records: a resumed run
     counts what its earlier runs did). The screen it read is charged at the seconds it took when it was computed,
     even when it came from the cache: every method that uses a screen pays for one."""
@@ -92,7 +92,7 @@ def search_finalist(cfg: DictConfig) -> tuple[Architecture, PruningSettings, dic
     screen_seconds = sum(line["seconds"] for line in read_screen(setup.run_dir))  # none for random search
     cost = {"search_kd_tokens": kd_spent(study), "screen_seconds": screen_seconds,
             "search_seconds": sum(r.seconds for r in records)}  # fmt: skip
-    return Architecture(**pick.architecture), PruningSettings(**pick.pruning), cost
+    return shape_of(pick.architecture), PruningSettings(**pick.pruning), cost
 
 
 METRICS = {  # what the tables report per finalist: name -> how to read it from a retrain record
@@ -248,7 +248,7 @@ def main(cfg: DictConfig) -> None:
     first = build_setup(method_config(cfg, "search", seeds[0], run_dir / f"seed_{seeds[0]}" / "search", 1))
     screened = run_screen(first)
     context = first.context
-    fixed: dict[str, tuple[Architecture, PruningSettings, dict]] = {}
+    fixed: dict[str, tuple[Shape, PruningSettings, dict]] = {}
     screen_seconds = sum(s.seconds for s in screened)
     if "zero_shot" in settings.methods:
         fixed["zero_shot"] = (screened[0].arch, first.policy, NO_COST | {"screen_seconds": screen_seconds})

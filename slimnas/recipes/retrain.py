@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from slimnas.bench.tasks import prepare_suite
-from slimnas.compress.arch import Architecture
+from slimnas.compress.arch import shape_of
 from slimnas.compress.context import load_teacher_context
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.models import cache_root, load_model
@@ -108,7 +108,7 @@ def candidate_of(record: TrialRecord, out: Path, policy: PruningSettings) -> Can
     """A searched trial as retraining takes it: re-cut exactly as it was searched, its search-time quality kept."""
     return Candidate(
         name=out.name,
-        arch=Architecture(**record.architecture),
+        arch=shape_of(record.architecture),
         policy=replace(policy, **record.pruning),
         trial=record.trial,
         reference=record.reference,
