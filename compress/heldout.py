@@ -76,20 +76,31 @@ class HeldoutSet:
         self.teacher_probs, self.teacher_negentropy = torch.cat(probs), torch.cat(negentropy)
 
     @torch.no_grad()
+    def hidden_states(self, model: PreTrainedModel) -> torch.Tensor:
+        """A model's final hidden states on these documents, [positions, hidden] in fp32: what `score` takes."""
+        return _hidden_states(model, self.rows, self.precision, self.batch_size)
+
+    @torch.no_grad()
     def evaluate(self, student: PreTrainedModel) -> HeldoutMetrics:
         was_training = student.training
         student.eval()
-        hidden = _hidden_states(student, self.rows, self.precision, self.batch_size)
+        metrics = self.score(self.hidden_states(student), student.lm_head)
+        student.train(was_training)
+        return metrics
+
+    @torch.no_grad()
+    def score(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> HeldoutMetrics:
+        """The metrics of final hidden states of these documents' positions (`hidden_states`' layout), projected by
+        `lm_head`: the block library scores its cuts here without building whole models."""
         labels = next_token_labels(self.rows).flatten().to(hidden.device)
         cross, nll = [], []  # per position: sum p log q (q the student's distribution), and -log q(label)
         for start in range(0, len(hidden), CHUNK_POSITIONS):
             end = start + CHUNK_POSITIONS
-            logits = _logits(hidden[start:end], student.lm_head)
+            logits = _logits(hidden[start:end], lm_head)
             normaliser = torch.logsumexp(logits, dim=-1)
             probs = self.teacher_probs[start:end].to(hidden.device, torch.float32)
             cross.append((probs * logits).sum(-1) - normaliser * probs.sum(-1))
             nll.append(normaliser - logits.gather(-1, labels[start:end].clamp(min=0)[:, None]).squeeze(-1))
-        student.train(was_training)
         shape = self.rows.shape
         kl = self.teacher_negentropy.view(shape) - torch.cat(cross).cpu().view(shape)
         labelled = (labels != IGNORE).view(shape).float().cpu()
