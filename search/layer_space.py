@@ -88,7 +88,7 @@ class LayerSpace:
             space.costs[hidden] = {
                 v: param_count(teacher, PerLayerArchitecture(hidden, (v,))) - space.base[hidden] for v in variants
             }
-            least, most = space._range(hidden, list(range(space.layers)))
+            least, most = (space.base[hidden] + n for n in space._range(hidden, list(range(space.layers))))
             if least > high or most < low:
                 continue
             step = max(_largest_gap([space.costs[hidden][v] for v in space.options(i)]) for i in (0, 1))

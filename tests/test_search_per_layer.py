@@ -1,0 +1,277 @@
+"""Per-layer candidates in the search (search.proposals=per_layer): feasible by construction under the budget,
+screened with the caller's seed shapes, raced, picked, retrained to a per-layer checkpoint, resumed after a kill."""
+
+import json
+import os
+import random
+import shutil
+import signal
+from dataclasses import replace
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from conftest import (
+    FAST,
+    load_study,
+    reached_last_rung,
+    save_tiny_checkpoint,
+    search_args,
+    slimnas_process,
+    tiny_config,
+    tiny_tokenizer,
+    wait_until,
+)
+from omegaconf import open_dict
+from optuna.trial import TrialState
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from slimnas.cli import main
+from slimnas.compress.arch import (
+    LayerShape,
+    PerLayerArchitecture,
+    param_count,
+    shape_of,
+    validate_target,
+)
+from slimnas.compress.modeling import per_layer_config
+from slimnas.config import compose
+from slimnas.core.errors import SlimnasError
+from slimnas.core.rundir import read_records, read_retrained, read_screen, search_pick
+from slimnas.search.constraints import Budget
+from slimnas.search.layer_space import LayerSpace
+from slimnas.search.proposals import PerLayer
+from slimnas.search.race import rung_key
+from slimnas.search.screen import Screened
+from slimnas.search.setup import build_setup
+from slimnas.search.space import PerLayerSpaceSettings
+
+PER_LAYER = ["search.proposals=per_layer", "search.screen.per_layer_samples=8", "search.measure_speed=false"]
+TINY = tiny_config(vocab_size=300)  # the search tests' teacher: 142,656 parameters, 4 layers
+SMOLLM2 = AutoConfig.for_model(  # SmolLM2-135M's shape (config only): 30 layers, 9 heads in 3 KV groups
+    "llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+    head_dim=64, num_hidden_layers=30, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config, hidden_sizes, budget",
+    [
+        (TINY, [48, 64], Budget(params=0.7, window=0.3)),
+        (TINY, [48, 64], Budget(params=0.5, window=0.1, cap=True)),
+        (TINY, [48, 64], Budget(params=None, weight_memory_mb=0.15)),
+        (SMOLLM2, [384, 448, 512, 576], Budget(params=0.6, window=0.1, cap=True)),
+        (SMOLLM2, [384, 448, 512, 576], Budget(params=0.4, window=0.05, cap=True, weight_memory_mb=100)),
+    ],
+)
+def test_every_proposal_is_feasible_by_construction(config, hidden_sizes, budget):
+    """The screen's sample, the decode of arbitrary proposals and a TPE study's proposals all meet the budget and
+    can be cut from the teacher: none is ever rejected or repaired after the fact."""
+    space = LayerSpace.of(PerLayerSpaceSettings(), hidden_sizes, config, budget)
+    sample = space.stratified_sample(24, seed=0)
+    rng = random.Random(1)
+    arbitrary = [
+        space.decode(rng.choice(hidden_sizes), [(rng.randint(0, 3), rng.randint(0, 1536)) for _ in range(30)])
+        for _ in range(100)
+    ]
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True))
+    sampled = []
+    for _ in range(15):
+        trial = study.ask()
+        sampled.append(space.suggest(trial))
+        study.tell(trial, float(space.params(sampled[-1])))
+    for shape in [*sample, *arbitrary, *sampled]:
+        validate_target(shape, config)  # raises for a shape the teacher cannot be cut to
+        assert budget.allows(config, shape), (shape.label(), param_count(config, shape))
+        assert space.params(shape) == param_count(config, shape)
+        assert len(shape.layers) == config.num_hidden_layers and shape.layers[0].num_attention_heads > 0
+        assert space.decode(shape.hidden_size, _wanted(space.encode(shape), shape)) == shape  # encode inverts decode
+    assert len(set(sample)) == len(sample) == 24 and space.stratified_sample(24, seed=0) == sample  # seeded
+    assert space.stratified_sample(24, seed=1) != sample
+    assert any(len({layer for layer in shape.layers if layer.kept}) > 1 for shape in sample)  # really per layer
+    sizes = sorted(space.params(shape) for shape in sample)
+    pool = sorted(space.params(space.random(rng)) for _ in range(200))
+    assert sizes[0] <= pool[20] and sizes[-1] >= pool[-21]  # one per stratum by size: both tails are in the sample
+
+
+def _wanted(params: dict, shape: PerLayerArchitecture) -> list[tuple[int, int]]:
+    return [(params[f"kv_{i}"], params[f"ffn_{i}"]) for i in range(len(shape.layers))]
+
+
+def test_bad_per_layer_spaces_are_one_line():
+    settings = PerLayerSpaceSettings()
+    with pytest.raises(SlimnasError, match="budget unreachable: no per-layer candidate"):
+        LayerSpace.of(settings, [48, 64], TINY, Budget(params=0.05))
+    with pytest.raises(SlimnasError, match="window is too narrow for per-layer proposals"):
+        LayerSpace.of(settings, [48, 64], TINY, Budget(params=0.6, window=0.01))
+    with pytest.raises(SlimnasError, match="kv_groups needs a value above 0"):
+        LayerSpace.of(PerLayerSpaceSettings(kv_groups=[0]), [64], TINY, Budget(params=0.6))
+    assert LayerSpace.of(settings, [48, 64], TINY, Budget(params=0.15)).reachable == (48,)  # 64: embeddings too big
+    space = LayerSpace.of(PerLayerSpaceSettings(ffn=[0, 48, 96, 4096], kv_groups=[2, 1, 9]), [64], TINY, Budget())
+    assert sorted({v.intermediate_size for v in space.variants}) == [0, 48, 96]  # above the teacher's: left out
+    assert sorted({(v.num_attention_heads, v.num_key_value_heads) for v in space.variants}) == [(2, 1), (4, 2)]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("search.budget.params=0.05", "budget unreachable: no per-layer candidate"),
+        ("search.budget.window=0.01", "search.budget.window is too narrow for per-layer proposals"),
+        ("search.space.per_layer.kv_groups=[0]", "kv_groups needs a value above 0"),
+        ("search.screen.per_layer_samples=0", "per_layer_samples must be at least 1"),
+    ],
+)
+def test_impossible_per_layer_settings_fail_before_anything_is_written(
+    search_teacher, tmp_path, capsys, override, message
+):
+    run_dir = tmp_path / "run"
+    assert main([*search_args(search_teacher, run_dir, *PER_LAYER), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slimnas: error:") and message in err
+    assert not run_dir.exists()
+
+
+def test_a_per_layer_teacher_is_refused_in_one_line(tmp_path, capsys):
+    teacher = tmp_path / "per-layer"
+    shape = PerLayerArchitecture(64, (LayerShape(96, 4, 2), LayerShape(48, 2, 1), LayerShape(0, 4, 2)))
+    AutoModelForCausalLM.from_config(per_layer_config(tiny_config(num_hidden_layers=3), shape)).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    assert main(["search", f"teacher={teacher}", f"run_dir={tmp_path / 'x'}", *FAST, *PER_LAYER]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "per-layer model (slimnas_llama) cannot be the teacher" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+# A tiny per-layer search, retrained and reported -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def per_layer_search(tmp_path_factory):
+    """8 trials to the last rung: the screen's best 4, one reference (width-only), then TPE's proposals."""
+    root = tmp_path_factory.mktemp("per-layer")
+    teacher = save_tiny_checkpoint(root / "teacher", max_position_embeddings=512)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMNAS_CACHE", str(root / "cache"))
+        args = search_args(
+            teacher, root / "run", "search.n_trials=8", "search.references.kinds=[width_only]", *PER_LAYER
+        )
+        assert main(args) == 0
+    return root
+
+
+def test_a_per_layer_search_screens_races_and_picks_a_per_layer_candidate(per_layer_search):
+    run_dir = per_layer_search / "run"
+    config = AutoConfig.from_pretrained(per_layer_search / "teacher")
+    budget = Budget(params=0.7, window=0.3)
+    screened = read_screen(run_dir)
+    assert len(screened) == 8 and all(isinstance(shape_of(line["architecture"]), PerLayerArchitecture)
+                                      for line in screened)  # fmt: skip
+    records = {r.trial: r for r in read_records(run_dir)}
+    best = sorted(screened, key=lambda line: (line["kl"], line["label"]))
+    assert [records[n].architecture for n in range(4)] == [line["architecture"] for line in best[:4]]
+    for record in records.values():
+        shape = shape_of(record.architecture)
+        assert record.label == shape.label() and record.params == param_count(config, shape)
+        assert budget.allows(config, shape)
+    proposed = {r.proposed_by for r in records.values()}
+    assert {"screen", "reference", "sampler"} <= proposed
+    study = load_study(run_dir)
+    names = {"hidden_size"} | {f"{kind}_{i}" for kind in ("kv", "ffn") for i in range(4)}
+    assert all(set(t.params) == names for t in study.trials if t.state == TrialState.COMPLETE)  # the reference too
+    assert len(reached_last_rung(study)) >= 8
+
+    pick = search_pick(run_dir, list(records.values()))
+    shape = shape_of(pick.architecture)
+    assert isinstance(shape, PerLayerArchitecture)
+    assert len({layer for layer in shape.layers if layer.kept}) > 1  # layers of different widths
+    assert (run_dir / "race.json").is_file()
+    table = pd.read_csv(run_dir / "trials.csv").set_index("trial")
+    row = table.loc[pick.trial]
+    assert row.label == pick.label and row.hidden_size == shape.hidden_size and pd.isna(row.intermediate_size)
+    assert row.num_hidden_layers == sum(layer.kept for layer in shape.layers)
+
+
+RETRAIN = [
+    "precision=fp32", "distill.batch_size=4", "quality.tasks=[]", "speed.prompt_len=16", "speed.new_tokens=4",
+    "speed.repeats=2", "retrain.new_tokens=4", "retrain.top_k=1", "retrain.references=false",
+    "retrain.budget_tokens=512",
+]  # fmt: skip
+
+
+def test_the_per_layer_pick_retrains_to_a_checkpoint_transformers_loads(per_layer_search, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(per_layer_search / "run", run_dir)
+    monkeypatch.setenv("SLIMNAS_CACHE", str(per_layer_search / "cache"))
+    assert main(["retrain", str(run_dir), *RETRAIN]) == 0
+    pick = search_pick(run_dir, read_records(run_dir))
+    (retrained,) = [r for r in read_retrained(run_dir) if r.name != "teacher"]
+    assert retrained.trial == pick.trial and retrained.architecture == pick.architecture
+    model_dir = run_dir / "retrain" / f"{pick.trial:04d}" / "model"
+    kept = [layer for layer in shape_of(pick.architecture).layers if layer.kept]
+    assert len(set(kept)) > 1  # so it is saved in the per-layer format
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model_type"] == "slimnas_llama" and config["per_layer_config"]  # transformers' per-layer format
+    import slimnas.models  # noqa: F401 (registers the per-layer model types with transformers)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert list(PerLayerArchitecture.of(model.config).layers) == kept
+    assert sum(p.numel() for p in model.parameters()) == retrained.params == pick.params
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7, 8]])).logits
+    assert logits.shape == (1, 4, 300) and torch.isfinite(logits).all()
+
+    out = tmp_path / "report"
+    assert main(["report", str(run_dir), f"out={out}"]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert "retrained" in set(board[board.label == pick.label].stage)
+
+
+def test_seed_shapes_are_screened_with_the_sample_and_one_outside_the_budget_is_refused(search_teacher, tmp_path):
+    """The hook an optimiser fills (SearchSetup.seeds): its shapes join the screen, and lead as proposed by "seed"."""
+    cfg = compose("search", search_args(search_teacher, tmp_path / "run", *PER_LAYER)[1:])
+    with open_dict(cfg):
+        cfg.command = "slimnas search"
+    setup = build_setup(cfg)
+    seed = setup.layer_space.random(random.Random(123))
+    seeded = replace(setup, seeds=(seed,))
+    screened = PerLayer().screen(seeded)
+    assert seed in [s.arch for s in screened] and len(screened) in (8, 9)
+    others = [s for s in screened if s.arch != seed]
+    first = PerLayer().first(seeded, [Screened(seed, 0.0, 0.0, [0.0], 0.0), *others])  # the seed screened best
+    assert [who for _, who in first] == ["seed", "screen", "screen", "screen"]  # search.screen.top_k
+    too_big = PerLayerArchitecture(64, (LayerShape(96, 4, 2),) * 4)  # the teacher itself
+    with pytest.raises(SlimnasError, match="outside the budget"):
+        PerLayer().screen(replace(setup, seeds=(too_big,)))
+
+
+def test_a_killed_per_layer_search_resumes_and_completes_the_killed_candidate(search_teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    args = search_args(
+        search_teacher, run_dir, *PER_LAYER, "search.n_trials=2", "search.screen.top_k=1", "search.references.kinds=[]",
+        "search/sampler=random", "search.race.rung_tokens=[1024,4096]",
+    )  # fmt: skip
+    process = slimnas_process(*args)
+    wait_until(lambda: [t for t in load_study(run_dir).get_trials(states=(TrialState.RUNNING,))
+                        if rung_key(0) in t.user_attrs], process)  # fmt: skip
+    os.kill(process.pid, signal.SIGKILL)
+    process.finish()
+    (killed,) = load_study(run_dir).get_trials(states=(TrialState.RUNNING,))
+    assert isinstance(shape_of(killed.user_attrs["architecture"]), PerLayerArchitecture)
+
+    returncode, output = slimnas_process(*args).finish()
+    assert returncode == 0, output
+    study = load_study(run_dir)
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert study.trials[killed.number].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["state"] == "complete"
+    assert retry.user_attrs["architecture"] == killed.user_attrs["architecture"] and retry.params == killed.params
+    ran = [t for t in study.trials if t.user_attrs.get("architecture") == killed.user_attrs["architecture"]
+           and t.state == TrialState.COMPLETE and t.user_attrs.get("state") != "screened"]  # fmt: skip
+    assert ran == [retry] and len(reached_last_rung(study)) >= 2
+    records = {r.trial: r for r in read_records(run_dir)}
+    assert (
+        records[killed.number].state == "failed"
+        and records[retry.number].architecture == retry.user_attrs["architecture"]
+    )
