@@ -3,9 +3,12 @@
 Plain dataclasses with nothing heavy behind them, registered as Hydra structured configs by slimnas.config.
 """
 
-from dataclasses import dataclass, field, replace
+import importlib.util
+from dataclasses import asdict, dataclass, field, replace
 
 from slimnas.core.errors import SlimnasError
+
+SPEED_ENGINES = ("torch", "llamacpp")
 
 
 @dataclass
@@ -15,7 +18,11 @@ class SpeedSettings:
     new_tokens: int = 32
     warmup: int = 1  # untimed generations of each model first
     repeats: int = 4  # ABBA blocks (model, reference, reference, model): the speed-up's error bar is over these
-    precision: str = "auto"  # in a command: the top-level precision setting
+    precision: str = "auto"  # in a command: the top-level precision setting (torch only)
+    # What times a model and its reference: "torch" (PyTorch, the model as it is trained) or "llamacpp" (both
+    # exported to temporary f16 GGUFs and decoded by llama.cpp on the CPU, as CPU users deploy them; the extra
+    # `slimnas[llamacpp]`, batch 1). Speed-ups of different engines are not compared: a study keeps to one.
+    engine: str = "torch"
     # A decode speed-up is unstable when its error bar (the ± the tables show) is over `stable_stderr` of it, or when
     # it is over `stable_flops_ratio` times the FLOPs ratio: a machine busy during one block does that. Such a
     # speed-up is timed again, `retimes` times at most; still unstable, it is marked and kept off the speed front.
@@ -30,6 +37,22 @@ class SpeedSettings:
             )
         if self.stable_stderr <= 0 or self.stable_flops_ratio < 1 or self.retimes < 0:
             raise SlimnasError("speed.stable_stderr must be > 0, speed.stable_flops_ratio >= 1, speed.retimes >= 0")
+        if self.engine not in SPEED_ENGINES:
+            raise SlimnasError(f"speed.engine must be one of {', '.join(SPEED_ENGINES)}, not {self.engine!r}")
+        if self.engine == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+            raise SlimnasError(
+                "speed.engine=llamacpp needs llama-cpp-python: pip install 'slimnas[llamacpp]' (built from source)"
+            )
+        if self.engine == "llamacpp" and self.batch_size != 1:
+            raise SlimnasError(f"speed.engine=llamacpp times batch 1 only, not speed.batch_size={self.batch_size}")
+
+    def identity(self) -> dict:
+        """These settings as studies and retrained records hash them: engine=torch, the default, is left out, so
+        what was measured before the engine setting existed keeps its hash (and its study resumes)."""
+        values = asdict(self)
+        if self.engine == "torch":
+            del values["engine"]
+        return values
 
 
 @dataclass

@@ -14,14 +14,21 @@ ratio. Such a decode speed-up is wide (its error bar over `speed.stable_stderr` 
 the FLOPs allow (over `speed.stable_flops_ratio` times the FLOPs ratio), and is timed again, whole,
 `speed.retimes` times at most. The last timing is kept; still unstable, it says why (`unstable`), and the
 tables mark it, the speed plot draws it hollow, and the front over measured objectives leaves it out.
+
+What runs the generations is the engine (`speed.engine`): PyTorch, the model as it is trained (here), or
+llama.cpp on the model's GGUF export (bench.llamacpp), as CPU users deploy it. The ABBA blocks, the ratios and
+the re-timing are the same for both; every record says which engine measured it.
 """
 
 import statistics
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from slimnas.bench.settings import SpeedSettings
 from slimnas.compress.arch import flops_per_token, param_count
@@ -41,6 +48,7 @@ class SpeedRecord:
     latency_p90_ms: float
     repeats: int
     cpu_load: float  # 1-minute load average per core when the measurement started
+    engine: str = "torch"  # what ran the generations (speed.engine)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class SpeedComparison:
         return {
             "model": self.model.model,
             "reference": self.reference.model,
+            "engine": self.model.engine,
             "decode_speedup": self.decode_speedup,
             "decode_speedup_stderr": self.decode_speedup_stderr,
             "prefill_speedup": self.prefill_speedup,
@@ -124,20 +133,34 @@ def generate_timed(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int
     return prefill.seconds, steps
 
 
-class _Timings:
-    def __init__(self, name: str, model: PreTrainedModel, settings: SpeedSettings):
-        self.name, self.model, self.settings = name, model.eval(), settings
+class Timings(ABC):
+    """One model's timed generations in one engine: the prompt (seeded, the same for every model and engine), then
+    the prefill seconds and per-step decode seconds of each run."""
+
+    engine: str
+
+    def __init__(self, name: str, config: PretrainedConfig, settings: SpeedSettings):
+        self.name, self.config, self.settings = name, config, settings
         generator = torch.Generator().manual_seed(0)
         shape = (settings.batch_size, settings.prompt_len)
-        self.prompt = torch.randint(0, model.config.vocab_size, shape, generator=generator).to(model_device(model))
+        self.prompt = torch.randint(0, config.vocab_size, shape, generator=generator)
         self.prefill: list[float] = []
         self.steps: list[list[float]] = []
-        for _ in range(settings.warmup):
-            generate_timed(model, self.prompt, min(4, settings.new_tokens), settings.precision)
-        synchronize(model_device(model))
+
+    @property
+    @abstractmethod
+    def device(self) -> str: ...
+
+    @abstractmethod
+    def generate(self, new_tokens: int) -> tuple[float, list[float]]:
+        """Prefill the prompt, then greedy decode `new_tokens` with the KV cache: (prefill s, per-step s)."""
+
+    def warm_up(self) -> None:
+        for _ in range(self.settings.warmup):
+            self.generate(min(4, self.settings.new_tokens))
 
     def run_once(self) -> None:
-        prefill, steps = generate_timed(self.model, self.prompt, self.settings.new_tokens, self.settings.precision)
+        prefill, steps = self.generate(self.settings.new_tokens)
         self.prefill.append(prefill)
         self.steps.append(steps)
 
@@ -147,24 +170,67 @@ class _Timings:
         quantiles = statistics.quantiles(steps, n=10) if len(steps) > 1 else steps * 9
         return SpeedRecord(
             model=self.name,
-            device=str(model_device(self.model)),
-            params=param_count(self.model.config),
-            flops_per_token=flops_per_token(self.model.config, prompt_len),
+            device=self.device,
+            params=param_count(self.config),
+            flops_per_token=flops_per_token(self.config, prompt_len),
             prefill_tokens_per_s=batch * prompt_len / statistics.median(self.prefill),
             decode_tokens_per_s=batch * len(steps) / sum(steps),
             latency_p50_ms=1000 * statistics.median(steps),
             latency_p90_ms=1000 * quantiles[8],
             repeats=len(self.steps),
             cpu_load=load,
+            engine=self.engine,
         )
 
 
-def measure_speed(model: PreTrainedModel, settings: SpeedSettings, name: str = "model") -> SpeedRecord:
+class TorchTimings(Timings):
+    """The model in PyTorch, where it is, at the settings' precision."""
+
+    engine = "torch"
+
+    def __init__(self, name: str, model: PreTrainedModel, settings: SpeedSettings):
+        super().__init__(name, model.config, settings)
+        self.model = model.eval()
+        self.prompt = self.prompt.to(model_device(model))
+        self.warm_up()
+        synchronize(model_device(model))
+
+    @property
+    def device(self) -> str:
+        return str(model_device(self.model))
+
+    def generate(self, new_tokens: int) -> tuple[float, list[float]]:
+        return generate_timed(self.model, self.prompt, new_tokens, self.settings.precision)
+
+
+TimingsOf = Callable[[str, PreTrainedModel], Timings]  # (name, model) -> its timings, warmed up
+
+
+@contextmanager
+def speed_engine(settings: SpeedSettings, tokenizer: PreTrainedTokenizerBase | None = None) -> Iterator[TimingsOf]:
+    """How `speed.engine` times a model: in PyTorch as it is, or in llama.cpp from its GGUF export, which needs the
+    tokenizer (the GGUF holds the vocabulary). llama.cpp is an optional extra: its module is imported only here."""
+    if settings.engine == "llamacpp":
+        from slimnas.bench.llamacpp import gguf_timings
+
+        with gguf_timings(settings, tokenizer) as timings_of:
+            yield timings_of
+    else:
+        yield lambda name, model: TorchTimings(name, model, settings)
+
+
+def measure_speed(
+    model: PreTrainedModel,
+    settings: SpeedSettings,
+    name: str = "model",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> SpeedRecord:
     """One model on its own: absolute numbers, comparable only with others taken on a quiet, equal machine."""
     load = cpu_load()
-    timings = _Timings(name, model, settings)
-    for _ in range(settings.repeats):
-        timings.run_once()
+    with speed_engine(settings, tokenizer) as timings_of:
+        timings = timings_of(name, model)
+        for _ in range(settings.repeats):
+            timings.run_once()
     return timings.record(load)
 
 
@@ -174,24 +240,32 @@ def compare_speed(
     settings: SpeedSettings,
     name: str = "model",
     reference_name: str = "teacher",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> SpeedComparison:
-    """Time model and reference in ABBA blocks; an unstable speed-up is timed again (module doc), the last kept."""
-    for measurement in range(1, settings.retimes + 2):
-        comparison = time_pair(model, reference, settings, name, reference_name)
-        comparison.measurements, comparison.unstable = measurement, instability(comparison, settings)
-        if comparison.unstable is None:
-            break
-        again = "timing it again" if measurement <= settings.retimes else f"marked so after {measurement} timings"
-        print(f"note: {name}: {comparison.unstable}; {again}", flush=True)
+    """Time model and reference in ABBA blocks in the settings' engine (`tokenizer`: both models', which llama.cpp
+    needs); an unstable speed-up is timed again (module doc), the last kept."""
+    with speed_engine(settings, tokenizer) as timings_of:
+        for measurement in range(1, settings.retimes + 2):
+            comparison = time_pair(timings_of, model, reference, settings, name, reference_name)
+            comparison.measurements, comparison.unstable = measurement, instability(comparison, settings)
+            if comparison.unstable is None:
+                break
+            again = "timing it again" if measurement <= settings.retimes else f"marked so after {measurement} timings"
+            print(f"note: {name}: {comparison.unstable}; {again}", flush=True)
     return comparison
 
 
 def time_pair(
-    model: PreTrainedModel, reference: PreTrainedModel, settings: SpeedSettings, name: str, reference_name: str
+    timings_of: TimingsOf,
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    settings: SpeedSettings,
+    name: str,
+    reference_name: str,
 ) -> SpeedComparison:
     """One timing of model and reference in ABBA blocks; each block's ratio is one sample of the speed-up."""
     load = cpu_load()
-    timed, baseline = _Timings(name, model, settings), _Timings(reference_name, reference, settings)
+    timed, baseline = timings_of(name, model), timings_of(reference_name, reference)
     decode_ratios, prefill_ratios = [], []
     for _ in range(settings.repeats):
         for timings in (timed, baseline, baseline, timed):

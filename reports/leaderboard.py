@@ -5,7 +5,8 @@ documents choose, evaluation documents are never used to choose) and after diffe
 every row says which: `heldout_split`, `kd_tokens` and `stage` (a rung of the search, or retrained).
 "vs best" pairs a row only with rows measured on the same documents after the same KD budget. A decode
 speed-up that stayed unstable when timed again (bench.speed) says why in `decode_speedup_unstable` and is
-shown as "(unstable)". Flat rows for CSV; Markdown (pandas) and the cells the page's template shows.
+shown as "(unstable)". `speed_engine` says what timed the speed (bench.speed.engine), and a speed-up not timed in
+PyTorch is shown with it ("[llamacpp]"). Flat rows for CSV; Markdown (pandas) and the cells the page's template shows.
 """
 
 import pandas as pd
@@ -30,7 +31,8 @@ HEAD_COLUMNS = [
 ]  # fmt: skip
 TAIL_COLUMNS = [
     "summary", "summary_stderr", "teacher_score_kept_pct", "prefill_tokens_per_s", "decode_tokens_per_s",
-    "decode_speedup", "decode_speedup_stderr", "decode_speedup_unstable", "flops_ratio", "peak_memory_bytes",
+    "decode_speedup", "decode_speedup_stderr", "decode_speedup_unstable", "speed_engine", "flops_ratio",
+    "peak_memory_bytes",
 ]  # fmt: skip
 TEACHER, RETRAINED = "teacher", "retrained"
 
@@ -84,6 +86,11 @@ def kept_pct(summary: float | None, teacher: RetrainRecord | None) -> float | No
     return 100 * summary / ours
 
 
+def engine_of(speed: dict) -> str | None:
+    """What timed a record's speed; records from before the engine setting were timed in PyTorch."""
+    return speed.get("engine", "torch") if speed else None
+
+
 def teacher_row(run: Run) -> dict:
     teacher = run.teacher
     if teacher is None:  # search-only: the teacher's KL to itself is 0 on the selection documents too
@@ -106,6 +113,7 @@ def teacher_row(run: Run) -> dict:
             "prefill_tokens_per_s": teacher.speed.get("prefill_tokens_per_s"),
             "decode_tokens_per_s": teacher.speed.get("decode_tokens_per_s"),
             "decode_speedup": 1.0,
+            "speed_engine": engine_of(teacher.speed),
             "flops_ratio": 1.0,
             "peak_memory_bytes": teacher.memory.get("peak_bytes"),
         }
@@ -128,6 +136,7 @@ def retrained_row(run: Run, record: RetrainRecord) -> dict:
             "decode_speedup": speed.get("decode_speedup"),
             "decode_speedup_stderr": speed.get("decode_speedup_stderr"),
             "decode_speedup_unstable": speed.get("unstable"),
+            "speed_engine": engine_of(speed),
             "flops_ratio": run.teacher.flops_per_token / record.flops_per_token,
             "peak_memory_bytes": record.memory.get("peak_bytes"),
         }
@@ -153,6 +162,7 @@ def search_row(run: Run, record: TrialRecord) -> dict:
             "decode_speedup": final.get("decode_speedup"),
             "decode_speedup_stderr": final.get("decode_speedup_stderr"),
             "decode_speedup_unstable": record.speed.get("unstable"),
+            "speed_engine": engine_of(record.speed),
             "flops_ratio": record.speed.get("flops_reduction"),
         }
     )
@@ -247,6 +257,13 @@ def pm(row: dict, column: str, suffix: str = "") -> str:
     return f"{text}{suffix}" if text else ""
 
 
+def speedup_suffix(row: dict) -> str:
+    """'x', with '(unstable)' when it stayed so, and the engine when it is not PyTorch."""
+    suffix = "x (unstable)" if row["decode_speedup_unstable"] else "x"
+    engine = row["speed_engine"]
+    return suffix if engine in (None, "torch") else f"{suffix} [{engine}]"
+
+
 def vs_best(row: dict) -> str:
     """'best', or the paired difference to the best with '(within noise)' when under two standard errors."""
     if row.get("kl_vs_best") is None:
@@ -291,7 +308,7 @@ def display_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             *(pm(row, f"{task}/{metric}") for task, metric in tasks),
             pm(row, "summary"),
             number(row["teacher_score_kept_pct"], "{:.0f}%"),
-            pm(row, "decode_speedup", "x (unstable)" if row["decode_speedup_unstable"] else "x"),
+            pm(row, "decode_speedup", speedup_suffix(row)),
             number(row["flops_ratio"], "{:.2f}x"),
             number(row["decode_tokens_per_s"], "{:,.0f}"),
             mib(row["peak_memory_bytes"]),

@@ -105,7 +105,7 @@ def retrain_hash(
 ) -> str:
     """Everything that changes a retrained candidate's numbers, hashed: its record is reused only on a match."""
     other = {name: hash_tensor(rows) for name, rows in (other_rows or {}).items()}
-    scoring = [asdict(quality), suite.tasks if suite else None, asdict(speed) if speed else None]
+    scoring = [asdict(quality), suite.tasks if suite else None, speed.identity() if speed else None]
     teacher = [context.teacher.fingerprint, context.corpus.fingerprint]
     shown = [settings.prompts, settings.new_tokens, settings.reference_teacher]
     distilled = asdict(distill) | {"budget_tokens": settings.budget_tokens}
@@ -168,7 +168,7 @@ def score_teacher(retraining: Retraining, out: Path, model: LoadedModel | None =
     timed, memory = {}, {}
     if speed is not None:
         started = time.perf_counter()
-        timed = asdict(measure_speed(teacher, speed, "teacher"))
+        timed = asdict(measure_speed(teacher, speed, "teacher", loaded.tokenizer))
         scored["seconds"]["speed"] = time.perf_counter() - started
         started = time.perf_counter()
         memory = asdict(measure_memory(loaded.source, speed, retraining.context.device))
@@ -247,7 +247,10 @@ def retrain(
     speed, memory = {}, {}
     if retraining.speed is not None:
         started = time.perf_counter()
-        comparison = compare_speed(student, context.teacher.model, retraining.speed, candidate.arch.label(), "teacher")
+        comparison = compare_speed(
+            student, context.teacher.model, retraining.speed, candidate.arch.label(), "teacher",
+            context.teacher.tokenizer,
+        )  # fmt: skip
         speed = comparison.as_row() | {"model": asdict(comparison.model), "reference": asdict(comparison.reference)}
         scored["seconds"]["speed"] = time.perf_counter() - started
         started = time.perf_counter()

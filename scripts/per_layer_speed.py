@@ -8,19 +8,16 @@ Two pairs of students of the default teacher, each pair at equal parameters (wit
   widths: a uniform FFN width against alternating narrow and wide FFNs, 3 or 1 KV groups (of the 3) per layer.
 Speed does not depend on the weights, so the students are random models of their shapes (the teacher's
 tokenizer, so llama.cpp loads them). Each student is timed against the teacher in ABBA blocks (student, teacher,
-teacher, student), as `slimnas bench` does, in PyTorch (bench.speed.compare_speed, fp32 here) and in llama.cpp
-(llama-cpp-python, f32 GGUF, greedy decode with its KV cache); one block gives one decode speed-up. The table
-divides each decode speed-up by the FLOPs reduction: 1.0 means the student is as fast as its FLOPs allow relative
-to the teacher. Only ratios taken in one run on a quiet machine mean anything (load is printed).
+teacher, student), as `slimnas bench` does, with bench.speed.compare_speed in both engines: PyTorch (fp32 here)
+and llama.cpp (speed.engine=llamacpp: f16 GGUFs, greedy decode with its KV cache); one block gives one decode
+speed-up. The table divides each decode speed-up by the FLOPs reduction: 1.0 means the student is as fast as its
+FLOPs allow relative to the teacher. Only ratios taken in one run on a quiet machine mean anything (load is printed).
 """
 
 import argparse
 import statistics
-import tempfile
-import time
-from pathlib import Path
+from dataclasses import replace
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -35,10 +32,8 @@ from slimnas.compress.arch import (
     param_count,
     pruned_config,
 )
-from slimnas.compress.export import export_gguf
 from slimnas.compress.models import DEFAULT_TEACHER, load_model
 from slimnas.core.device import cpu_load
-from slimnas.core.stats import mean_and_stderr
 from slimnas.models import per_layer_config
 
 
@@ -68,50 +63,6 @@ def student(teacher: PretrainedConfig, shape: Shape) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def gguf_of(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return export_gguf(folder, folder / "model-f32.gguf", "f32")
-
-
-class LlamaCppDecoder:
-    """Greedy decode in llama.cpp with its KV cache: prefill a prompt, then one token per eval, timed."""
-
-    def __init__(self, gguf_file: Path, prompt: list[int], new_tokens: int):
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(
-            model_path=str(gguf_file), n_ctx=len(prompt) + new_tokens + 8, n_threads=2, n_batch=len(prompt),
-            logits_all=True, verbose=False,
-        )  # fmt: skip
-        self.prompt, self.new_tokens = prompt, new_tokens
-
-    def decode_seconds(self) -> float:
-        self.llm.reset()
-        self.llm.eval(self.prompt)
-        token = int(np.argmax(self.llm.scores[len(self.prompt) - 1]))
-        started = time.perf_counter()
-        for _ in range(self.new_tokens):
-            self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        return time.perf_counter() - started
-
-
-def llama_cpp_speedup(model: LlamaCppDecoder, teacher: LlamaCppDecoder, repeats: int) -> tuple[float, float]:
-    """Decode speed-up over ABBA blocks (mean ± standard error), after one untimed decode of each."""
-    model.decode_seconds(), teacher.decode_seconds()
-    ratios = []
-    for _ in range(repeats):
-        a1, b1, b2, a2 = (
-            model.decode_seconds(),
-            teacher.decode_seconds(),
-            teacher.decode_seconds(),
-            model.decode_seconds(),
-        )
-        ratios.append((b1 + b2) / (a1 + a2))
-    return mean_and_stderr(ratios)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=DEFAULT_TEACHER)
@@ -126,36 +77,28 @@ def main() -> None:
     settings = SpeedSettings(
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, precision="fp32"
     )
-    prompt = torch.randint(
-        3, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)
-    ).tolist()
     print(
         f"teacher {args.teacher}: {param_count(config) / 1e6:.2f}M parameters; load per core at start {cpu_load():.2f}"
     )
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        teacher_gguf = gguf_of(teacher, loaded.tokenizer, Path(scratch) / "teacher")
-        teacher_cpp = LlamaCppDecoder(teacher_gguf, prompt, args.new_tokens)
-        for pair, shapes in pairs(config).items():
-            for kind, shape in zip(("uniform", "per-layer"), shapes, strict=True):
-                model = student(config, shape)
-                flops = flops_per_token(config, args.prompt_len) / flops_per_token(config, args.prompt_len, shape)
-                torch_speed = compare_speed(model, teacher, settings, name=f"{pair} {kind}")
-                gguf_file = gguf_of(model, loaded.tokenizer, Path(scratch) / f"{pair}-{kind}")
-                cpp, cpp_se = llama_cpp_speedup(
-                    LlamaCppDecoder(gguf_file, prompt, args.new_tokens), teacher_cpp, args.repeats
-                )
-                rows.append((pair, kind, param_count(config, shape), flops, torch_speed, cpp, cpp_se))
-                print(f"  timed {pair} {kind} (load per core {cpu_load():.2f})", flush=True)
+    for pair, shapes in pairs(config).items():
+        for kind, shape in zip(("uniform", "per-layer"), shapes, strict=True):
+            model, name = student(config, shape), f"{pair} {kind}"
+            flops = flops_per_token(config, args.prompt_len) / flops_per_token(config, args.prompt_len, shape)
+            torch_speed = compare_speed(model, teacher, settings, name)
+            cpp = compare_speed(model, teacher, replace(settings, engine="llamacpp"), name, tokenizer=loaded.tokenizer)
+            rows.append((pair, kind, param_count(config, shape), flops, torch_speed, cpp))
+            print(f"  timed {name} (load per core {cpu_load():.2f})", flush=True)
 
     print(f"\nload per core at the end {cpu_load():.2f}; decode speed-up over the teacher, mean ± SE over "
           f"{args.repeats} ABBA blocks; prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1")  # fmt: skip
-    print("| pair | student | params | FLOPs reduction | PyTorch fp32 | per FLOP | llama.cpp f32 | per FLOP |")
+    print("| pair | student | params | FLOPs reduction | PyTorch fp32 | per FLOP | llama.cpp f16 | per FLOP |")
     print("|---|---|---|---|---|---|---|---|")
-    for pair, kind, params, flops, torch_speed, cpp, cpp_se in rows:
+    for pair, kind, params, flops, torch_speed, cpp in rows:
         speedup, se = torch_speed.decode_speedup, torch_speed.decode_speedup_stderr
         print(f"| {pair} | {kind} | {params / 1e6:.2f}M | {flops:.3f}x | {speedup:.3f} ± {se:.3f} "
-              f"| {speedup / flops:.2f} | {cpp:.3f} ± {cpp_se:.3f} | {cpp / flops:.2f} |")  # fmt: skip
+              f"| {speedup / flops:.2f} | {cpp.decode_speedup:.3f} ± {cpp.decode_speedup_stderr:.3f} "
+              f"| {cpp.decode_speedup / flops:.2f} |")  # fmt: skip
     per_flop = {
         kind: statistics.mean(r[4].decode_speedup / r[3] for r in rows if r[1] == kind)
         for kind in ("uniform", "per-layer")

@@ -91,7 +91,7 @@ def settings_hash(cfg: DictConfig, teacher_fingerprint: str) -> str:
     if values["search"]["score_trials"]:
         shared["quality"] = values["quality"]
     if values["search"]["measure_speed"] or set(values["search"]["objectives"]) & {"throughput", "latency"}:
-        shared["speed"] = values["speed"]
+        shared["speed"] = settings_of(cfg, "speed").identity()  # the engine too: one Pareto front per engine
     return hash_json([teacher_fingerprint, search, shared])
 
 

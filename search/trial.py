@@ -124,7 +124,8 @@ def finish(
     # 5. Speed, timed in ABBA blocks with the teacher (of stopped trials too, when speed is an objective)
     if setup.speed is not None and (complete or setup.timings_rank):
         stage_started = time.perf_counter()
-        comparison = compare_speed(student, setup.context.teacher.model, setup.speed, record.label, "teacher")
+        teacher = setup.context.teacher
+        comparison = compare_speed(student, teacher.model, setup.speed, record.label, "teacher", teacher.tokenizer)
         record.final.update(
             decode_speedup=comparison.decode_speedup,
             decode_speedup_stderr=comparison.decode_speedup_stderr,

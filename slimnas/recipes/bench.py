@@ -20,7 +20,9 @@ from slimnas.core.settings import settings_of
 from slimnas.core.tables import format_table, plus_minus, save_records
 
 SCORE_COLUMNS = ["model", "task", "split", "pool", "metric", "value", "stderr", "n", "seconds"]
-SPEED_COLUMNS = ["model", "params", "prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms", "cpu_load"]
+SPEED_COLUMNS = [
+    "model", "engine", "params", "prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms", "cpu_load"
+]  # fmt: skip
 
 
 def main(cfg: DictConfig) -> None:
@@ -62,12 +64,12 @@ def main(cfg: DictConfig) -> None:
     # 4. Speed: against the teacher in alternating pairs, or alone
     if cfg.measure_speed:
         if cfg.compare_teacher and cfg.model:
-            comparison = compare_speed(model.model, teacher.model, speed, name, cfg.teacher)
+            comparison = compare_speed(model.model, teacher.model, speed, name, cfg.teacher, model.tokenizer)
             speeds = [comparison.model, comparison.reference]
             print(format_table([comparison.as_row()], list(comparison.as_row())))
             save_records([comparison.as_row()], out / "speed_vs_teacher")
         else:
-            speeds = [measure_speed(model.model, speed, name)]
+            speeds = [measure_speed(model.model, speed, name, model.tokenizer)]
         print(format_table(speeds, SPEED_COLUMNS))
         save_records(speeds, out / "speed")
 
