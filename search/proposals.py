@@ -116,8 +116,8 @@ class Proposals:
         return [(screen, "screen") for screen in screened[: setup.settings.screen.top_k]]
 
     def suggest(self, trial: optuna.Trial, setup: SearchSetup, queued: dict | None) -> Shape:
-        """The trial's candidate, from the sampler's coordinates (search.space.FeasibleEncoding); a queued trial's
-        (`queued`: its architecture) are fixed, and decode to its candidate."""
+        """The trial's candidate, from the sampler's coordinates (search.space.FeasibleEncoding). A queued trial's
+        coordinates are fixed and decode to its candidate; `queued` is that candidate's record (None: not queued)."""
         encoding = setup.encoding
         attention = trial.suggest_categorical(ATTENTION, list(encoding.attention))
         return encoding.decode(attention, trial.suggest_float(DEPTH, 0.0, 1.0), trial.suggest_float(WIDTH, 0.0, 1.0))
