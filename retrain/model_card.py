@@ -204,7 +204,8 @@ def rows(record: RetrainRecord, teacher: RetrainRecord) -> list[tuple[str, str, 
         )  # fmt: skip
     if record.speed:
         speedup = plus_minus(record.speed["decode_speedup"], record.speed["decode_speedup_stderr"])
-        table.append(("decode speed-up vs the teacher (ABBA blocks)", f"{speedup}x", "1x"))
+        where = ", llama.cpp, f16 GGUFs" if record.speed.get("engine") == "llamacpp" else ""  # bench.speed.engine
+        table.append((f"decode speed-up vs the teacher (ABBA blocks{where})", f"{speedup}x", "1x"))
     if record.memory and teacher.memory:
         table.append(("peak memory alone", f"{record.memory['peak_bytes'] / 2**20:.0f} MiB",
                       f"{teacher.memory['peak_bytes'] / 2**20:.0f} MiB"))  # fmt: skip

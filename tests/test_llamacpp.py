@@ -3,6 +3,7 @@ PyTorch: a uniform student as `llama`, a per-layer one as `deci`; the llama.cpp 
 times them against a teacher. Skipped without the extra, failed under CI; its refusal without the extra is tested
 everywhere (the extra's absence simulated)."""
 
+import json
 import math
 import os
 import subprocess
@@ -13,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from conftest import FAST, save_tiny_checkpoint, tiny_config, tiny_tokenizer
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 import slimnas.models  # noqa: F401  (the documented import: registers the per-layer students)
 from slimnas.bench.settings import SpeedSettings
 from slimnas.bench.speed import compare_speed, measure_speed
+from slimnas.cli import main
 from slimnas.compress.arch import LayerShape, PerLayerArchitecture, architecture_of
 from slimnas.compress.export import export_gguf
 from slimnas.config import compose
@@ -134,6 +136,23 @@ def test_the_llamacpp_engine_times_a_per_layer_student_against_a_larger_teacher(
     assert again.measurements == 2 and again.unstable is not None and len(exported) == 4
     alone = measure_speed(teacher, ENGINE, "teacher", tiny_tokenizer(VOCAB))
     assert alone.engine == "llamacpp" and alone.decode_tokens_per_s > 0 and alone.repeats == 3
+
+
+def test_slimnas_bench_times_a_checkpoint_against_the_teacher_in_llama_cpp(tiny_checkpoint, tmp_path):
+    llama_cpp()
+    small = save_tiny_checkpoint(tmp_path / "small", num_hidden_layers=1)
+    bench = [
+        "bench", f"teacher={tiny_checkpoint}", f"model={small}", f"out={tmp_path / 'bench'}", "compare_teacher=true",
+        "quality.tasks=[]", "measure_memory=false", "speed.engine=llamacpp", "speed.prompt_len=16",
+        "speed.new_tokens=4", "speed.repeats=2", *FAST,
+    ]  # fmt: skip
+    assert main(bench) == 0
+    (ratios,) = json.loads((tmp_path / "bench" / "speed_vs_teacher.json").read_text())
+    assert ratios["engine"] == "llamacpp" and ratios["decode_speedup"] > 0 and ratios["flops_reduction"] > 1
+    records = json.loads((tmp_path / "bench" / "speed.json").read_text())
+    assert [(r["model"], r["engine"], r["device"]) for r in records] == [
+        (str(small), "llamacpp", "cpu"), (str(tiny_checkpoint), "llamacpp", "cpu")
+    ]  # fmt: skip
 
 
 def test_a_study_keeps_to_one_engine_and_torch_studies_keep_their_hash():
