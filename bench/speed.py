@@ -32,7 +32,9 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from slimnas.bench.settings import SpeedSettings
 from slimnas.compress.arch import flops_per_token, param_count
+from slimnas.compress.export import check_exportable
 from slimnas.core.device import autocast, cpu_load, model_device, synchronize
+from slimnas.core.errors import SlimnasError
 from slimnas.core.stats import mean_and_stderr
 
 
@@ -201,6 +203,16 @@ class TorchTimings(Timings):
 
     def generate(self, new_tokens: int) -> tuple[float, list[float]]:
         return generate_timed(self.model, self.prompt, new_tokens, self.settings.precision)
+
+
+def check_engine(settings: SpeedSettings, teacher: PretrainedConfig, source: str) -> None:
+    """Before any compute: llama.cpp times GGUF exports, so with speed.engine=llamacpp the teacher (and so its
+    students, of its family) must export to GGUF; refused in one line otherwise."""
+    if settings.engine == "llamacpp":
+        try:
+            check_exportable(teacher, source)
+        except SlimnasError as error:
+            raise SlimnasError(f"speed.engine=llamacpp times GGUF exports: {error}") from None
 
 
 TimingsOf = Callable[[str, PreTrainedModel], Timings]  # (name, model) -> its timings, warmed up

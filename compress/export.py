@@ -100,6 +100,12 @@ def read_config(model_dir: Path) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a bad config
         raise SlimnasError(f"cannot read {model_dir / 'config.json'}: {first_line(error)}") from error
+    check_exportable(config, model_dir)
+    return config
+
+
+def check_exportable(config: PretrainedConfig, source: str | Path) -> None:
+    """Refused in one line unless llama.cpp's llama or deci graph computes exactly this model (`source` names it)."""
     if config.is_heterogeneous and family(config) in DECI_LACKS:
         raise SlimnasError(
             f"cannot export a per-layer {family(config)} student to GGUF: llama.cpp's deci graph has no "
@@ -119,8 +125,7 @@ def read_config(model_dir: Path) -> PretrainedConfig:
         f"sliding_window={window}": window is not None and window < config.max_position_embeddings,
     }
     if unsupported := [name for name, present in checks.items() if present]:
-        raise SlimnasError(f"cannot export {model_dir} to GGUF: unsupported {', '.join(unsupported)}")
-    return config
+        raise SlimnasError(f"cannot export {source} to GGUF: unsupported {', '.join(unsupported)}")
 
 
 def rope_parameters(config: PretrainedConfig) -> tuple[float, str]:

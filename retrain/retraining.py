@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from slimnas.bench.memory import measure_memory
 from slimnas.bench.quality import score_model, summary_score
 from slimnas.bench.settings import QualitySettings, SpeedSettings
-from slimnas.bench.speed import compare_speed, measure_speed
+from slimnas.bench.speed import check_engine, compare_speed, measure_speed
 from slimnas.bench.tasks import TaskSuite
 from slimnas.compress.arch import Shape, architecture_of, flops_per_token, param_count
 from slimnas.compress.context import TeacherContext
@@ -125,6 +125,8 @@ def prepare_retraining(
     other_heldout: tuple[HeldoutSet, ...] = (),
 ) -> Retraining:
     """The teacher's logits for every KD row (filled once, up front) and the scorer."""
+    if speed is not None:
+        check_engine(speed, context.teacher.model.config, teacher_name)
     hashed = retrain_hash(context, distill, settings, quality, suite, speed, {h.split: h.rows for h in other_heldout})
     targets = make_teacher_targets(distill, context.teacher, context.corpus.train, cache_root())
     targets.prepare(distill.rows_for(settings.budget_tokens, context.corpus.seq_len))

@@ -14,6 +14,7 @@ from optuna.storages import RDBStorage
 
 from slimnas.bench.quality import check_summary
 from slimnas.bench.settings import QualitySettings, SpeedSettings
+from slimnas.bench.speed import check_engine
 from slimnas.bench.tasks import TaskSuite, prepare_suite
 from slimnas.compress.arch import Architecture, PerLayerArchitecture
 from slimnas.compress.context import TeacherContext, load_teacher_context
@@ -119,6 +120,8 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     device = pick_device(cfg.device)
     teacher = load_model(cfg.teacher, device)
     config = teacher.model.config
+    if speed is not None:
+        check_engine(speed, config, cfg.teacher)
     space = SearchSpace.from_settings(settings.space, config)
     feasible = tuple(space.feasible(config, settings.budget))
     layer_space = None

@@ -155,6 +155,19 @@ def test_slimnas_bench_times_a_checkpoint_against_the_teacher_in_llama_cpp(tiny_
     ]  # fmt: skip
 
 
+def test_a_teacher_llama_cpp_cannot_run_is_refused_before_any_compute(tmp_path, capsys):
+    llama_cpp()
+    qwen = save_tiny_checkpoint(tmp_path / "qwen", "qwen2")
+    out = tmp_path / "bench"
+    bench = ["bench", f"teacher={qwen}", f"out={out}", "quality.tasks=[]", "speed.engine=llamacpp", *FAST]
+    assert main(bench) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "slimnas: error: speed.engine=llamacpp times GGUF exports: cannot export model type 'qwen2' to GGUF: only "
+        "llama, mistral"
+    ]
+    assert not out.exists()  # not even the held-out KL was computed
+
+
 def test_a_study_keeps_to_one_engine_and_torch_studies_keep_their_hash():
     llama_cpp()
     assert "engine" not in SpeedSettings().identity()  # studies and records made before the setting still match

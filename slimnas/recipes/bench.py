@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from slimnas.bench.lm_eval_command import write_lm_eval_command
 from slimnas.bench.memory import measure_memory
 from slimnas.bench.quality import score_model, summary_score
-from slimnas.bench.speed import compare_speed, measure_speed
+from slimnas.bench.speed import check_engine, compare_speed, measure_speed
 from slimnas.bench.tasks import prepare_suite
 from slimnas.compress.context import load_teacher_context
 from slimnas.compress.heldout import HeldoutSet
@@ -36,6 +36,8 @@ def main(cfg: DictConfig) -> None:
     teacher = context.teacher
     name = cfg.model or cfg.teacher
     model = load_model(cfg.model, context.device) if cfg.model else teacher
+    if cfg.measure_speed:
+        check_engine(speed, model.model.config, name)
 
     # 2. Held-out KL to the teacher and perplexity on the corpus's evaluation rows
     evaluation = HeldoutSet("evaluation", context.corpus.evaluation, teacher.model, cfg.precision)
