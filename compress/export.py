@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-import slimnas.models  # noqa: F401  (registers the per-layer students, so their config.json reads)
+import slimnas.compress.modeling  # noqa: F401  (registers the per-layer students, so their config.json reads)
 from slimnas.compress.arch import PerLayerArchitecture, family, head_dim
 from slimnas.core.errors import SlimnasError, first_line
 from slimnas.core.files import atomic_path, read_json
