@@ -14,10 +14,15 @@ screen (HeldoutSet.score). Each variant is pruned once, in every layer at once (
 its heads and neurons, as in a per-layer student), and its layer i is the cut at layer i. The kept inputs take
 layers x documents x tokens x hidden x 4 bytes (0.6 GB for SmolLM2-135M on 64 documents of 128 tokens).
 
+A cut's cost is its later layers on every token of the documents plus the vocabulary projection of every scored
+position (SmolLM2-135M on 2 busy CPU cores, 64 documents of 128 tokens: ~3 s a layer, ~19 s the 49k-entry head),
+so a library of hundreds of cuts is measured on a `HeldoutSet.subset` of the selection documents: the first ones,
+scored on the last positions of each (whole rows still run through the layers).
+
 The library is a cache like the screen's (CACHE/blocks/KEY.jsonl, keyed by the teacher, the importance, the
-documents and the variants): one line per measured cut, appended as soon as it is measured, so a killed build
-resumes where it stopped; processes sharing the cache take turns. The teacher's own blocks cost 0 by definition and
-are not measured.
+documents, the positions scored and the variants): one line per measured cut, appended as soon as it is measured,
+so a killed build resumes where it stopped; processes sharing the cache take turns. The teacher's own blocks cost 0
+by definition and are not measured.
 """
 
 import json
@@ -200,14 +205,15 @@ class TeacherActivations:
                 for later in range(index + 1, len(body.layers)):
                     hidden = body.layers[later](hidden, **self.arguments[later][batch])
                 states.append(body.norm(hidden).float())
-        return torch.cat(states).flatten(0, 1)
+        return self.documents.scored(torch.cat(states))
 
 
 def library_file(teacher: LoadedModel, importance: Importance, documents: HeldoutSet, variants: BlockVariants) -> Path:
     """The cache file of a block library: keyed by everything its numbers depend on."""
     key = hash_json([
         teacher.fingerprint, [hash_tensor(t) for t in (importance.heads, importance.neurons, importance.channels)],
-        hash_tensor(documents.rows), documents.precision, asdict(variants.checked(teacher.model.config)),
+        hash_tensor(documents.rows), documents.positions, documents.precision,
+        asdict(variants.checked(teacher.model.config)),
     ])  # fmt: skip
     return cache_root() / "blocks" / f"{key[:24]}.jsonl"
 

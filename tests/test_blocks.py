@@ -75,6 +75,29 @@ def test_each_block_costs_what_a_whole_pruned_model_with_only_that_cut_scores(tm
         assert block.kl_stderr == pytest.approx(naive.kl_stderr, rel=1e-4, abs=1e-6)
 
 
+def test_a_library_on_fewer_documents_and_positions_scores_like_whole_models_on_that_subset(tmp_path):
+    """search.blocks.documents / positions: all positions give exactly today's library; the last 7 positions of the
+    first 4 documents give each cut the KL a whole pruned model scores there (whole rows through the layers)."""
+    teacher, importance, documents = teacher_and_documents()
+    whole = build_block_library(teacher, importance, documents, VARIANTS, tmp_path / "whole.jsonl")
+    every_position = documents.subset(positions=documents.rows.shape[1])
+    same = build_block_library(teacher, importance, every_position, VARIANTS, tmp_path / "same.jsonl")
+    assert [replace(b, seconds=0.0) for b in same.blocks] == [replace(b, seconds=0.0) for b in whole.blocks]
+    subset = documents.subset(documents=4, positions=7)
+    part = build_block_library(teacher, importance, subset, VARIANTS, tmp_path / "part.jsonl")
+    config = teacher.config
+    for block in part.blocks:
+        assert len(block.kl_per_doc) == 4
+        if block.size in (2, 96):
+            continue
+        arch = part.architecture(*single_cut(part, block.layer, block.kind, block.size))
+        naive = subset.evaluate(prune_model(teacher, plan_pruning(importance, config, arch), arch))
+        assert (naive.documents, naive.tokens) == (4, 28)
+        assert block.kl == pytest.approx(naive.kl, rel=1e-5, abs=1e-6), block
+    assert [b.kl for b in part.blocks] != [b.kl for b in whole.blocks]
+    assert part.context == whole.context == 20  # FLOPs at the rows' whole length
+
+
 def test_a_cut_that_keeps_the_teachers_layer_gives_the_teachers_hidden_states_and_zero_kl():
     teacher, _, documents = teacher_and_documents()
     activations = TeacherActivations(teacher, documents)
