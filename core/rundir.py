@@ -54,7 +54,8 @@ class TrialRecord:
     params_fraction: float  # of the teacher's parameters
     weight_bytes_bf16: int
     pruning: dict  # the layer policy the candidate was cut with
-    proposed_by: str = "sampler"  # screen | seed | reference | sampler | random | enumerate | retry | fallback
+    proposed_by: str = "sampler"  # screen | mip | proportional | seed | reference | sampler | random | enumerate |
+    # retry | fallback
     reference: str | None = None  # zero_shot (the screen's best) | uniform | depth_only | width_only
     reference_note: str | None = None  # e.g. the uniform reference's per-dimension ratios
     retry_of: int | None = None  # the trial whose killed worker this one replaces

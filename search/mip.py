@@ -1,5 +1,6 @@
 """The MIP pick (Puzzle's selection, no KD): one attention and one FFN variant per layer from the block library,
-minimising the summed block KL under caps on parameters, bf16 weight bytes and FLOPs per token.
+minimising the summed block KL under caps on parameters, bf16 weight bytes and FLOPs per token, and a floor on
+parameters (a search's budget is a window: search.budget.window).
 
 Every cap is linear in the binary choices (a block changes each size by a fixed amount, compress.blocks), so the
 pick is a small 0/1 program, solved exactly by scipy's `milp` (HiGHS, relative gap 0). The next best picks come
@@ -19,20 +20,24 @@ from slimnas.core.errors import SlimnasError
 
 @dataclass(frozen=True)
 class BlockBudget:
-    """Caps on a per-layer candidate's totals; None: no cap."""
+    """Caps on a per-layer candidate's totals, and a floor on its parameters; None: no cap, no floor."""
 
     params: int | None = None
     weight_bytes: int | None = None  # bf16
     flops_per_token: int | None = None  # at the block library's context
+    min_params: int | None = None
 
     def caps(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(Sizes) if getattr(self, f.name) is not None}
 
     def allows(self, sizes: Sizes) -> bool:
-        return all(getattr(sizes, name) <= cap for name, cap in self.caps().items())
+        return all(getattr(sizes, name) <= cap for name, cap in self.caps().items()) and (
+            self.min_params is None or sizes.params >= self.min_params
+        )
 
     def describe(self) -> str:
-        return ", ".join(f"{name} <= {cap:,}" for name, cap in self.caps().items()) or "none"
+        floor = [] if self.min_params is None else [f"params >= {self.min_params:,}"]
+        return ", ".join([*floor, *(f"{name} <= {cap:,}" for name, cap in self.caps().items())]) or "none"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ def mip_pick(library: BlockLibrary, budget: BlockBudget, n: int = 1, differ_by: 
     for name, cap in budget.caps().items():
         change = np.array([getattr(b.sizes, name) for b in blocks], dtype=float)
         constraints.append(LinearConstraint(change, -np.inf, cap - getattr(library.teacher_sizes, name)))
+    if budget.min_params is not None:
+        change = np.array([b.sizes.params for b in blocks], dtype=float)
+        constraints.append(LinearConstraint(change, budget.min_params - library.teacher_sizes.params, np.inf))
     cost = np.array([b.kl for b in blocks])
     picks: list[Pick] = []
     while len(picks) < n:

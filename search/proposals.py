@@ -3,8 +3,9 @@
     screen     the screen's best (`search.screen.top_k`) first, then the sampler, told the rest of the screen
     uniform    feasible candidates in a seeded random order, no screen, no sampler (the random-search baseline)
     enumerate  every screened candidate to the last rung, none stopped (what a race is measured against)
-    per_layer  per-layer candidates (search.layer_space): a sample stratified by size and the caller's seed shapes
-               screened, their best first, then the sampler over each layer's variant, told the rest of the screen
+    per_layer  per-layer candidates (search.layer_space): a sample stratified by size and the seed shapes (the MIP's
+               picks over the block library, the proportional allocation: search.block_seeds) screened, their best
+               first, then the sampler over each layer's variant, told the rest of the screen
 
 Every strategy also queues the reference cuts (search.references) once per study. A new way of proposing
 is a new subclass of `Proposals` added to `PROPOSALS` (and its name to search.settings.PROPOSALS): the
@@ -193,7 +194,8 @@ class Enumerate(Proposals):
 
 class PerLayer(ScreenFirst):
     """Per-layer candidates (search.layer_space): the screen scores a sample stratified by size plus the caller's
-    seed shapes (SearchSetup.seeds), its best go first, then the sampler proposes each layer's variant."""
+    seed shapes (SearchSetup.seeds), its best go first (a seed recorded as proposed by its origin: mip, proportional),
+    then the sampler proposes each layer's variant."""
 
     name = "per_layer"
 
@@ -208,7 +210,7 @@ class PerLayer(ScreenFirst):
         return run_screen(setup, list(dict.fromkeys([*setup.seeds, *sample])))
 
     def first(self, setup: SearchSetup, screened: list[Screened]) -> list[tuple[Screened, str]]:
-        return [(s, "seed" if s.arch in setup.seeds else "screen") for s in screened[: setup.settings.screen.top_k]]
+        return [(s, setup.seeds.get(s.arch, "screen")) for s in screened[: setup.settings.screen.top_k]]
 
     def suggest(self, trial: optuna.Trial, setup: SearchSetup, queued: dict | None) -> Shape:
         proposed = setup.layer_space.suggest(trial)  # a queued trial's parameters are fixed: recorded all the same
@@ -234,7 +236,8 @@ class PerLayer(ScreenFirst):
         return next((shape for shape in draws if arch_key(shape) not in taken), None)
 
     def describe(self, setup: SearchSetup) -> str:
-        seeds = f" and {len(setup.seeds)} seed shapes" if setup.seeds else ""
+        origins = ", ".join(f"{n} {who}" for who, n in Counter(setup.seeds.values()).items())
+        seeds = f" and {len(setup.seeds)} seed shapes ({origins})" if setup.seeds else ""
         sampler = setup.settings.sampler["_target_"].rsplit(".", 1)[-1]
         return (
             f"{setup.layer_space.describe()}; {setup.settings.screen.per_layer_samples} sampled by size{seeds} "
@@ -290,8 +293,9 @@ def tell_screen(study: optuna.Study, setup: SearchSetup, screened: list[Screened
         if (screen.arch, None) in queued:
             continue
         values = {"quality": -screen.kl, "params": param_count(config, screen.arch)}
-        attrs = {"architecture": screen.arch.as_dict(), "params": values["params"], "proposed_by": "screen",
-                 "state": SCREENED, "rung": 0, "label": screen.arch.label()}  # fmt: skip
+        attrs = {"architecture": screen.arch.as_dict(), "params": values["params"],
+                 "proposed_by": setup.seeds.get(screen.arch, "screen"), "state": SCREENED, "rung": 0,
+                 "label": screen.arch.label()}  # fmt: skip
         attrs |= rung_attrs(0, screen.kl_per_doc)
         constraints = {"rungs_missed": shortfall(setup.last_rung, -screen.kl)}
         told.append(

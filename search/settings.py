@@ -31,6 +31,32 @@ class ScreenSettings:
 
 
 @dataclass
+class BlockSettings:
+    """search.proposals=per_layer: Puzzle-style seeds for the screen (search.block_seeds). The block library
+    (compress.blocks: each layer's attention and FFN cut alone to each variant of search.space.per_layer, scored by
+    KL to the teacher) is built, or read from its cache, then the MIP (search.mip) picks the per-layer candidates of
+    least summed block KL within the parameter budget; they are screened with the sample, so the race runs them when
+    they screen well. The library depends on the teacher, the variants and these documents, never on the seed."""
+
+    enabled: bool = True  # only with search.proposals=per_layer
+    mip_solutions: int = 4  # the MIP's best picks screened, in order of predicted KL
+    differ_by: int = 4  # each pick differs from every earlier one in at least this many sub-blocks (a layer's
+    # attention or FFN): distinct candidates rather than one pick and its near-copies
+    proportional: bool = True  # also screen the importance-proportional allocation (search.allocation: FFN widths
+    # by layer importance, attention whole; no library needed)
+    documents: int | None = None  # the library scores the first this many selection documents (never evaluation
+    # ones); null: all of them. A cut's cost grows with the documents: its later layers run on each
+    positions: int | None = None  # and the last this many positions of each (all still run through the layers);
+    # null: all. Only the vocabulary projection shrinks with it (~19 s of a SmolLM2 cut's ~65 s at 64 x 128 tokens)
+
+    def __post_init__(self):
+        if min(self.mip_solutions, self.differ_by) < 1:
+            raise SlimnasError("search.blocks.mip_solutions and differ_by must be at least 1")
+        if any(n is not None and n < 1 for n in (self.documents, self.positions)):
+            raise SlimnasError("search.blocks.documents and positions must be at least 1, or null for all")
+
+
+@dataclass
 class RaceSettings:
     """KD in rungs; after each, a candidate stops only when a peer is better on the same documents with confidence."""
 
@@ -99,6 +125,7 @@ class SearchSettings:
     budget: Budget = field(default_factory=Budget)
     space: SpaceSettings = field(default_factory=SpaceSettings)
     screen: ScreenSettings = field(default_factory=ScreenSettings)
+    blocks: BlockSettings = field(default_factory=BlockSettings)
     race: RaceSettings = field(default_factory=RaceSettings)
     references: ReferenceSettings = field(default_factory=ReferenceSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)

@@ -2,10 +2,11 @@
 
 Built in order of cost, so bad input fails in seconds with nothing written: settings, the teacher's
 shape and the feasible set, the benchmark files, the storage connection; only then the corpus, the
-importance scores, the teacher's logit cache and the selection documents.
+importance scores, the teacher's logit cache, the selection documents and, for a per-layer study, its seeds (the
+block library and the MIP's picks over it).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from slimnas.core.device import hardware, pick_device
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import hash_json
 from slimnas.core.settings import settings_of
+from slimnas.search.block_seeds import block_seeds, check_blocks
 from slimnas.search.layer_space import LayerSpace
 from slimnas.search.objectives import Objective, objectives_of
 from slimnas.search.settings import SearchSettings
@@ -36,7 +38,7 @@ from slimnas.search.storage import check_existing_study, open_storage, storage_u
 # Settings that do not change what a trial measures: a study resumed with other values of these is the same study.
 UNHASHED = (
     "n_trials", "storage", "keep_checkpoints", "references", "screen", "sampler", "seed", "proposals",
-    "workers", "gpus",
+    "workers", "gpus", "blocks",
 )  # fmt: skip
 
 
@@ -64,8 +66,9 @@ class SearchSetup:
     settings_hash: str  # every setting that changes a trial's result: a study holds trials of one hash only
     command: str
     log_file: Path
-    seeds: tuple[PerLayerArchitecture, ...] = ()  # per-layer shapes a caller proposes (e.g. an optimiser's picks):
-    # screened with the per-layer sample, so the race sees them when they screen well (dataclasses.replace to set)
+    seeds: dict[PerLayerArchitecture, str] = field(default_factory=dict)  # per-layer shapes proposed outside the
+    # sampler, each with its proposer (search.blocks: the MIP's picks, the proportional allocation): screened with the
+    # per-layer sample, so the race sees them when they screen well
 
     @property
     def timings_rank(self) -> bool:
@@ -127,6 +130,8 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     layer_space = None
     if settings.proposals == "per_layer":
         layer_space = LayerSpace.of(settings.space.per_layer, space.values["hidden_size"], config, settings.budget)
+        if settings.blocks.enabled:
+            check_blocks(layer_space, config)
     if not feasible and layer_space is None:  # a per-layer study needs no uniform candidate (its references say so)
         raise SlimnasError(
             f"budget unreachable: no architecture of the search space ({space.size()} points) meets "
@@ -152,6 +157,11 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     targets.prepare(distill.rows_for(trial_tokens, data.seq_len))
     selection = HeldoutSet("selection", context.corpus.selection, teacher.model, cfg.precision)
 
+    # 6. Per-layer seeds: the block library (built once, then cached) and the MIP's picks over it (search.blocks)
+    seeds = {}
+    if layer_space is not None and settings.blocks.enabled:
+        seeds = block_seeds(settings.blocks, layer_space, teacher, context.importance, selection, settings.budget)
+
     return SearchSetup(
         run_dir=run_dir,
         settings=settings,
@@ -175,4 +185,5 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         settings_hash=hashed,
         command=cfg.command,
         log_file=run_dir / "log.txt",
+        seeds=seeds,
     )

@@ -198,6 +198,24 @@ def test_the_mip_returns_the_n_best_choices_found_by_brute_force_and_honours_eve
         assert pick.arch == library.architecture(pick.kv_groups, pick.ffn)
 
 
+def test_the_mip_honours_a_floor_on_parameters_where_smaller_blocks_cost_less(random_library):
+    """A search's budget is a window: with the teacher's own blocks the dearest, the best choices are the smallest,
+    and the floor keeps them inside the window (checked against brute force)."""
+    config, library = random_library
+    library = replace(library, blocks=tuple(replace(b, kl=2.0) if b.size in (2, 96) else b for b in library.blocks))
+    teacher = library.teacher_sizes.params
+    budget = BlockBudget(params=int(0.8 * teacher), min_params=int(0.7 * teacher))
+    sizes = {(kv, ffn): Sizes.of(config, library.architecture(kv, ffn), library.context) for _, kv, ffn in
+             every_choice(library)}  # fmt: skip
+    feasible = [kl for kl, kv, ffn in every_choice(library) if budget.allows(sizes[kv, ffn])]
+    picks = mip_pick(library, budget, n=3)
+    assert [p.kl for p in picks] == pytest.approx(feasible[:3], abs=1e-9)
+    assert all(0.7 * teacher <= p.sizes.params <= 0.8 * teacher for p in picks)
+    unfloored = mip_pick(library, BlockBudget(params=int(0.8 * teacher)))[0]
+    assert unfloored.sizes.params < 0.7 * teacher and unfloored.kl < picks[0].kl  # the floor binds
+    assert budget.describe() == f"params >= {int(0.7 * teacher):,}, params <= {int(0.8 * teacher):,}"
+
+
 def test_picks_differ_by_at_least_the_asked_number_of_sub_blocks(random_library):
     _, library = random_library
     picks = mip_pick(library, BlockBudget(params=int(0.7 * library.teacher_sizes.params)), n=4, differ_by=3)

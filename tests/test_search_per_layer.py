@@ -27,6 +27,7 @@ from omegaconf import open_dict
 from optuna.trial import TrialState
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import slimnas.compress.blocks as blocks_module
 from slimnas.cli import main
 from slimnas.compress.arch import (
     LayerShape,
@@ -165,17 +166,21 @@ def test_a_per_layer_search_screens_races_and_picks_a_per_layer_candidate(per_la
     config = AutoConfig.from_pretrained(per_layer_search / "teacher")
     budget = Budget(params=0.7, window=0.3)
     screened = read_screen(run_dir)
-    assert len(screened) == 8 and all(isinstance(shape_of(line["architecture"]), PerLayerArchitecture)
-                                      for line in screened)  # fmt: skip
+    seeds = seeds_of(load_study(run_dir))  # the MIP's picks and the proportional allocation (search.blocks)
+    assert set(seeds.values()) == {"mip", "proportional"}
+    assert 8 < len(screened) <= 8 + len(seeds)  # the sample and the seeds (one may also be drawn by the sample)
+    assert all(isinstance(shape_of(line["architecture"]), PerLayerArchitecture) for line in screened)
     records = {r.trial: r for r in read_records(run_dir)}
     best = sorted(screened, key=lambda line: (line["kl"], line["label"]))
     assert [records[n].architecture for n in range(4)] == [line["architecture"] for line in best[:4]]
+    for n in range(4):  # who proposed each of the screen's best: a seed's origin, else the screen
+        assert records[n].proposed_by == seeds.get(json.dumps(records[n].architecture), "screen")
     for record in records.values():
         shape = shape_of(record.architecture)
         assert record.label == shape.label() and record.params == param_count(config, shape)
         assert budget.allows(config, shape)
     proposed = {r.proposed_by for r in records.values()}
-    assert {"screen", "reference", "sampler"} <= proposed
+    assert {"reference", "sampler"} <= proposed and proposed & {"screen", "mip", "proportional"}
     study = load_study(run_dir)
     names = {"hidden_size"} | {f"{kind}_{i}" for kind in ("kv", "ffn") for i in range(4)}
     assert all(set(t.params) == names for t in study.trials if t.state == TrialState.COMPLETE)  # the reference too
@@ -190,6 +195,68 @@ def test_a_per_layer_search_screens_races_and_picks_a_per_layer_candidate(per_la
     row = table.loc[pick.trial]
     assert row.label == pick.label and row.hidden_size == shape.hidden_size and pd.isna(row.intermediate_size)
     assert row.num_hidden_layers == sum(layer.kept for layer in shape.layers)
+
+
+def seeds_of(study: optuna.Study) -> dict[str, str]:
+    """The study's seed shapes (queued first or told to the sampler) and who proposed each."""
+    return {json.dumps(t.user_attrs["architecture"]): t.user_attrs["proposed_by"] for t in study.trials
+            if t.user_attrs.get("proposed_by") in ("mip", "proportional")}  # fmt: skip
+
+
+def search_config(teacher, run_dir, *extra):
+    cfg = compose("search", search_args(teacher, run_dir, *PER_LAYER, *extra)[1:])
+    with open_dict(cfg):
+        cfg.command = "slimnas search"
+    return cfg
+
+
+def test_the_block_library_seeds_the_screen_within_the_budget_and_a_second_search_reads_it_back(
+    per_layer_search, tmp_path, monkeypatch, capsys
+):
+    """search.blocks: the library is measured once (the fixture's search); another study with other settings reads
+    it from the cache, measures nothing, and gets the same MIP picks, every one within the budget and screened."""
+    run_dir = per_layer_search / "run"
+    config = AutoConfig.from_pretrained(per_layer_search / "teacher")
+    seeds = seeds_of(load_study(run_dir))
+    screened = {json.dumps(line["architecture"]) for line in read_screen(run_dir)}
+    assert set(seeds) <= screened and len([who for who in seeds.values() if who == "mip"]) == 4  # mip_solutions
+    for arch in seeds:
+        shape = shape_of(json.loads(arch))
+        assert Budget(params=0.7, window=0.3).allows(config, shape) and shape.hidden_size == config.hidden_size
+    (library,) = (per_layer_search / "cache" / "blocks").glob("*.jsonl")
+    cuts = len(library.read_text().splitlines())
+    assert cuts == 4 * 4 + 4 + 3  # FFN 0, 24, 48, 72 in every layer; 1 KV group in every layer, 0 in layers 1-3
+
+    monkeypatch.setenv("SLIMNAS_CACHE", str(per_layer_search / "cache"))
+    monkeypatch.setattr(blocks_module, "prune_model", lambda *args: pytest.fail("a cut was measured again"))
+    capsys.readouterr()
+    setup = build_setup(search_config(per_layer_search / "teacher", tmp_path / "other", "search.seed=7"))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("block library:"))
+    assert f"{cuts} single-block cuts (0 measured now, {cuts} cached) on 8 selection documents (the last 32 of" in line
+    assert "MIP: 4 picks, the best predicted KL" in line
+    assert {json.dumps(a.as_dict()): who for a, who in setup.seeds.items()} == seeds
+    assert len(list((per_layer_search / "cache" / "blocks").glob("*.jsonl"))) == 1
+
+
+def test_the_library_on_fewer_documents_and_positions_is_another_cache_and_bad_block_settings_are_one_line(
+    search_teacher, tmp_path, capsys
+):
+    setup = build_setup(search_config(search_teacher, tmp_path / "run", "search.blocks.documents=3",
+                                      "search.blocks.positions=5", "search.blocks.mip_solutions=2",
+                                      "search.blocks.proportional=false"))  # fmt: skip
+    assert "on 3 selection documents (the last 5 of their 32 positions scored)" in capsys.readouterr().out
+    assert list(setup.seeds.values()) == ["mip", "mip"]
+    (library,) = (tmp_path / "cache" / "blocks").glob("*.jsonl")
+    assert all(len(json.loads(line)["kl_per_doc"]) == 3 for line in library.read_text().splitlines())
+    for override, message in [
+        ("search.blocks.positions=0", "search.blocks.documents and positions must be at least 1"),
+        ("search.blocks.differ_by=0", "search.blocks.mip_solutions and differ_by must be at least 1"),
+        ("search.space.hidden_size={choices:[48]}", "search.blocks needs the teacher's hidden size 64"),
+    ]:
+        assert main([*search_args(search_teacher, tmp_path / "bad", *PER_LAYER), override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "bad").exists()
 
 
 RETRAIN = [
@@ -229,12 +296,10 @@ def test_the_per_layer_pick_retrains_to_a_checkpoint_transformers_loads(per_laye
 
 def test_seed_shapes_are_screened_with_the_sample_and_one_outside_the_budget_is_refused(search_teacher, tmp_path):
     """The hook an optimiser fills (SearchSetup.seeds): its shapes join the screen, and lead as proposed by "seed"."""
-    cfg = compose("search", search_args(search_teacher, tmp_path / "run", *PER_LAYER)[1:])
-    with open_dict(cfg):
-        cfg.command = "slimnas search"
-    setup = build_setup(cfg)
+    setup = build_setup(search_config(search_teacher, tmp_path / "run", "search.blocks.enabled=false"))
+    assert setup.seeds == {}
     seed = setup.layer_space.random(random.Random(123))
-    seeded = replace(setup, seeds=(seed,))
+    seeded = replace(setup, seeds={seed: "seed"})
     screened = PerLayer().screen(seeded)
     assert seed in [s.arch for s in screened] and len(screened) in (8, 9)
     others = [s for s in screened if s.arch != seed]
@@ -242,7 +307,7 @@ def test_seed_shapes_are_screened_with_the_sample_and_one_outside_the_budget_is_
     assert [who for _, who in first] == ["seed", "screen", "screen", "screen"]  # search.screen.top_k
     too_big = PerLayerArchitecture(64, (LayerShape(96, 4, 2),) * 4)  # the teacher itself
     with pytest.raises(SlimnasError, match="outside the budget"):
-        PerLayer().screen(replace(setup, seeds=(too_big,)))
+        PerLayer().screen(replace(setup, seeds={too_big: "seed"}))
 
 
 def test_a_killed_per_layer_search_resumes_and_completes_the_killed_candidate(search_teacher, tmp_path):
