@@ -36,10 +36,13 @@ from slimnas.compress.arch import (
     shape_of,
     validate_target,
 )
+from slimnas.compress.blocks import BlockVariants
 from slimnas.compress.modeling import per_layer_config
-from slimnas.config import compose
+from slimnas.config import check, compose
 from slimnas.core.errors import SlimnasError
 from slimnas.core.rundir import read_records, read_retrained, read_screen, search_pick
+from slimnas.core.settings import settings_of
+from slimnas.search.block_seeds import check_blocks, space_variants
 from slimnas.search.constraints import Budget
 from slimnas.search.layer_space import LayerSpace
 from slimnas.search.proposals import PerLayer
@@ -257,6 +260,25 @@ def test_the_library_on_fewer_documents_and_positions_is_another_cache_and_bad_b
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_hetero_cpu_preset_composes_on_the_cpu_preset_and_its_space_suits_the_block_library(tmp_path, capsys):
+    cfg = compose("pipeline", ["preset=hetero-cpu"])
+    check(cfg)
+    search = settings_of(cfg, "search")
+    assert (search.proposals, search.budget.params, search.blocks.enabled) == ("per_layer", 0.6, True)
+    assert (search.blocks.documents, search.blocks.positions) == (8, 32)
+    assert (cfg.data.selection_docs, search.budget.window, search.n_trials) == (64, 0.05, 8)  # the cpu preset's
+    for params in (0.6, 0.4):  # the default teacher's shape, at both budgets of the issue
+        budget = replace(search.budget, params=params)
+        space = LayerSpace.of(search.space.per_layer, search.space.hidden_size.choices, SMOLLM2, budget)
+        check_blocks(space, SMOLLM2)  # the teacher's hidden size is reachable: the library's picks are candidates
+        assert space_variants(space) == BlockVariants(ffn=(0, 384, 768, 1152, 1536), kv_groups=(0, 1, 2, 3))
+    run_dir = tmp_path / "hetero"
+    assert main(["pipeline", "preset=hetero-cpu", f"run_dir={run_dir}", "search.blocks.positions=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["slimnas: error: search.blocks.documents and positions must be at least 1, or null for all"]
+    assert not run_dir.exists()
 
 
 RETRAIN = [
