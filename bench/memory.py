@@ -36,7 +36,7 @@ class MemoryRecord:
     method: str
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -99,9 +99,9 @@ def main() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     except OSError:
         pass  # a restricted container: the peak then counts from start-up, a little higher
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     weights = _load_and_generate(args.model, settings, torch.device("cpu"))
-    peak = _status_bytes("VmHWM") - before
+    peak = status_bytes("VmHWM") - before
     print(json.dumps(MemoryRecord(args.model, peak, weights, CPU_METHOD).__dict__))
 
 

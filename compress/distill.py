@@ -8,6 +8,10 @@ around it for `slimnas distill` and `slimnas retrain`.
 The batch of every step is a pure function of (seed, step), and the checkpoint holds model, optimizer,
 step and RNG, so an interrupted run resumes to the same final weights. The checkpoint is one
 safetensors file (tensors, plus the counters as JSON in its header): loading it cannot run code.
+
+A step's phases are named for torch.profiler (`record_function`): "kd.teacher" (the teacher's targets: a live
+forward or a read of the cache), "kd.student" (the student's body), "kd.backward", "kd.optimizer" (clipping and the
+update), and kd_loss's "kd.head" and "kd.kl"; slimnas.bench.roofline profiles a step by them.
 """
 
 import contextlib
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -172,7 +177,8 @@ class StudentLosses(nn.Module):
         student_outputs, handles = capture_layer_outputs(self.student, student_layers)
         try:
             with autocast(device, self.settings.precision):
-                hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
+                with record_function("kd.student"):
+                    hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
                 labels = next_token_labels(input_ids).flatten()
                 kl, nll = token_losses(
                     hidden, self.student.lm_head, labels, target, self.settings.temperature, self.settings.chunk_tokens
@@ -232,7 +238,10 @@ class Distiller:
     def _losses(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = distributed.share(rows)  # this rank's rows of the global batch (all of them in one process)
         input_ids = self.train_rows[rows].to(self.device)
-        target, teacher_outputs = self.teacher_targets.targets(rows, input_ids) if self.teacher_targets else (None, {})
+        target, teacher_outputs = None, {}
+        if self.teacher_targets is not None:
+            with record_function("kd.teacher"):
+                target, teacher_outputs = self.teacher_targets.targets(rows, input_ids)
         return self.losses(input_ids, target, teacher_outputs)
 
     def train_until(self, step: int, progress: tqdm | None = None) -> list[dict]:
@@ -262,13 +271,15 @@ class Distiller:
                         loss = loss + settings.hidden_weight * hidden_loss
                     if not torch.isfinite(loss):
                         raise SlimnasError(f"non-finite loss at step {self.step + 1}")
-                    (loss / settings.grad_accum).backward()
+                    with record_function("kd.backward"):
+                        (loss / settings.grad_accum).backward()
                 for i, value in enumerate((kl, ce, hidden_loss)):
                     totals[i] += value.item() / settings.grad_accum
             totals = distributed.mean(torch.tensor(totals, dtype=torch.float64)).tolist()
-            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], settings.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with record_function("kd.optimizer"):
+                torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], settings.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             tokens_per_s = (self.step - first) * self.tokens_per_step / max(time.perf_counter() - started, 1e-9)
             logs.append(

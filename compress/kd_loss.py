@@ -6,6 +6,10 @@ positions than one chunk, each chunk is checkpointed, so its logits exist only w
 loss (and, in backward, its gradient) is computed. A step that fits in one chunk is not
 checkpointed: recomputing the projection would cost a third more of it for no memory saved.
 
+The step's phases are named for torch.profiler (`record_function`: next to no cost while no profiler runs): the head's
+projection and log-softmax are "kd.head", the KL on the teacher's targets "kd.kl" (slimnas.bench.roofline reads
+them; compress.distill names the others).
+
 Teacher targets come in two forms:
 - LiveTarget: the teacher's final hidden states; its lm_head runs per chunk (the full-vocabulary KL).
 - TopKTarget: cached top-k teacher logits plus the full log-sum-exp; the mass outside the top k is one
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
@@ -60,13 +65,15 @@ def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float)
 
 
 def _chunk_losses(hidden, lm_head_weight, labels, target, temperature: float):
-    logits = F.linear(hidden, lm_head_weight).float()
-    student_logp = F.log_softmax(logits / temperature, dim=-1)
+    with record_function("kd.head"):
+        logits = F.linear(hidden, lm_head_weight).float()
+        student_logp = F.log_softmax(logits / temperature, dim=-1)
     if target is None:
         kl = torch.zeros(len(hidden), device=hidden.device)
     else:
         kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
-        kl = kl_fn(student_logp, target, temperature) * temperature**2
+        with record_function("kd.kl"):
+            kl = kl_fn(student_logp, target, temperature) * temperature**2
     if temperature == 1.0:  # the next-token loss from the same log-softmax: one vocabulary pass instead of two
         labelled = labels != IGNORE
         nll = -student_logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * labelled
