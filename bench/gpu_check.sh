@@ -2,7 +2,7 @@
 # What the CPU cannot show, on one CUDA GPU in at most ~10 minutes:
 #   bench/gpu_check.sh [OUT_DIR]        (default runs/gpu_check; needs `make install TORCH_SPEC=torch` first)
 # 1. the whole pipeline with preset=gpu (bf16 autocast, CUDA-event latency, allocator peak memory);
-# 2. bf16 KD throughput (top-k cache and live teacher) against a plain forward+backward step;
+# 2. bf16 KD throughput (top-k cache, live teacher, TRL's GKDTrainer), MFU against the measured peak, a profiled step;
 # 3. from the run's retrain records: each candidate's allocator peak against its analytic weight bytes,
 #    its measured decode speed-up against the FLOPs ratio, and the CUDA-event p50 latency.
 set -euo pipefail
@@ -13,8 +13,8 @@ mkdir -p "$OUT"
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 echo "== 1. pipeline preset=gpu"
 /usr/bin/time -f "pipeline wall %e s" "$PY" -m slimnas.cli pipeline preset=gpu run_dir="$OUT/pipeline"
-echo "== 2. KD throughput, bf16 (ratios to a plain step)"
-"$PY" scripts/kd_throughput.py --batch 16 --seq-len 512 --steps 5 --rounds 6
+echo "== 2. KD throughput against TRL and the GPU's peak, bf16"
+"$PY" -m slimnas.bench.peers kd --batch 16 --seq-len 512 --tokens 163840 --repeats 3 --out "$OUT/peers_kd.json"
 echo "== 3. measured against analytic, per retrained candidate"
 "$PY" - "$OUT/pipeline" <<'PYEOF'
 import json, sys

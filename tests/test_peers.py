@@ -74,9 +74,10 @@ def test_uniform_cut_is_one_ratio_near_the_parameter_share():
     assert cut.num_attention_heads % cut.num_key_value_heads == 0
 
 
-def test_trl_gkd_loss_at_beta_0_is_slimnas_forward_kl_over_the_whole_vocabulary():
+def test_trl_gkd_loss_at_beta_0_is_slimnas_forward_kl_over_the_whole_vocabulary(monkeypatch):
     """GKDTrainer.generalized_jsd_loss(beta=0) against compress.kd_loss's live (full-vocabulary) KL: the same number."""
     needs_trl()
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")  # experimental, as bench.peers says
     from trl.experimental.gkd import GKDTrainer
 
     torch.manual_seed(0)
