@@ -443,9 +443,9 @@ class KDReport:
     job: dict
     hardware: dict
     peak: dict
-    runs: list[dict] = field(default_factory=list)
-    summary: list[dict] = field(default_factory=list)
-    profile: dict[str, list[dict]] = field(default_factory=dict)
+    runs: list[dict]
+    summary: list[dict]
+    profile: dict[str, list[dict]] = field(default_factory=dict)  # filled after the rest, when asked for
 
 
 def profile_arm(name: str, job: Job, peak: float) -> list[PhaseRow]:
@@ -617,7 +617,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     kd.add_argument("--tokens", type=int, default=32768, help="KD tokens of every run")
     kd.add_argument("--batch", type=int, default=4, help="rows per step (the cpu preset's)")
     kd.add_argument("--seq-len", type=int, default=128)
-    kd.add_argument("--heldout-tokens", type=int, help="tokens of each evaluation document's row (default seq-len)")
+    kd.add_argument("--heldout-tokens", type=int, default=64, help="tokens of each evaluation row (the cpu preset's)")
     kd.add_argument("--lr", type=float, default=3e-4)
     kd.add_argument("--top-k", type=int, default=64, help="the cached arm's teacher logits per position")
     kd.add_argument("--repeats", type=int, default=3, help="rounds of A B C; an interval needs at least 2")
