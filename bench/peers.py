@@ -521,7 +521,7 @@ def format_report(report: KDReport) -> str:
     job, peak = report.job, report.peak
     lines = [
         f"KD of {job['student']} ({job['student_params'] / 1e6:.1f}M params) from {job['teacher']} "
-        f"({job['teacher_params'] / 1e6:.1f}M): {job['tokens']:,} tokens = {job['steps']} steps of "
+        f"({job['teacher_params'] / 1e6:.1f}M): {job['tokens']:,} tokens = {job['steps']} step(s) of "
         f"{job['settings']['batch_size']} x {job['seq_len']}, lr {job['settings']['lr']:g}, on "
         f"{report.hardware['name']} ({report.hardware['threads']} threads, {peak['step_precision']})",
         "",
