@@ -4,8 +4,8 @@ parameters (a search's budget is a window: search.budget.window).
 
 Every cap is linear in the binary choices (a block changes each size by a fixed amount, compress.blocks), so the
 pick is a small 0/1 program, solved exactly by scipy's `milp` (HiGHS, relative gap 0). The next best picks come
-from no-good cuts: each later solve excludes every earlier choice (and, with `differ_by` > 1, all choices within
-that many changed sub-blocks of one), so the picks are distinct and come in order of predicted KL.
+from no-good cuts: each later solve excludes every earlier choice (and, with `differ_by` > 1, every choice that
+differs from one in fewer than `differ_by` sub-blocks), so the picks are distinct and come in order of predicted KL.
 """
 
 from dataclasses import dataclass, fields

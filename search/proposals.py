@@ -107,6 +107,7 @@ class Proposals:
     name = ""
     races = True  # the race may stop a candidate, and the two leaders' last rung is extended
     tells_screen = False  # the screen's candidates that did not run are told to the sampler
+    spent = "every feasible candidate was evaluated"  # why the study ends when `unevaluated` finds none
 
     def screen(self, setup: SearchSetup) -> list[Screened]:
         """The screened candidates, best first (one worker screens, the others read the cache)."""
@@ -198,6 +199,7 @@ class PerLayer(ScreenFirst):
     then the sampler proposes each layer's variant."""
 
     name = "per_layer"
+    spent = "no unevaluated candidate in 100 random draws of the per-layer space (it is not enumerated)"
 
     def screen(self, setup: SearchSetup) -> list[Screened]:
         config, budget = setup.context.teacher.model.config, setup.settings.budget
@@ -230,7 +232,7 @@ class PerLayer(ScreenFirst):
         return setup.layer_space.distributions()
 
     def unevaluated(self, setup: SearchSetup, taken: dict, seed: int | str) -> Shape | None:
-        """A random feasible candidate nobody evaluated (None when 100 draws found none: the space is spent)."""
+        """A random feasible candidate nobody evaluated (None when 100 draws found none: the space may not be spent)."""
         rng = random.Random(seed)
         draws = (setup.layer_space.random(rng) for _ in range(100))
         return next((shape for shape in draws if arch_key(shape) not in taken), None)

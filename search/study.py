@@ -115,7 +115,7 @@ def _finished(trials: list[FrozenTrial], setup: SearchSetup) -> str | None:
         return why
     taken = evaluated_keys(trials, setup.settings.max_attempts)
     if not waiting and proposals_of(setup).unevaluated(setup, taken, setup.settings.seed) is None:
-        return "every feasible candidate was evaluated"
+        return proposals_of(setup).spent
     return proposals_of(setup).exhausted(waiting)
 
 
