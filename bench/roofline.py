@@ -27,8 +27,8 @@ from slimnas.core.device import synchronize
 PHASES = {
     "kd.teacher": "teacher targets (live forward / cache read)",
     "kd.student": "student forward (body)",
-    "kd.head": "student vocabulary head + log-softmax",
-    "kd.kl": "KL on the teacher's targets",
+    "kd.head": "student vocabulary head (+ its log-softmax against a cache)",
+    "kd.kl": "KL on the teacher's targets (live: its head, both log-softmaxes)",
     "kd.backward": "backward",
     "kd.optimizer": "optimizer (clip + AdamW)",
 }

@@ -7,11 +7,11 @@ loss (and, in backward, its gradient) is computed. A step that fits in one chunk
 checkpointed: recomputing the projection would cost a third more of it for no memory saved.
 
 The step's phases are named for torch.profiler (`record_function`: next to no cost while no profiler runs): the head's
-projection and log-softmax are "kd.head", the KL on the teacher's targets "kd.kl" (slimnas.bench.roofline reads
-them; compress.distill names the others).
+projection (and, against a top-k cache, its log-softmax) is "kd.head", the KL on the teacher's targets "kd.kl"
+(slimnas.bench.roofline reads them; compress.distill names the others).
 
 Teacher targets come in two forms:
-- LiveTarget: the teacher's final hidden states; its lm_head runs per chunk (the full-vocabulary KL).
+- LiveTarget: the teacher's final hidden states; its lm_head runs per chunk (the full-vocabulary KL, FullVocabKD).
 - TopKTarget: cached top-k teacher logits plus the full log-sum-exp; the mass outside the top k is one
   "tail" bucket on both sides, so with k = vocab the loss is the full KL, and below that it is a
   lower bound of it (merging outcomes never increases a KL).
@@ -47,10 +47,41 @@ class TopKTarget:
         return TopKTarget(self.values[start:end], self.indices[start:end], self.logsumexp[start:end])
 
 
-def _kl_live(student_logp: torch.Tensor, target: LiveTarget, temperature: float) -> torch.Tensor:
-    with torch.no_grad():
-        teacher_logp = F.log_softmax(target.lm_head(target.hidden).float() / temperature, dim=-1)
-    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+class FullVocabKD(torch.autograd.Function):
+    """KL(teacher || student) and the next-token NLL per position, from both models' logits over the full vocabulary,
+    with the gradient written by hand.
+
+    Why not autograd: log_softmax -> kl_div -> gather keeps the same vocabulary-sized tensors but walks them about ten
+    times in the backward (kl_div's, log_softmax's, the NLL's scatter, their sum). The gradient of both losses with
+    respect to the student's logits is one expression, (softmax_s (g_kl + g_nll) - g_kl p_t - g_nll onehot) / T,
+    computed in place over the two tensors the forward saves. The NLL is under the tempered student (the caller
+    uses it at temperature 1, where it is the usual one).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, teacher_logits, labels, temperature: float):
+        student_logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits / temperature if temperature != 1.0 else teacher_logits, dim=-1)
+        teacher_p = teacher_logp.exp()
+        kl = teacher_logp.sub_(student_logp).mul_(teacher_p).sum(-1)  # teacher_logp is not needed after this
+        labelled = labels != IGNORE
+        nll = -student_logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * labelled
+        ctx.save_for_backward(student_logp, teacher_p, labels)
+        ctx.temperature = temperature
+        return kl, nll
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_nll):
+        student_logp, teacher_p, labels = ctx.saved_tensors
+        labelled = labels != IGNORE
+        grad_nll = grad_nll * labelled
+        grad = student_logp.exp()
+        grad.mul_((grad_kl + grad_nll)[:, None]).addcmul_(teacher_p, grad_kl[:, None], value=-1)
+        rows = labelled.nonzero().squeeze(-1)
+        grad[rows, labels[rows]] -= grad_nll[rows]
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad, None, None, None
 
 
 def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float) -> torch.Tensor:
@@ -67,17 +98,22 @@ def _kl_topk(student_logp: torch.Tensor, target: TopKTarget, temperature: float)
 def _chunk_losses(hidden, lm_head_weight, labels, target, temperature: float):
     with record_function("kd.head"):
         logits = F.linear(hidden, lm_head_weight).float()
-        student_logp = F.log_softmax(logits / temperature, dim=-1)
-    if target is None:
-        kl = torch.zeros(len(hidden), device=hidden.device)
-    else:
-        kl_fn = _kl_live if isinstance(target, LiveTarget) else _kl_topk
+    if isinstance(target, LiveTarget):
         with record_function("kd.kl"):
-            kl = kl_fn(student_logp, target, temperature) * temperature**2
-    if temperature == 1.0:  # the next-token loss from the same log-softmax: one vocabulary pass instead of two
-        labelled = labels != IGNORE
-        nll = -student_logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * labelled
-    else:
+            with torch.no_grad():
+                teacher_logits = target.lm_head(target.hidden).float()
+            kl, nll = FullVocabKD.apply(logits, teacher_logits, labels, temperature)
+            kl = kl * temperature**2
+    elif isinstance(target, TopKTarget):
+        with record_function("kd.head"):
+            student_logp = F.log_softmax(logits / temperature, dim=-1)
+        with record_function("kd.kl"):
+            kl = _kl_topk(student_logp, target, temperature) * temperature**2
+        if temperature == 1.0:  # the next-token loss from the same log-softmax: one vocabulary pass instead of two
+            nll = -student_logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != IGNORE)
+    else:  # no teacher (teacher correction): the next-token loss alone
+        kl = torch.zeros(len(hidden), device=hidden.device)
+    if target is None or temperature != 1.0:
         nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
     return kl, nll
 

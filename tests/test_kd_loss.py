@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimnas.compress.kd_loss import LiveTarget, TopKTarget, token_losses
+from slimnas.compress.kd_loss import IGNORE, FullVocabKD, LiveTarget, TopKTarget, token_losses
 
 
 def topk_target(teacher_logits: torch.Tensor, k: int) -> TopKTarget:
@@ -72,3 +72,30 @@ def test_chunked_checkpointed_loss_and_gradients_equal_the_whole(kind, autocast,
     torch.testing.assert_close(dh_a, dh_b, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(dw_a, dw_b, rtol=tolerance, atol=tolerance)  # the lm_head's own gradient
     assert dw_a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocabulary_kd_has_autograds_values_and_gradients(temperature):
+    """The hand-written backward against autograd through log_softmax, kl_div and the gathered NLL."""
+    torch.manual_seed(0)
+    logits = torch.randn(23, 97, dtype=torch.float64) * 3
+    teacher_logits = torch.randn(23, 97, dtype=torch.float64) * 3
+    labels = torch.randint(0, 97, (23,))
+    labels[[2, 11]] = IGNORE
+    weights = torch.rand(2, 23, dtype=torch.float64)  # arbitrary upstream gradients of both losses
+
+    def reference(z):
+        logp = F.log_softmax(z / temperature, -1)
+        kl = F.kl_div(logp, F.log_softmax(teacher_logits / temperature, -1), log_target=True, reduction="none")
+        nll = -logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != IGNORE)
+        return kl.sum(-1), nll
+
+    outputs = []
+    for fn in (reference, lambda z: FullVocabKD.apply(z, teacher_logits, labels, temperature)):
+        z = logits.clone().requires_grad_()
+        kl, nll = fn(z)
+        ((kl * weights[0]).sum() + (nll * weights[1]).sum()).backward()
+        outputs.append((kl.detach(), nll.detach(), z.grad))
+    for mine, theirs in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    assert outputs[1][2][2].abs().sum() > 0 and (outputs[1][1][[2, 11]] == 0).all()  # ignored rows: KL only
