@@ -1,6 +1,7 @@
-"""slimnas against what its users would otherwise run, in one process on one machine: knowledge distillation.
+"""slimnas against what its users would otherwise run, and against the machine's peak, in one process on one machine.
 
     python -m slimnas.bench.peers kd [--teacher smollm2-135m] [--student DIR] [--tokens 32768] [--repeats 3] ...
+    python -m slimnas.bench.peers roofline [--teacher smollm2-135m] [--params 0.6] [--repeats 5] ...
 
 Three arms distil the same student from the same teacher on the same packed training rows, in the same order, with
 the same batch, sequence length, token count, optimizer (AdamW, betas 0.9/0.95) and learning-rate schedule (linear
@@ -28,6 +29,12 @@ The machine's limit (bench.roofline): each arm's achieved FLOP/s (analytic FLOPs
 the cache fill left out), the measured bf16 and fp32 peak on the step's largest matmul in the same run, the ratio
 (MFU), and a profile of one step of each slimnas arm by phase. The table is printed and the whole record written as
 JSON (`--out`).
+
+`roofline`: the same for the search's screen and for evaluation (bench.roofline): the teacher's uniform cut to
+`--params` screened as search.screen does it (plan, prune, KL on the selection documents against the teacher's cached
+probabilities) and evaluated on the evaluation documents, and the teacher's one-off pass that fills that cache, in
+`--repeats` rounds after one untimed round: seconds (mean, 95% interval), FLOPs (forward only: the body over every
+position, the vocabulary projection in fp32 over the scored ones), achieved FLOP/s, the measured peak and the MFU.
 """
 
 import argparse
@@ -49,10 +56,21 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from slimnas.bench.memory import status_bytes
-from slimnas.bench.roofline import PhaseRow, StepFlops, kd_step_flops, largest_matmul, measure_peak, profile_kd_step
+from slimnas.bench.roofline import (
+    PhaseRow,
+    StepFlops,
+    heldout_works,
+    kd_step_flops,
+    largest_matmul,
+    measure_peak,
+    profile_kd_step,
+    run_heldout,
+)
 from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.corpus import Corpus
 from slimnas.compress.distill import batch_rows, build_distiller, warmup_cosine
 from slimnas.compress.heldout import HeldoutSet
+from slimnas.compress.importance import Importance
 from slimnas.compress.kd_loss import IGNORE
 from slimnas.compress.models import DEFAULT_TEACHER, LoadedModel
 from slimnas.compress.settings import DistillSettings
@@ -573,62 +591,151 @@ def format_report(report: KDReport) -> str:
     return "\n".join(lines)
 
 
+def load_teacher(args: argparse.Namespace) -> tuple[LoadedModel, Corpus]:
+    """The teacher and the corpus, as the commands split it (train rows, selection and evaluation documents)."""
+    from slimnas.compress.corpus import load_corpus
+    from slimnas.compress.models import load_model
+    from slimnas.compress.settings import DataSettings
+    from slimnas.core.device import pick_device
+
+    data = DataSettings(corpus=args.corpus, seq_len=args.seq_len, heldout_tokens=args.heldout_tokens)
+    teacher = load_model(args.teacher, pick_device(args.device))
+    corpus = load_corpus(teacher.tokenizer, data)
+    print(corpus.line(), flush=True)
+    return teacher, corpus
+
+
+def teacher_cut(teacher: LoadedModel, corpus: Corpus, args: argparse.Namespace) -> tuple[Importance, Architecture]:
+    """The teacher's importance (64 calibration rows, the cpu preset's; cached) and its uniform cut to `--params`."""
+    from slimnas.compress.importance import cached_importance
+    from slimnas.compress.models import cache_root
+    from slimnas.compress.settings import ImportanceSettings
+
+    calibration = ImportanceSettings(n_samples=64, precision=args.precision)
+    importance, _ = cached_importance(
+        teacher.model, teacher.fingerprint, corpus.train, corpus.fingerprint, calibration, cache_root()
+    )
+    return importance, uniform_cut(teacher.model.config, args.params)
+
+
 def load_job(args: argparse.Namespace) -> tuple[Job, HeldoutSet]:
     """Teacher, corpus, student (loaded, or cut from the teacher) and the evaluation documents' teacher targets."""
-    from slimnas.compress.corpus import load_corpus
-    from slimnas.compress.importance import cached_importance
-    from slimnas.compress.models import cache_root, load_model
+    from slimnas.compress.models import load_model
     from slimnas.compress.prune import plan_pruning, prune_model
-    from slimnas.compress.settings import DataSettings, ImportanceSettings
-    from slimnas.core.device import pick_device
 
     settings = DistillSettings(
         budget_tokens=args.tokens, batch_size=args.batch, lr=args.lr, top_k=args.top_k, precision=args.precision,
         seed=args.seed,
     )  # fmt: skip
-    data = DataSettings(corpus=args.corpus, seq_len=args.seq_len, heldout_tokens=args.heldout_tokens)
-    device = pick_device(args.device)
-    teacher = load_model(args.teacher, device)
-    corpus = load_corpus(teacher.tokenizer, data)
-    print(corpus.line(), flush=True)
+    teacher, corpus = load_teacher(args)
     if args.student:
-        student = load_model(args.student, device).model
+        student = load_model(args.student, model_device(teacher.model)).model
         if student.config.vocab_size != teacher.model.config.vocab_size:
             raise SlimnasError(f"--student {args.student} has another vocabulary than the teacher: KD needs the same")
     else:
-        config = teacher.model.config
-        calibration = ImportanceSettings(n_samples=64, precision=args.precision)
-        importance, _ = cached_importance(
-            teacher.model, teacher.fingerprint, corpus.train, corpus.fingerprint, calibration, cache_root()
-        )
-        target = uniform_cut(config, args.params)
-        student = prune_model(teacher.model, plan_pruning(importance, config, target), target)
+        importance, target = teacher_cut(teacher, corpus, args)
+        student = prune_model(teacher.model, plan_pruning(importance, teacher.model.config, target), target)
     evaluation = HeldoutSet("evaluation", corpus.evaluation, teacher.model, args.precision)
     return Job(teacher, student, corpus.train, settings, args.tokens), evaluation
+
+
+@dataclass
+class RooflineReport:
+    """The screen and evaluation against the machine's peak: what ran, on what, the peak, one row per work."""
+
+    job: dict
+    hardware: dict
+    peak: dict
+    rows: list[dict]
+
+
+def run_roofline(args: argparse.Namespace) -> RooflineReport:
+    """The default teacher's uniform cut screened and evaluated as the search does it, timed against the peak."""
+    teacher, corpus = load_teacher(args)
+    importance, target = teacher_cut(teacher, corpus, args)
+    selection = HeldoutSet("selection", corpus.selection, teacher.model, args.precision)
+    evaluation = HeldoutSet("evaluation", corpus.evaluation, teacher.model, args.precision)
+    works, shape = heldout_works(teacher.model, importance, target, selection, evaluation)
+    device = model_device(teacher.model)
+    peak, rows = run_heldout(works, shape, device, args.precision, args.repeats)
+    bf16 = autocasts_bf16(device, args.precision)
+    job = {
+        "teacher": teacher.source,
+        "teacher_params": param_count(teacher.model.config),
+        "student": target.label(),
+        "student_params": param_count(teacher.model.config, target),
+        "selection": list(selection.rows.shape),  # documents x tokens, every position scored
+        "evaluation": list(evaluation.rows.shape),
+        "precision": "bf16 body, fp32 head" if bf16 else "fp32",
+        "repeats": args.repeats,
+    }
+    return RooflineReport(job, hardware(device), asdict(peak), [asdict(row) for row in rows])
+
+
+def format_roofline(report: RooflineReport) -> str:
+    job, peak = report.job, report.peak
+    m, k, n = peak["shape"]
+    lines = [
+        f"the screen and evaluation of {job['student']} ({job['student_params'] / 1e6:.1f}M params) cut from "
+        f"{job['teacher']} ({job['teacher_params'] / 1e6:.1f}M): selection {job['selection'][0]} x "
+        f"{job['selection'][1]}, evaluation {job['evaluation'][0]} x {job['evaluation'][1]} documents x tokens, "
+        f"{job['precision']}, on {report.hardware['name']} ({report.hardware['threads']} threads)",
+        f"measured peak on [{m}, {k}] x [{k}, {n}]: bf16 {peak['bf16_flops_per_s'] / 1e9:.1f} GFLOP/s, fp32 "
+        f"{peak['fp32_flops_per_s'] / 1e9:.1f} GFLOP/s",
+        "",
+    ]
+    rows = [
+        {
+            "work": row["name"],
+            "GFLOP (body + head)": f"{row['body_flops'] / 1e9:.2f} + {row['head_flops'] / 1e9:.2f}",
+            f"seconds (95% CI, {job['repeats']} repeats)": plus_minus(row["seconds_mean"], row["seconds_ci95"]),
+            "of which prune": row["prune_seconds"],
+            "GFLOP/s": row["achieved_flops_per_s"] / 1e9,
+            "peak GFLOP/s": row["peak_flops_per_s"] / 1e9,
+            "MFU": f"{row['mfu']:.1%}",
+        }
+        for row in report.rows
+    ]
+    lines.append(format_table(rows, list(rows[0])))
+    lines += [f"  {row['name']}: {row['what']}" for row in report.rows]
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m slimnas.bench.peers", description=__doc__.splitlines()[0])
     modes = parser.add_subparsers(dest="mode", required=True)
-    kd = modes.add_parser("kd", help="distillation: slimnas (cached and live teacher) against TRL's GKDTrainer")
-    kd.add_argument("--teacher", default=DEFAULT_TEACHER)
+    common = argparse.ArgumentParser(add_help=False)  # the teacher, its cut and the corpus: both modes
+    common.add_argument("--teacher", default=DEFAULT_TEACHER)
+    common.add_argument("--params", type=float, default=0.6, help="the default student's share of the teacher's params")
+    common.add_argument("--seq-len", type=int, default=128)
+    common.add_argument("--heldout-tokens", type=int, default=64, help="tokens of each held-out row (the cpu preset's)")
+    common.add_argument("--corpus", default="auto")
+    common.add_argument("--precision", default="auto")
+    common.add_argument("--device", default="auto")
+    kd = modes.add_parser(
+        "kd", parents=[common], help="distillation: slimnas (cached and live teacher) against TRL's GKDTrainer"
+    )
     kd.add_argument("--student", help="a checkpoint of the student; default: a uniform cut of the teacher")
-    kd.add_argument("--params", type=float, default=0.6, help="the default student's share of the teacher's params")
     kd.add_argument("--tokens", type=int, default=32768, help="KD tokens of every run")
     kd.add_argument("--batch", type=int, default=4, help="rows per step (the cpu preset's)")
-    kd.add_argument("--seq-len", type=int, default=128)
-    kd.add_argument("--heldout-tokens", type=int, default=64, help="tokens of each evaluation row (the cpu preset's)")
     kd.add_argument("--lr", type=float, default=3e-4)
     kd.add_argument("--top-k", type=int, default=64, help="the cached arm's teacher logits per position")
     kd.add_argument("--repeats", type=int, default=3, help="rounds of A B C; an interval needs at least 2")
     kd.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    kd.add_argument("--corpus", default="auto")
-    kd.add_argument("--precision", default="auto")
-    kd.add_argument("--device", default="auto")
     kd.add_argument("--seed", type=int, default=0, help="the order of the rows")
     kd.add_argument("--no-profile", action="store_true", help="leave out the profiled step")
     kd.add_argument("--out", type=Path, default=Path("runs/peers/kd.json"))
+    roofline = modes.add_parser(
+        "roofline", parents=[common], help="the screen (prune + KL) and evaluation against the machine's peak (MFU)"
+    )
+    roofline.add_argument("--repeats", type=int, default=5, help="rounds of screen, evaluation, teacher targets")
+    roofline.add_argument("--out", type=Path, default=Path("runs/peers/roofline.json"))
     return parser.parse_args(argv)
+
+
+def check_cut(args: argparse.Namespace) -> None:
+    if not 0 < args.params <= 1:
+        raise SlimnasError(f"--params must be in (0, 1], not {args.params}")
 
 
 def checked_arms(args: argparse.Namespace) -> list[str]:
@@ -641,8 +748,7 @@ def checked_arms(args: argparse.Namespace) -> list[str]:
         raise SlimnasError(f"the {TRL} arm needs TRL: {TRL_EXTRA}, or leave it out with --arms")
     if args.repeats < 1 or args.tokens < 1:
         raise SlimnasError("--repeats and --tokens must be at least 1")
-    if not 0 < args.params <= 1:
-        raise SlimnasError(f"--params must be in (0, 1], not {args.params}")
+    check_cut(args)
     if args.student and not Path(args.student).is_dir():
         raise SlimnasError(f"--student {args.student}: no such checkpoint directory")
     return arms
@@ -654,15 +760,23 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers_logging.disable_progress_bar()  # as the slimnas command: no per-tensor bars, no advisory warnings
     transformers_logging.set_verbosity_error()
+    started = time.perf_counter()
+    report: KDReport | RooflineReport
     try:
-        arms = checked_arms(args)
-        job, evaluation = load_job(args)
-        started = time.perf_counter()
-        report = run_kd(job, evaluation, arms, args.repeats, profile=not args.no_profile)
+        if args.mode == "kd":
+            arms = checked_arms(args)
+            job, evaluation = load_job(args)
+            started = time.perf_counter()
+            report = run_kd(job, evaluation, arms, args.repeats, profile=not args.no_profile)
+        else:
+            check_cut(args)
+            if args.repeats < 2:
+                raise SlimnasError(f"--repeats must be at least 2 (an interval needs two), not {args.repeats}")
+            report = run_roofline(args)
     except SlimnasError as error:
         print(f"slimnas: error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(format_report(report))
+    print(format_report(report) if isinstance(report, KDReport) else format_roofline(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, asdict(report) | {"command": " ".join(sys.argv), "seconds": time.perf_counter() - started})
     print(f"\nwritten {args.out}")

@@ -1,4 +1,5 @@
-"""A KD step against the machine's limit: what it computes, how fast the machine multiplies, where its time goes.
+"""A KD step, the screen and evaluation against the machine's limit: what they compute, how fast the machine
+multiplies, where a step's time goes.
 
 - FLOPs: analytic, from the configs (compress.arch.flops_per_token, which counts every matmul and attention's QK^T
   and AV; attention over the whole row, the PaLM convention, although a causal step needs half of it). A training
@@ -11,17 +12,32 @@
 - Profile: one KD step under torch.profiler, cut into the phases compress.distill names (`record_function`), each
   with its share of the step and, where it multiplies matrices, its FLOP/s against the peak. A phase nested in
   another (the head recomputed inside the backward) counts for the outer one, so the shares add up to the step.
+- The screen and evaluation (compress.heldout, forward only): one screened candidate is what search.screen.run_screen
+  does for it, a prune plan, the pruned model (weights copied: no FLOPs) and HeldoutSet.evaluate on the selection
+  documents; an evaluation is HeldoutSet.evaluate of a student on the evaluation documents. Either runs the student's
+  body over every position of every document's row (under the command's autocast) and its vocabulary projection over
+  the scored positions, in fp32 whatever the precision. The teacher runs in neither: its probabilities and entropies
+  were computed once when the held-out set was built (its body and head over every position, the head in fp32) and
+  are read back for every candidate; that one-off pass is timed as a third row. The KL against the cached
+  probabilities, the logsumexp and the softmax are elementwise and not counted. With a body in bf16 and a head in
+  fp32, the peak they are measured against is the one of both at their own precision: the FLOPs over the seconds the
+  two would take at their measured peaks.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
-from slimnas.compress.arch import flops_per_token
+from slimnas.compress.arch import Architecture, flops_per_token
 from slimnas.compress.distill import Distiller
-from slimnas.core.device import synchronize
+from slimnas.compress.heldout import CHUNK_POSITIONS, HeldoutSet
+from slimnas.compress.importance import Importance
+from slimnas.compress.prune import plan_pruning, prune_model
+from slimnas.core.device import autocasts_bf16, model_device, synchronize
+from slimnas.core.stats import mean_ci95
 
 # Phases of a KD step, as compress.distill and compress.kd_loss name them, in the order a step runs them
 PHASES = {
@@ -162,3 +178,156 @@ def profile_kd_step(distiller: Distiller, flops: StepFlops, peak: float) -> list
             PhaseRow(phase, PHASES.get(phase, "the rest"), spent, share, rate, of_peak, share > SLOW_SHARE and slow)
         )
     return rows
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """FLOPs of one forward pass over held-out documents (compress.heldout): the body under the command's autocast,
+    the vocabulary projection in fp32."""
+
+    body: int
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.body + self.head
+
+    def seconds_at_peak(self, peak: Peak, bf16: bool) -> float:
+        """The time the work would take with the body at the measured peak of its precision and the head at fp32's."""
+        return self.body / peak.for_precision(bf16) + self.head / peak.fp32_flops_per_s
+
+
+def heldout_flops(config: PretrainedConfig, documents: int, tokens: int, scored: int) -> ForwardFlops:
+    """What a forward of the model `config` over held-out rows computes: its body over every position of the
+    `documents` rows of `tokens` (each attending to the whole row, as flops_per_token counts), its head over the
+    `scored` last positions of each (HeldoutSet.positions when evaluating; every position when a set is built from
+    the teacher)."""
+    return ForwardFlops(
+        body=(flops_per_token(config, tokens) - head_flops(config)) * documents * tokens,
+        head=head_flops(config) * documents * scored,
+    )
+
+
+def screen_candidate(
+    teacher: PreTrainedModel, importance: Importance, target: Architecture, selection: HeldoutSet
+) -> float:
+    """One candidate of the screen, as search.screen.run_screen scores it: planned, pruned from the teacher and
+    evaluated on the selection documents; returns the seconds of the plan and the prune."""
+    device = model_device(teacher)
+    synchronize(device)
+    started = time.perf_counter()
+    student = prune_model(teacher, plan_pruning(importance, teacher.config, target), target)
+    synchronize(device)
+    pruned = time.perf_counter() - started
+    selection.evaluate(student)
+    return pruned
+
+
+@dataclass(frozen=True)
+class Work:
+    """One piece of work to time: what it is, what it computes, and a call doing it once (returning the seconds
+    spent pruning, or None where it prunes nothing)."""
+
+    name: str
+    what: str
+    flops: ForwardFlops
+    run: Callable[[], float | None]
+
+
+@dataclass
+class WorkRow:
+    name: str
+    what: str
+    body_flops: int
+    head_flops: int
+    seconds: list[float]  # one per repeat
+    seconds_mean: float
+    seconds_ci95: float  # half-width of the 95% interval over repeats
+    prune_seconds: float | None  # the mean of the plan and prune (the screen only)
+    achieved_flops_per_s: float  # FLOPs / the mean seconds
+    peak_flops_per_s: float  # the FLOPs over their seconds at the measured peaks (body's precision, head fp32)
+    mfu: float
+
+
+def heldout_works(
+    teacher: PreTrainedModel,
+    importance: Importance,
+    target: Architecture,
+    selection: HeldoutSet,
+    evaluation: HeldoutSet,
+) -> tuple[list[Work], tuple[int, int, int]]:
+    """The screen of one candidate, the evaluation of that candidate, and the teacher's one-off pass over the
+    selection documents that every candidate of a screen reads back; and their largest matmul (the teacher's head
+    or MLP over one chunk of positions: a student is a cut of it)."""
+    student = prune_model(teacher, plan_pruning(importance, teacher.config, target), target)
+    documents, tokens = selection.rows.shape
+
+    def evaluate() -> None:
+        evaluation.evaluate(student)
+
+    def teacher_targets() -> None:
+        HeldoutSet(selection.split, selection.rows, teacher, selection.precision, selection.batch_size)
+
+    works = [
+        Work(
+            "screen",
+            "one candidate: prune + KL on the selection documents (teacher cached)",
+            heldout_flops(student.config, documents, tokens, selection.positions),
+            lambda: screen_candidate(teacher, importance, target, selection),
+        ),
+        Work(
+            "evaluation",
+            "HeldoutSet.evaluate of the student on the evaluation documents",
+            heldout_flops(student.config, *evaluation.rows.shape, evaluation.positions),
+            evaluate,
+        ),
+        Work(
+            "teacher targets",
+            "once per held-out set: the teacher's probabilities on the selection documents",
+            heldout_flops(teacher.config, documents, tokens, tokens),
+            teacher_targets,
+        ),
+    ]
+    return works, largest_matmul([teacher.config], min(CHUNK_POSITIONS, documents * tokens))
+
+
+def run_heldout(
+    works: list[Work], shape: tuple[int, int, int], device: torch.device, precision: str, repeats: int
+) -> tuple[Peak, list[WorkRow]]:
+    """Each work once untimed, then `repeats` rounds of all of them in turn (A B C A B C), then the machine's peak on
+    `shape`, their largest matmul, in the same run."""
+    for work in works:
+        work.run()
+    seconds: dict[str, list[float]] = {work.name: [] for work in works}
+    pruning: dict[str, list[float]] = {work.name: [] for work in works}
+    for _ in range(repeats):
+        for work in works:
+            synchronize(device)
+            started = time.perf_counter()
+            pruned = work.run()
+            synchronize(device)
+            seconds[work.name].append(time.perf_counter() - started)
+            if pruned is not None:
+                pruning[work.name].append(pruned)
+    peak = measure_peak(shape, device)
+    bf16 = autocasts_bf16(device, precision)
+    rows = []
+    for work in works:
+        mean, ci95 = mean_ci95(seconds[work.name])
+        at_peak = work.flops.seconds_at_peak(peak, bf16)
+        rows.append(
+            WorkRow(
+                name=work.name,
+                what=work.what,
+                body_flops=work.flops.body,
+                head_flops=work.flops.head,
+                seconds=seconds[work.name],
+                seconds_mean=mean,
+                seconds_ci95=ci95,
+                prune_seconds=sum(pruning[work.name]) / repeats if pruning[work.name] else None,
+                achieved_flops_per_s=work.flops.total / mean,
+                peak_flops_per_s=work.flops.total / at_peak,
+                mfu=at_peak / mean,
+            )
+        )
+    return peak, rows

@@ -11,11 +11,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from conftest import save_tiny_checkpoint, tiny_config, tiny_model, tiny_tokenizer
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
 from slimnas.bench import peers
-from slimnas.bench.roofline import PHASES, head_flops, kd_step_flops
+from slimnas.bench.roofline import PHASES, head_flops, heldout_flops, kd_step_flops
 from slimnas.compress.arch import flops_per_token, param_count
 from slimnas.compress.corpus import load_corpus
 from slimnas.compress.heldout import HeldoutSet
@@ -201,3 +202,51 @@ def test_the_command_writes_its_table_and_json_and_refuses_in_one_line(tmp_path,
     assert peers.main(["kd", *common, "--tokens", "128", "--out", str(tmp_path / "refused.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slimnas: error: peers kd:") and "\n" not in err and not (tmp_path / "refused.json").exists()
+
+
+def test_heldout_flops_are_the_hand_count_and_what_an_evaluation_multiplies():
+    """3 documents of 10 tokens, the last 4 of each scored. Per layer of the tiny config (hidden 64, 4 query and 2 KV
+    heads of 16, FFN 96): q 64x64, k and v 64x32, o 64x64, gate/up/down 3 x 64x96 = 30,720 weights, 2 FLOPs each,
+    and QK^T + AV = 4 x 4 heads x 16 x 10 positions; the head 2 x 128 x 64, on the scored positions only."""
+    config = tiny_config()
+    layer = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 96) + 4 * 4 * 16 * 10
+    flops = heldout_flops(config, documents=3, tokens=10, scored=4)
+    assert flops.body == 4 * layer * 3 * 10 == 7_680_000
+    assert flops.head == 2 * 128 * 64 * 3 * 4 == 196_608
+    # what HeldoutSet.evaluate really multiplies (no teacher, the head once): torch's FLOP counter agrees
+    teacher, student = tiny_model(), tiny_model(seed=1, num_hidden_layers=3, intermediate_size=64)
+    student.set_attn_implementation("eager")  # the counter sees QK^T and AV as matmuls, not inside CPU SDPA
+    rows = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    scored = HeldoutSet("evaluation", rows, teacher, "fp32").subset(positions=4)
+    with FlopCounterMode(display=False) as counter:
+        scored.evaluate(student)
+    assert counter.get_total_flops() == heldout_flops(student.config, 3, 10, 4).total
+
+
+def test_the_roofline_command_times_the_screen_and_evaluation_against_the_peak(tmp_path, capsys):
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", max_position_embeddings=64)
+    out = tmp_path / "roofline.json"
+    common = ["--teacher", str(teacher), "--corpus", BUILTIN, "--seq-len", "32", "--heldout-tokens", "16"]
+    assert peers.main(["roofline", *common, "--precision", "fp32", "--repeats", "2", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = {row["name"]: row for row in record["rows"]}
+    assert list(rows) == ["screen", "evaluation", "teacher targets"]
+    student = (
+        AutoConfig.from_pretrained(teacher).to_dict()
+        | peers.uniform_cut(AutoConfig.from_pretrained(teacher), 0.6).as_dict()
+    )
+    config = AutoConfig.for_model("llama", **{k: v for k, v in student.items() if k != "model_type"})
+    documents, tokens = record["job"]["selection"]
+    assert tokens == 16 and rows["screen"]["body_flops"] + rows["screen"]["head_flops"] == (
+        heldout_flops(config, documents, tokens, tokens).total
+    )
+    for row in rows.values():
+        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"])
+        assert math.isfinite(row["mfu"]) and 0 < row["mfu"] <= 1.5
+        assert row["achieved_flops_per_s"] == pytest.approx(row["mfu"] * row["peak_flops_per_s"])
+    assert 0 < rows["screen"]["prune_seconds"] < rows["screen"]["seconds_mean"]
+    assert rows["evaluation"]["prune_seconds"] is None
+    assert record["peak"]["fp32_flops_per_s"] > 0 and "MFU" in capsys.readouterr().out
+    assert peers.main(["roofline", *common, "--repeats", "1", "--out", str(tmp_path / "refused.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--repeats must be at least 2" in err and "\n" not in err and not (tmp_path / "refused.json").exists()
