@@ -67,7 +67,7 @@ from slimnas.bench.roofline import (
     run_heldout,
 )
 from slimnas.compress.arch import Architecture, param_count
-from slimnas.compress.corpus import Corpus
+from slimnas.compress.corpus import Corpus, load_corpus
 from slimnas.compress.distill import batch_rows, build_distiller, warmup_cosine
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.importance import Importance
@@ -593,7 +593,6 @@ def format_report(report: KDReport) -> str:
 
 def load_teacher(args: argparse.Namespace) -> tuple[LoadedModel, Corpus]:
     """The teacher and the corpus, as the commands split it (train rows, selection and evaluation documents)."""
-    from slimnas.compress.corpus import load_corpus
     from slimnas.compress.models import load_model
     from slimnas.compress.settings import DataSettings
     from slimnas.core.device import pick_device
@@ -650,7 +649,7 @@ class RooflineReport:
 
 
 def run_roofline(args: argparse.Namespace) -> RooflineReport:
-    """The default teacher's uniform cut screened and evaluated as the search does it, timed against the peak."""
+    """The teacher's uniform cut to `--params` screened and evaluated as the search does it, timed against the peak."""
     teacher, corpus = load_teacher(args)
     importance, target = teacher_cut(teacher, corpus, args)
     selection = HeldoutSet("selection", corpus.selection, teacher.model, args.precision)
