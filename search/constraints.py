@@ -1,9 +1,11 @@
 """Budget constraints on candidates: analytic (parameters, weight memory), measured (latency), and KD tokens."""
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from slimnas.compress.arch import Shape, param_count, weight_bytes
+from slimnas.compress.arch import DTYPE_BYTES, Shape, param_count
 from slimnas.core.errors import SlimnasError
 
 if TYPE_CHECKING:
@@ -37,13 +39,24 @@ class Budget:
         target = self.target_params(teacher)
         return 0.0 if target is None else (param_count(teacher, arch) - target) / target
 
+    def param_bounds(self, teacher: "PretrainedConfig") -> tuple[int, float]:
+        """The parameter counts a candidate may have, both inclusive (the upper one infinite without a cap): the
+        target's window and the bf16 weight memory (2 bytes a parameter) as whole parameters. `allows` and the
+        per-layer space's bounds (search.layer_space) both use these integers, so they agree to the last parameter
+        at the edge, where two float tests (a relative gap, a scaled bound) can round apart."""
+        target = self.target_params(teacher)
+        low, high = 0, math.inf
+        if target is not None:
+            window = Fraction(str(self.window))  # the decimal as written: 1300 x (1 + 0.15) is 1495, not 1494.99...
+            low = math.ceil(target * (1 - window))
+            high = target if self.cap else math.floor(target * (1 + window))
+        if self.weight_memory_mb is not None:
+            high = min(high, math.floor(self.weight_memory_mb * 2**20 / DTYPE_BYTES["bfloat16"]))
+        return low, high
+
     def allows(self, teacher: "PretrainedConfig", arch: Shape) -> bool:
-        highest = 0.0 if self.cap else self.window
-        if not -self.window <= self.target_gap(teacher, arch) <= highest:
-            return False
-        if self.weight_memory_mb is not None and weight_bytes(teacher, arch=arch) > self.weight_memory_mb * 2**20:
-            return False
-        return True
+        low, high = self.param_bounds(teacher)
+        return low <= param_count(teacher, arch) <= high
 
     def over(self, final: dict) -> str | None:
         """Which measured budget a candidate that reached the last rung breaks, from its final metrics; None when it

@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from slimnas.compress.arch import (
-    DTYPE_BYTES,
     Architecture,
     LayerShape,
     PerLayerArchitecture,
@@ -55,8 +54,8 @@ class LayerSpace:
     reachable: tuple[int, ...]  # those with candidates under the budget
     variants: tuple[LayerShape, ...]  # what a layer may be (layer 0: only those with attention)
     layers: int  # the teacher's
-    low: float  # parameters, inclusive
-    high: float
+    low: int  # parameters, inclusive (Budget.param_bounds)
+    high: float  # an integer, or infinite without a cap
     base: dict[int, int]  # hidden size -> parameters outside the layers (embeddings, final norm)
     costs: dict[int, dict[LayerShape, int]]  # hidden size -> variant -> its parameters
     teacher_ffn: int
@@ -77,7 +76,7 @@ class LayerSpace:
             raise SlimnasError("invalid search space: search.space.per_layer.kv_groups needs a value above 0 (layer 0 "
                                "keeps its attention)")  # fmt: skip
         variants = tuple(LayerShape(width, groups * group, groups) for groups in kv for width in ffn)
-        low, high = _bounds(budget, teacher)
+        low, high = budget.param_bounds(teacher)  # Budget.allows's own bounds: no candidate is on the wrong side
         space = cls(tuple(hidden_sizes), (), variants, source.num_hidden_layers, low, high, {}, {},
                     source.intermediate_size, source.num_key_value_heads)  # fmt: skip
         reachable, narrow = [], []
@@ -201,17 +200,6 @@ def _variants(name: str, values: list[int] | None, default: list[int], teacher_v
     if not chosen or chosen[0] < 0:
         raise SlimnasError(f"invalid search space: search.space.per_layer.{name} needs values in [0, {teacher_value}]")
     return chosen
-
-
-def _bounds(budget: Budget, teacher: "PretrainedConfig") -> tuple[float, float]:
-    """The parameters a candidate may have (Budget.allows's rule: the target's window, the bf16 weight memory)."""
-    target = budget.target_params(teacher)
-    low, high = (0.0, math.inf) if target is None else (target * (1 - budget.window), target * (1 + budget.window))
-    if target is not None and budget.cap:
-        high = float(target)
-    if budget.weight_memory_mb is not None:
-        high = min(high, budget.weight_memory_mb * 2**20 / DTYPE_BYTES["bfloat16"])
-    return low, high
 
 
 def _valid_hidden(hidden: int, variants: tuple[LayerShape, ...], source: Architecture, teacher) -> bool:

@@ -103,6 +103,59 @@ def _wanted(params: dict, shape: PerLayerArchitecture) -> list[tuple[int, int]]:
     return [(params[f"kv_{i}"], params[f"ffn_{i}"]) for i in range(len(shape.layers))]
 
 
+def narrowest_space(config, hidden_sizes: list[int], params: float) -> tuple[LayerSpace, Budget]:
+    """The per-layer space at the narrowest window it accepts (about one layer's largest variant gap): the budget
+    where a proposal sits at an edge most often."""
+    accepted = None
+    for k in range(40):
+        budget = Budget(params=params, window=round(0.3 * 0.85**k, 6))
+        try:
+            accepted = LayerSpace.of(PerLayerSpaceSettings(), hidden_sizes, config, budget), budget
+        except SlimnasError as error:
+            assert "too narrow" in str(error)
+            return accepted
+    raise AssertionError("no window was too narrow")
+
+
+@pytest.mark.parametrize("config, hidden_sizes", [(TINY, [48, 64]), (SMOLLM2, [384, 448, 512, 576])])
+def test_the_space_and_the_budget_share_one_integer_rule_at_a_tight_budget(config, hidden_sizes):
+    """At the narrowest window, thousands of proposals (random, decoded from arbitrary values, TPE's) all pass
+    Budget.allows; a shape built without the budget passes it exactly when the space's bounds (Budget.param_bounds)
+    hold; at an edge where float arithmetic rounds below the integer, the budget keeps the decimal's integer."""
+    space, budget = narrowest_space(config, hidden_sizes, 0.6)
+    assert (space.low, space.high) == budget.param_bounds(config) and space.high - space.low < 0.2 * space.low
+    rng = random.Random(0)
+    proposals = [space.random(rng) for _ in range(1500)] + space.stratified_sample(40, seed=0)
+    proposals += [
+        space.decode(rng.choice(hidden_sizes), [(rng.randint(0, 3), rng.randint(0, 1536)) for _ in range(30)])
+        for _ in range(300)
+    ]
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
+    for _ in range(20):
+        trial = study.ask()
+        proposals.append(space.suggest(trial))
+        study.tell(trial, float(space.params(proposals[-1])))
+    for shape in proposals:
+        assert budget.allows(config, shape), (shape.label(), param_count(config, shape), space.low, space.high)
+
+    unconstrained = [
+        PerLayerArchitecture(rng.choice(space.reachable), (rng.choice(space.options(0)),) + tuple(
+            rng.choice(space.variants) for _ in range(space.layers - 1)))
+        for _ in range(2000)
+    ]  # fmt: skip
+    verdicts = {budget.allows(config, s) == (space.low <= space.params(s) <= space.high) for s in unconstrained}
+    assert verdicts == {True}
+    assert {budget.allows(config, s) for s in unconstrained} == {True, False}
+
+    # the edge itself: a candidate of exactly 1.15 x the target's parameters, where the float product falls short
+    shape = next(
+        s for s in unconstrained if space.params(s) % 23 == 0 and space.params(s) * 20 // 23 * 1.15 < space.params(s)
+    )
+    at_edge = Budget(params=space.params(shape) * 20 // 23, window=0.15)
+    assert at_edge.param_bounds(config)[1] == space.params(shape) and at_edge.allows(config, shape)
+    assert not replace(at_edge, params=at_edge.params - 1).allows(config, shape)
+
+
 def test_bad_per_layer_spaces_are_one_line():
     settings = PerLayerSpaceSettings()
     with pytest.raises(SlimnasError, match="budget unreachable: no per-layer candidate"):
