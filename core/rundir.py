@@ -67,6 +67,8 @@ class TrialRecord:
     scores: list[dict] = field(default_factory=list)  # lm-eval records (selection pool), when trials are scored
     speed: dict = field(default_factory=dict)  # against the teacher in ABBA blocks, when timed
     final: dict = field(default_factory=dict)  # quality and everything measured at the last rung reached
+    predicted_kl: float | None = None  # search.blocks: the block library's summed block KL (no KD; None for a shape
+    # not made of its blocks, or without a library)
     plan: dict = field(default_factory=dict)  # kept layers / channels / heads / neurons
     kd_tokens: int = 0
     seconds: float = 0.0

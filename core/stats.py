@@ -1,7 +1,9 @@
-"""Error bars: the standard error of a mean, a 95% interval over seeds, a paired difference and its t-test."""
+"""Error bars: the standard error of a mean, a 95% interval over seeds, a paired difference and its t-test; how
+well one order of candidates predicts another (rank correlation)."""
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -48,3 +50,24 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
     mean, stderr = mean_and_stderr(values)
     return mean, float(student_t.ppf(0.975, len(values) - 1)) * stderr
+
+
+@dataclass(frozen=True)
+class RankAgreement:
+    spearman: float
+    kendall: float
+    n: int  # candidates ranked by both
+
+
+def rank_agreement(pairs: Sequence[tuple[float, float]]) -> RankAgreement | None:
+    """Spearman and Kendall correlation (scipy.stats) of two measures of the same candidates, e.g. a cheap early KL
+    and a later one: how far the cheap order predicts the later. None with fewer than three pairs, or when either
+    measure is the same for all (both correlations are undefined then)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if len(pairs) < 3:
+        return None
+    early, late = zip(*pairs, strict=True)
+    if len(set(early)) < 2 or len(set(late)) < 2:
+        return None
+    return RankAgreement(float(spearmanr(early, late).statistic), float(kendalltau(early, late).statistic), len(pairs))

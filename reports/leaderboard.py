@@ -10,10 +10,9 @@ PyTorch is shown with it ("[llamacpp]"). Flat rows for CSV; Markdown (pandas) an
 """
 
 import pandas as pd
-from scipy.stats import kendalltau, spearmanr
 
 from slimnas.core.rundir import COMPLETE, RetrainRecord, TrialRecord, architecture_columns
-from slimnas.core.stats import paired_difference
+from slimnas.core.stats import RankAgreement, paired_difference, rank_agreement
 from slimnas.core.tables import plus_minus
 from slimnas.reports.runs import Run
 
@@ -35,6 +34,7 @@ TAIL_COLUMNS = [
     "peak_memory_bytes",
 ]  # fmt: skip
 TEACHER, RETRAINED = "teacher", "retrained"
+LIBRARY = "block library (summed block KL, no KD)"  # the block library's prediction as a ranking (search.blocks)
 
 
 def model_columns(run: Run, name: str, stage: str, record: TrialRecord | RetrainRecord | None) -> dict:
@@ -216,28 +216,37 @@ def leaderboard_rows(runs: list[Run]) -> list[dict]:
 
 
 def rank_fidelity(run: Run) -> list[dict]:
-    """How well each rung of the search ranked the retrained candidates: Spearman and Kendall of the rung's KL
-    (selection documents) against the retrained KL (evaluation documents), over the retrained candidates."""
+    """How well each rung of the search, and the block library's prediction (search.blocks: summed block KL, no KD),
+    ranked the retrained candidates: Spearman and Kendall against the retrained KL (evaluation documents), over the
+    retrained candidates that have the rung's KL (selection documents) or a prediction."""
     trials = {r.trial: r for r in run.trials}
     retrained = [r for r in run.retrained if r.trial in trials]
-    final = {r.trial: r.heldout["kl"] for r in retrained}
+    rankings = {
+        f"rung {rung}" + (" (the screen, no KD)" if rung == 0 else ""): {
+            r.trial: x["heldout"]["kl"] for r in retrained for x in trials[r.trial].rungs if x["rung"] == rung
+        }
+        for rung in sorted({rung["rung"] for r in retrained for rung in trials[r.trial].rungs})
+    }
+    rankings[LIBRARY] = {r.trial: trials[r.trial].predicted_kl for r in retrained}
     rows = []
-    for rung in sorted({rung["rung"] for r in retrained for rung in trials[r.trial].rungs}):
-        pairs = [
-            (rung_kl, final[r.trial])
-            for r in retrained
-            for rung_kl in [next((x["heldout"]["kl"] for x in trials[r.trial].rungs if x["rung"] == rung), None)]
-            if rung_kl is not None
-        ]
-        if len(pairs) >= 3:
-            early, late = zip(*pairs, strict=True)
-            rows.append({
-                "rung": f"rung {rung}" + (" (the screen, no KD)" if rung == 0 else ""),
-                "candidates": len(pairs),
-                "spearman": float(spearmanr(early, late).statistic),
-                "kendall": float(kendalltau(early, late).statistic),
-            })  # fmt: skip
+    for name, early in rankings.items():
+        pairs = [(early[r.trial], r.heldout["kl"]) for r in retrained if early.get(r.trial) is not None]
+        if (found := rank_agreement(pairs)) is not None:
+            rows.append(fidelity_row(name, found))
     return rows
+
+
+def library_fidelity(run: Run) -> dict | None:
+    """How well the block library's prediction ranked the trials that reached the last rung, against their KL
+    there (selection documents); None without predictions (not a per-layer study with search.blocks)."""
+    final = [r for r in run.trials if r.state == COMPLETE and r.predicted_kl is not None]
+    pairs = [(r.predicted_kl, r.final["heldout_kl"]) for r in final]
+    found = rank_agreement(pairs)
+    return None if found is None else fidelity_row(LIBRARY, found)
+
+
+def fidelity_row(name: str, found: RankAgreement) -> dict:
+    return {"rung": name, "candidates": found.n, "spearman": found.spearman, "kendall": found.kendall}
 
 
 # Reading: Markdown and the page's cells, values with their error bars and the documents they were measured on -----

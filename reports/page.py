@@ -14,7 +14,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from slimnas.core.rundir import COMPLETE, STOPPED, leaders, outcome_text, search_pick
 from slimnas.core.stats import paired_difference
 from slimnas.core.tables import cell, plus_minus
-from slimnas.reports.leaderboard import display_table, pm, rank_fidelity
+from slimnas.reports.leaderboard import display_table, library_fidelity, pm, rank_fidelity
 from slimnas.reports.plots import Plot
 from slimnas.reports.runs import Run, Section
 
@@ -101,6 +101,10 @@ def front_rows(run: Run) -> list[list[str]]:
     return rows
 
 
+def fidelity_cells(fidelity: dict) -> list:
+    return [fidelity["rung"], fidelity["candidates"], f"{fidelity['spearman']:.2f}", f"{fidelity['kendall']:.2f}"]
+
+
 def race_text(run: Run) -> str:
     race = run.race
     if race is None:
@@ -169,11 +173,11 @@ def search_view(run: Run, rows: list[dict], plots: list[Plot]) -> dict:
         "front_objectives": ", ".join(run.front["objectives"]),
         "front_headers": ["trial", "label", "params", "quality", "KL vs best (paired)", "reference"],
         "front_rows": front_rows(run),
-        "fidelity": [
-            [f["rung"], f["candidates"], f"{f['spearman']:.2f}", f"{f['kendall']:.2f}"] for f in rank_fidelity(run)
-        ],  # fmt: skip
+        "fidelity": [fidelity_cells(f) for f in rank_fidelity(run)],
+        "library_fidelity": fidelity_cells(found) if (found := library_fidelity(run)) else None,
         "race": race_text(run),
-        "plots": plots,
+        "plots": [plot for plot in plots if not plot.beside_front],
+        "front_plots": [plot for plot in plots if plot.beside_front],
         "generations": generations(run),
         "outcomes": [[outcome, n] for outcome, n in counts.most_common()],
         "retries": "; ".join(

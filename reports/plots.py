@@ -4,7 +4,8 @@ Every axis says what it plots and on which documents: search trials are scored o
 documents after the KD tokens of the rung they reached; retrained candidates on the evaluation documents
 after the retrain budget. Fronts are the ones the search stored (front.json), never recomputed here.
 A speed-up that stayed unstable when timed again (bench.speed) is drawn hollow, with a note, and never
-marked as on the front in the speed plot.
+marked as on the front in the speed plot. A run of per-layer candidates (search.proposals=per_layer) also gets a
+heat map of its finalists' per-layer widths, shown beside the front; other runs have none.
 Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state) and are
 kept as PNG and SVG bytes, so nothing is written until the whole report is ready.
 """
@@ -14,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
@@ -36,6 +39,7 @@ class Plot:
     png: bytes | None
     svg: bytes | None
     missing: str | None  # why it was not drawn
+    beside_front: bool = False  # shown beside the front (the finalists' per-layer widths), not with the other plots
 
 
 # What the axes show ------------------------------------------------------------------------------------
@@ -305,6 +309,70 @@ def task_scores(run: Run) -> Figure | None:
     return figure
 
 
+# Per-layer shapes -----------------------------------------------------------------------------------------
+
+
+def per_layer(run: Run) -> bool:
+    """Whether the run's candidates are per-layer shapes (search.proposals=per_layer): their sizes are lists."""
+    return any(isinstance(r.architecture.get("intermediate_size"), list) for r in run.trials)
+
+
+def finalists(run: Run) -> list[TrialRecord]:
+    """The retrained candidates' trials, best retrained KL first; in a run never retrained, the trials that reached
+    the last rung, best quality first."""
+    if run.retrained:
+        trials = {r.trial: r for r in run.trials}
+        return [trials[r.trial] for r in sorted(run.retrained, key=lambda r: r.heldout["kl"])]
+    return sorted((r for r in run.trials if r.state == COMPLETE), key=lambda r: (-r.final["quality"], r.trial))
+
+
+def layer_sizes(record: TrialRecord, layers: int) -> tuple[list[int], list[int]]:
+    """FFN neurons and KV groups a candidate keeps in each of the teacher's layers (0: removed), read from its pruning
+    plan: a uniform candidate (a reference) is placed on the layers it kept, like a per-layer one."""
+    ffn, kv = [0] * layers, [0] * layers
+    for j, layer in enumerate(record.plan["layers"]):
+        ffn[layer], kv[layer] = len(record.plan["neurons"][j]), len(record.plan["kv_heads"][j])
+    return ffn, kv
+
+
+def draw_heat_map(
+    figure: Figure, ax: Axes, values: np.ma.MaskedArray, cmap: Colormap, norm: Normalize, ticks: list | None = None
+) -> None:
+    """One panel: a cell per candidate and layer, removed sub-blocks (masked) grey with a cross."""
+    image = ax.imshow(values, cmap=cmap.with_extremes(bad="0.88"), norm=norm, aspect="auto", interpolation="none")
+    for row, column in zip(*np.nonzero(np.ma.getmaskarray(values)), strict=True):
+        ax.text(column, row, "×", ha="center", va="center", color="0.35", fontsize=9)
+    figure.colorbar(image, ax=ax, pad=0.01, ticks=ticks)
+
+
+def layer_widths(run: Run) -> Figure | None:
+    """The finalists' per-layer widths: FFN width as a fraction of the teacher's, and KV groups kept."""
+    rows, teacher = finalists(run), run.info.get("teacher_architecture")
+    if not rows or teacher is None:
+        return None
+    layers, groups = teacher["num_hidden_layers"], teacher["num_key_value_heads"]
+    sizes = [layer_sizes(r, layers) for r in rows]
+    ffn = np.ma.masked_equal([[width / teacher["intermediate_size"] for width in f] for f, _ in sizes], 0)
+    kv = np.ma.masked_equal([k for _, k in sizes], 0)
+    figure = Figure(figsize=(max(8.0, 3.0 + 0.28 * layers), 2.2 + 0.6 * len(rows)), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    draw_heat_map(figure, top, ffn, colormaps["viridis"], Normalize(0, 1))
+    one_colour_per_count = BoundaryNorm(np.arange(0.5, groups + 1), groups)
+    draw_heat_map(figure, bottom, kv, colormaps["viridis"].resampled(groups), one_colour_per_count,
+                  list(range(1, groups + 1)))  # fmt: skip
+    names = [f"trial {r.trial} ({r.reference or r.proposed_by})" for r in rows]
+    for ax in (top, bottom):
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+    top.set_title(f"FFN width as a fraction of the teacher's {teacher['intermediate_size']:,} neurons (× removed)")
+    bottom.set_title(f"KV groups kept, of the teacher's {groups} (× attention removed)")
+    bottom.set_xticks(range(layers), [str(i) for i in range(layers)], fontsize=8)
+    bottom.set_xlabel("layer")
+    which = "retrained candidates, best first" if run.retrained else "trials that reached the last rung, best first"
+    figure.suptitle(f"Per-layer widths of the finalists ({which})")
+    return figure
+
+
 # Rendering ----------------------------------------------------------------------------------------------
 
 
@@ -314,6 +382,7 @@ class Spec:
     title: str
     draw: Callable[[Run], Figure | None]
     missing: str  # said on the page when draw has nothing to draw
+    beside_front: bool = False
 
 
 SPECS = (
@@ -331,6 +400,12 @@ SPECS = (
 )  # fmt: skip
 
 
+LAYER_WIDTHS = Spec(  # per-layer runs only
+    "layer_widths", "Per-layer widths of the finalists", layer_widths,
+    "no finalist yet (no trial reached the last rung)", beside_front=True,
+)  # fmt: skip
+
+
 def image(figure: Figure, fmt: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else {"Date": None})
@@ -338,13 +413,16 @@ def image(figure: Figure, fmt: str) -> bytes:
 
 
 def draw_plots(run: Run) -> list[Plot]:
+    """Every plot of the run (the per-layer widths only for per-layer candidates), drawn or said missing."""
     plots = []
-    for spec in SPECS:
+    for spec in [*SPECS, LAYER_WIDTHS] if per_layer(run) else SPECS:
         figure = spec.draw(run)
         if figure is None:
-            plots.append(Plot(spec.name, spec.title, None, None, spec.missing))
+            plots.append(Plot(spec.name, spec.title, None, None, spec.missing, spec.beside_front))
         else:
-            plots.append(Plot(spec.name, spec.title, image(figure, "png"), image(figure, "svg"), None))
+            plots.append(
+                Plot(spec.name, spec.title, image(figure, "png"), image(figure, "svg"), None, spec.beside_front)
+            )
     return plots
 
 

@@ -408,6 +408,49 @@ def test_the_page_shows_the_front_rank_fidelity_the_race_and_why_candidates_stop
     assert f"The pick, trial {race['winner']}, {verdict} the runner-up" in page[first : first + 2000]
     stopped = [r for r in trial_records(retrained).values() if r["state"] == "stopped"]
     assert all(r["stop_reason"].replace("±", "&#177;")[:20] in page or r["stop_reason"][:20] in page for r in stopped)
+    # uniform candidates: no per-layer heat map, no block library
+    assert "Per-layer widths" not in page and "block library" not in page
+    assert not list((retrained / "report" / "plots").glob("*/layer_widths.*"))
+
+
+def fidelity_cells(page: str, name: str) -> list[str]:
+    """The Spearman and Kendall cells of a rank-fidelity row of the page."""
+    row = page[page.index(f"<td>{name}</td>") :]
+    return [cell.split("</td>")[0] for cell in row.split("<td>")[2:5]]
+
+
+def test_the_block_librarys_predicted_order_is_scored_against_the_last_rung_and_retraining(retrained, tmp_path):
+    """Records with the block library's predicted KL (search.blocks): the page states its Spearman and Kendall
+    against the retrained KL (in the rank-fidelity table, like the rungs) and against the last rung, scipy's values
+    over exactly the candidates that have both."""
+    from scipy.stats import kendalltau, spearmanr
+
+    run_dir = shutil.copytree(retrained, tmp_path / "library", ignore=shutil.ignore_patterns("report"))
+    trials = trial_records(run_dir)
+    rng = np.random.default_rng(0)
+    for number, record in trials.items():  # a noisy prediction of the screen's KL; one trial without any
+        record["predicted_kl"] = None if number == 1 else record["rungs"][0]["heldout"]["kl"] * rng.uniform(0.5, 2)
+        (run_dir / "trials" / f"{number:04d}" / "record.json").write_text(json.dumps(record))
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report" / "index.html").read_text()
+
+    retrain = [r for name, r in retrain_records(run_dir).items() if name != "teacher"]
+    pairs = [(trials[r["trial"]]["predicted_kl"], r["heldout"]["kl"]) for r in retrain if r["trial"] != 1]
+    last = [
+        (r["predicted_kl"], r["final"]["heldout_kl"]) for n, r in trials.items() if r["state"] == COMPLETE and n != 1
+    ]
+    assert len(pairs) >= 3 and len(last) >= 3
+    name = "block library (summed block KL, no KD)"
+    for cells, found in (
+        (fidelity_cells(page, name), pairs),
+        (fidelity_cells(page[page.index("against the last rung") :], name), last),
+    ):
+        early, late = zip(*found, strict=True)
+        assert cells == [
+            str(len(found)),
+            f"{spearmanr(early, late).statistic:.2f}",
+            f"{kendalltau(early, late).statistic:.2f}",
+        ]
 
 
 def test_text_from_the_records_is_escaped_on_the_page(retrained, tmp_path):
