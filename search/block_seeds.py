@@ -14,7 +14,7 @@ them with its sample and the race decides.
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from transformers import PretrainedConfig
 
@@ -32,6 +32,30 @@ from slimnas.search.mip import BlockBudget, mip_pick
 from slimnas.search.settings import BlockSettings
 
 MIP, PROPORTIONAL = "mip", "proportional"  # the seeds' proposers in the study's records
+
+
+@dataclass(frozen=True)
+class BlockSeeds:
+    """The seed shapes by origin, and the library they came from: `slimnas baselines` takes the MIP's best and the
+    proportional allocation as methods of their own and charges the library's seconds to the methods that read it;
+    a study predicts its trials' KL from it."""
+
+    mip: tuple[PerLayerArchitecture, ...]  # the MIP's picks, best predicted first
+    proportional: PerLayerArchitecture | None  # None: off (search.blocks.proportional) or outside the budget
+    library: BlockLibrary  # every measured cut, and the teacher's own blocks (cost 0)
+
+    @property
+    def library_seconds(self) -> float:
+        """The library's cuts, at the seconds they took when measured (cached or not; the teacher's own blocks: 0)."""
+        return sum(block.seconds for block in self.library.blocks)
+
+    def proposers(self) -> dict[PerLayerArchitecture, str]:
+        """Each seed shape with its proposer, best predicted first; a proportional allocation the MIP also picked
+        counts as the MIP's."""
+        seeds = dict.fromkeys(self.mip, MIP)
+        if self.proportional is not None:
+            seeds.setdefault(self.proportional, PROPORTIONAL)
+        return seeds
 
 
 def check_blocks(space: LayerSpace, config: PretrainedConfig) -> None:
@@ -71,9 +95,9 @@ def block_seeds(
     importance: Importance,
     selection: HeldoutSet,
     budget: Budget,
-) -> dict[PerLayerArchitecture, str]:
-    """The seed shapes, best predicted first, each with its proposer (mip, proportional). Prints one line: what
-    the library cost (now, and when its cuts were measured) and the MIP's best predicted KL."""
+) -> BlockSeeds:
+    """The MIP's picks and the proportional allocation. Prints one line: what the library cost (now, and when its
+    cuts were measured) and the MIP's best predicted KL."""
     config = teacher.model.config
     documents = selection.subset(settings.documents, settings.positions)
     variants = space_variants(space)
@@ -83,7 +107,6 @@ def block_seeds(
     library = build_block_library(teacher.model, importance, documents, variants, path)
     seconds = time.perf_counter() - started
     picks = mip_pick(within_space(library, variants), window_of(space), settings.mip_solutions, settings.differ_by)
-    seeds = {pick.arch: MIP for pick in picks}
     cuts = [b for b in library.blocks if b.seconds > 0]
     print(
         f"block library: {len(cuts)} single-block cuts ({len(cuts) - cached} measured now, {cached} cached) on "
@@ -91,10 +114,8 @@ def block_seeds(
         f"positions scored), {seconds:.1f} s now ({sum(b.seconds for b in cuts):.1f} s of cuts when measured); MIP: "
         f"{len(picks)} picks, the best predicted KL {picks[0].kl:.4g} at {picks[0].sizes.params:,} params"
     )
-    if settings.proportional:
-        if (shape := _proportional(config, importance, space, budget, library.context)) is not None:
-            seeds.setdefault(shape, PROPORTIONAL)
-    return seeds
+    proportional = _proportional(config, importance, space, budget, library.context) if settings.proportional else None
+    return BlockSeeds(tuple(pick.arch for pick in picks), proportional, library)
 
 
 def _proportional(

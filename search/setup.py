@@ -28,7 +28,7 @@ from slimnas.core.device import hardware, pick_device
 from slimnas.core.errors import SlimnasError
 from slimnas.core.files import hash_json
 from slimnas.core.settings import settings_of
-from slimnas.search.block_seeds import block_seeds, check_blocks
+from slimnas.search.block_seeds import BlockSeeds, block_seeds, check_blocks
 from slimnas.search.layer_space import LayerSpace
 from slimnas.search.objectives import Objective, objectives_of
 from slimnas.search.settings import SearchSettings
@@ -69,6 +69,12 @@ class SearchSetup:
     seeds: dict[PerLayerArchitecture, str] = field(default_factory=dict)  # per-layer shapes proposed outside the
     # sampler, each with its proposer (search.blocks: the MIP's picks, the proportional allocation): screened with the
     # per-layer sample, so the race sees them when they screen well
+    blocks: BlockSeeds | None = None  # search.blocks: where the seeds came from, and what the block library cost
+
+    @property
+    def library_seconds(self) -> float:
+        """The block library's seconds when its cuts were measured (0 without one): charged like the screen's."""
+        return self.blocks.library_seconds if self.blocks is not None else 0.0
 
     @property
     def timings_rank(self) -> bool:
@@ -158,9 +164,9 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
     selection = HeldoutSet("selection", context.corpus.selection, teacher.model, cfg.precision)
 
     # 6. Per-layer seeds: the block library (built once, then cached) and the MIP's picks over it (search.blocks)
-    seeds = {}
+    blocks = None
     if layer_space is not None and settings.blocks.enabled:
-        seeds = block_seeds(settings.blocks, layer_space, teacher, context.importance, selection, settings.budget)
+        blocks = block_seeds(settings.blocks, layer_space, teacher, context.importance, selection, settings.budget)
 
     return SearchSetup(
         run_dir=run_dir,
@@ -185,5 +191,6 @@ def build_setup(cfg: DictConfig) -> SearchSetup:
         settings_hash=hashed,
         command=cfg.command,
         log_file=run_dir / "log.txt",
-        seeds=seeds,
+        seeds=blocks.proposers() if blocks is not None else {},
+        blocks=blocks,
     )

@@ -6,13 +6,20 @@ import statistics
 
 import optuna
 import pytest
-from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA, storage
+from conftest import SEARCH_FAST, SEARCH_SPACE, SHARED_DATA, load_study, storage
+from omegaconf import open_dict
 from scipy.stats import t as student_t
 from transformers import AutoConfig
 
 from slimnas.cli import main
-from slimnas.compress.arch import Architecture, param_count
+from slimnas.compress.arch import Architecture, PerLayerArchitecture, param_count, shape_of
+from slimnas.config import check, compose
+from slimnas.core.files import read_jsonl
 from slimnas.core.rundir import read_records, read_screen
+from slimnas.core.settings import settings_of
+from slimnas.recipes.baselines import method_config
+from slimnas.recipes.settings import METHODS, PER_LAYER
+from slimnas.search.setup import build_setup
 
 HAS_DATA = (SHARED_DATA / "SOURCES.md").is_file()
 WITH_DATA = ["quality.tasks=[piqa]", "quality.limit=4"]
@@ -132,3 +139,107 @@ def test_every_method_of_every_seed_is_a_study_of_its_own_in_one_postgresql_stor
             labels = {t.number: t.user_attrs.get("label") for t in trials}
             assert records and all(labels[r.trial] == r.label for r in records)
     assert {r.proposed_by for r in read_records(run_dir / "seed_1" / "modelopt")} == {"screen"}
+
+
+PER_LAYER_METHODS = ["hetero", "mip", "proportional", "search", "uniform"]
+
+
+def test_per_layer_finalists_are_retrained_alike_and_paired_against_the_reference(search_teacher, tmp_path):
+    """hetero, mip and proportional beside the uniform methods, everyone paired against hetero (baselines.reference);
+    the block library charged to mip and hetero like a screen."""
+    run_dir = tmp_path / "proof-hetero"
+    args = [
+        "baselines", f"teacher={search_teacher}", f"run_dir={run_dir}", *SEARCH_SPACE, *SEARCH_FAST,
+        "search.budget.params=0.8", "search.budget.window=0.3", "search.budget.cap=true",
+        "search.budget.kd_tokens=768", "search.n_trials=2", "search.screen.per_layer_samples=2",
+        "retrain.budget_tokens=128", "baselines.seeds=[0,1]", f"baselines.methods=[{','.join(PER_LAYER_METHODS)}]",
+        "baselines.reference=hetero", "search.references.uniform_tolerance=0.3", *WITHOUT_DATA,
+    ]  # fmt: skip
+    assert main(args) == 0
+    proof = json.loads((run_dir / "proof" / "proof.json").read_text())
+    assert sorted(row["method"] for row in proof["rows"]) == sorted(PER_LAYER_METHODS)  # a row per method
+    (library,) = (tmp_path / "cache" / "blocks").glob("*.jsonl")
+    library_seconds = sum(line["seconds"] for line in read_jsonl(library))
+    cfg = compose("baselines", args[1:])
+    with open_dict(cfg):
+        cfg.command = "slimnas baselines"
+    blocks = build_setup(method_config(cfg, "mip", 0, tmp_path / "again", 1)).blocks  # the library from its cache
+    assert blocks is not None and blocks.proportional is not None
+    config = AutoConfig.from_pretrained(search_teacher)
+    cap = 0.8 * param_count(config)
+    finalists = {}
+    for seed in (0, 1):
+        picks = json.loads((run_dir / f"seed_{seed}" / "methods.json").read_text())
+        assert sorted(picks) == sorted(PER_LAYER_METHODS)
+        seeded = {(t.user_attrs.get("proposed_by"), json.dumps(t.user_attrs.get("architecture")))
+                  for t in load_study(run_dir / f"seed_{seed}" / "hetero").trials}  # fmt: skip
+        for method, pick in picks.items():
+            record = json.loads((run_dir / f"seed_{seed}" / "finalists" / pick["finalist"] / "record.json").read_text())
+            finalists.setdefault(method, {})[seed] = record
+            shape = shape_of(record["architecture"])
+            assert record["kd_tokens"] == 128  # retrained alike
+            assert 0.7 * cap <= record["params"] == param_count(config, shape) <= cap  # under one cap
+            assert isinstance(shape, PerLayerArchitecture) == (method in PER_LAYER)
+            assert pick["finalist"].startswith("per_layer-") == (method in PER_LAYER)  # a label too long for a name
+        mip, proportional = blocks.mip[0].as_dict(), blocks.proportional.as_dict()
+        assert finalists["mip"][seed]["architecture"] == mip and finalists["proportional"][seed]["architecture"] == (
+            proportional
+        )
+        assert {("mip", json.dumps(mip)), ("proportional", json.dumps(proportional))} <= seeded  # hetero's seeds too
+        hetero = read_records(run_dir / f"seed_{seed}" / "hetero")
+        assert 0 < picks["hetero"]["search_kd_tokens"] <= 768  # the same KD budget as the uniform search's
+        assert picks["hetero"]["search_seconds"] == pytest.approx(sum(r.seconds for r in hetero))
+        own_screen = sum(line["seconds"] for line in read_screen(run_dir / f"seed_{seed}" / "hetero"))
+        assert picks["hetero"]["screen_seconds"] == pytest.approx(own_screen + library_seconds)
+        assert picks["mip"]["screen_seconds"] == pytest.approx(library_seconds) and library_seconds > 0
+        assert picks["proportional"]["screen_seconds"] == picks["uniform"]["screen_seconds"] == 0
+        assert picks["mip"]["search_kd_tokens"] == picks["proportional"]["search_kd_tokens"] == 0
+    paired = json.loads((run_dir / "proof" / "paired.json").read_text())
+    assert {p["method"] for p in paired} == set(PER_LAYER_METHODS) - {"hetero"}
+    for pair in [p for p in paired if p["metric"] == "kl"]:
+        differences = [finalists[pair["method"]][s]["heldout"]["kl"] - finalists["hetero"][s]["heldout"]["kl"]
+                       for s in (0, 1)]  # fmt: skip
+        assert pair["minus_hetero"] == pytest.approx(statistics.fmean(differences))
+        assert pair["wins_for_hetero"] == sum(d > 0 for d in differences)
+    assert "minus hetero (95% over seeds)" in proof["paired_columns"]
+    assert "Each method minus the hetero, paired:" in (run_dir / "proof" / "proof.md").read_text()
+
+
+def test_the_hetero_proof_preset_gives_the_per_layer_methods_their_space_and_the_others_the_uniform_one(tmp_path):
+    cfg = compose("baselines", ["preset=baselines-hetero-cpu"])
+    check(cfg)
+    baselines, search = settings_of(cfg, "baselines"), settings_of(cfg, "search")
+    assert (baselines.methods, baselines.reference) == (["hetero", "mip", "proportional", "search", "modelopt",
+                                                         "uniform"], "hetero")  # fmt: skip
+    assert (search.budget.params, search.budget.cap, search.budget.kd_tokens) == (0.6, True, 12288)
+    assert (search.blocks.enabled, search.blocks.documents, search.blocks.positions) == (True, 8, 32)  # hetero-cpu's
+    for method in baselines.methods:
+        method_cfg = method_config(cfg, method, 1, tmp_path / method, baselines.modelopt_top_k)
+        own = settings_of(method_cfg, "search")
+        assert own.proposals == ("per_layer" if method in PER_LAYER else "screen")
+        assert own.budget == search.budget  # one cap, one KD budget
+    assert settings_of(compose("baselines", ["preset=baselines-hetero-cpu", "search.budget.params=0.4"]),
+                       "search").budget.params == 0.4  # fmt: skip
+    uniform = settings_of(compose("baselines", ["preset=baselines-cpu"]), "baselines")  # today's proof, unchanged
+    assert uniform.reference == "search" and not set(uniform.methods) & set(PER_LAYER)
+    assert set(uniform.methods) == set(METHODS) - set(PER_LAYER)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("baselines.methods=[search,puzzle]", "baselines.methods must include search and come from"),
+        ("baselines.reference=hetero", "baselines.reference 'hetero' must be one of baselines.methods"),
+        ("search.proposals=per_layer", "search.proposals=per_layer would make the uniform methods per-layer"),
+        ("search.blocks.enabled=false", "baselines.methods mip and proportional need search.blocks.enabled=true"),
+    ],
+)
+def test_bad_methods_are_refused_in_one_line(search_teacher, tmp_path, capsys, override, message):
+    run_dir = tmp_path / "b"
+    args = ["baselines", "preset=baselines-hetero-cpu", f"teacher={search_teacher}", f"run_dir={run_dir}"]
+    if override.startswith("baselines.reference"):  # a reference left out of the methods
+        args.append("baselines.methods=[search,mip]")
+    assert main([*args, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not run_dir.exists()

@@ -1,6 +1,7 @@
 """slimnas baselines: does the search pick better pruned models than simpler choices, at equal size? (the proof)
 
     slimnas baselines preset=baselines-cpu run_dir=runs/baselines
+    slimnas baselines preset=baselines-hetero-cpu run_dir=runs/proof-hetero      # with per-layer students
 
 For one teacher and one parameter cap (`search.budget.cap=true`: every candidate of every method has at
 most the target's parameters, and at least the target less `window`), each method picks one finalist:
@@ -11,14 +12,19 @@ most the target's parameters, and at least the target less `window`), each metho
   random      feasible candidates drawn uniformly at random, the same race and the same KD budget
   zero_shot   the screen's best, no KD (ModelOpt's NAS pick without distillation)
   uniform, depth_only, width_only: the rule-based cuts, no KD
-The three methods that spend KD tokens to choose get the same budget; every finalist is then retrained
+and in the per-layer space (search.space.per_layer; search.proposals=per_layer for these methods alone):
+  hetero      the per-layer search: the screen of a sample and the block library's seeds, TPE, the race
+  mip         the block library's best MIP pick, no KD (Puzzle's selection; search.block_seeds)
+  proportional  the importance-proportional allocation, no search, no KD
+The methods that spend KD tokens to choose get the same budget; every finalist is then retrained
 with the same KD tokens, rows, schedule and seed and scored on the evaluation documents, on a text no
 method saw (WikiText-2 valid, one row per article) and on lm-eval's evaluation pool. All of it repeats
 per seed (the sampler's seed and the KD row order). The tables give, per method, the finalist's size, the
 mean and a 95% interval over seeds, how stable its pick was (how many seeds chose the same finalist, the
 spread of their retrained KL), what choosing cost (KD tokens; wall time, each method charged the screen it
-uses), and each method minus the search: paired by seed, and for the KL also paired by document (each
-document's difference averaged over the seeds, then a 95% interval over documents; reports/verdicts.py).
+uses, the block library counting as one), and each method minus the reference (baselines.reference, the search
+by default): paired by seed, and for the KL also paired by document (each document's difference averaged over the
+seeds, then a 95% interval over documents; reports/verdicts.py).
 Results go to RUN_DIR/proof/ (proof.md, proof.json: the tables as shown, which `slimnas report RUN_DIR`
 shows; methods.*, paired.*, per_seed.json; proof.png). With one `search.storage.url` every method of every
 seed is a study of its own (`search.study_name`-seed_S-METHOD).
@@ -34,18 +40,18 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slimnas.bench.tasks import prepare_suite
-from slimnas.compress.arch import Shape, shape_of
+from slimnas.compress.arch import Architecture, Shape, param_count, shape_of
 from slimnas.compress.corpus import text_rows
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.settings import PruningSettings
 from slimnas.core.data import find_data_dir
 from slimnas.core.errors import SlimnasError
-from slimnas.core.files import atomic_write_text, write_json
+from slimnas.core.files import atomic_write_text, hash_json, write_json
 from slimnas.core.rundir import RetrainRecord, add_wall_seconds, read_records, read_screen, search_pick, update_run
 from slimnas.core.settings import settings_of
 from slimnas.core.stats import mean_ci95
 from slimnas.core.tables import plus_minus, save_records
-from slimnas.recipes.settings import RULES, SEARCHING, BaselinesSettings
+from slimnas.recipes.settings import BLOCK_PICKS, PER_LAYER, RULES, SEARCHING, BaselinesSettings
 from slimnas.reports.verdicts import paired as paired_over_seeds
 from slimnas.reports.verdicts import pick_stability
 from slimnas.retrain.retraining import Candidate, prepare_retraining, retrain, score_teacher
@@ -53,14 +59,15 @@ from slimnas.search.front import write_trial_tables
 from slimnas.search.race import kd_spent
 from slimnas.search.references import find_reference
 from slimnas.search.screen import run_screen
-from slimnas.search.setup import build_setup
+from slimnas.search.setup import SearchSetup, build_setup
 from slimnas.search.study import run_study
 
 
 def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k: int) -> DictConfig:
     """One method's search: its own run directory, the seed for sampler and KD order, no reference cuts, quality
     alone as the objective (every candidate lies under the same cap: the best one is the finalist), and a study of its
-    own in a shared storage (in SQLite each run directory has its own file)."""
+    own in a shared storage (in SQLite each run directory has its own file). The per-layer methods propose per-layer
+    candidates; the others keep the uniform space."""
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.run_dir, run_cfg.search.seed, run_cfg.distill.seed = str(run_dir), seed, seed
@@ -75,13 +82,19 @@ def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k:
             run_cfg.search.race.rung_tokens, run_cfg.search.race.extensions = [share], 0
         if method == "random":
             run_cfg.search.proposals = "uniform"
+        if method in PER_LAYER:
+            run_cfg.search.proposals = "per_layer"
     return run_cfg
 
 
-def search_finalist(cfg: DictConfig) -> tuple[Shape, PruningSettings, dict]:
+Pick = tuple[Shape, PruningSettings, dict]  # a method's finalist, the cut's policy, what choosing it cost
+
+
+def search_finalist(cfg: DictConfig) -> Pick:
     """Run (or resume) one method's search; its pick, and what choosing cost (from the records: a resumed run
-    counts what its earlier runs did). The screen it read is charged at the seconds it took when it was computed,
-    even when it came from the cache: every method that uses a screen pays for one."""
+    counts what its earlier runs did). The screen it read, and the block library it was seeded from, are charged at
+    the seconds they took when they were computed, even when they came from the cache: every method that uses a
+    screen pays for one."""
     setup = build_setup(cfg)
     update_run(setup.run_dir, settings=OmegaConf.to_container(cfg, resolve=True), command=cfg.command)
     study = run_study(setup)
@@ -89,10 +102,45 @@ def search_finalist(cfg: DictConfig) -> tuple[Shape, PruningSettings, dict]:
     pick = search_pick(setup.run_dir, read_records(setup.run_dir))
     if pick is None:
         raise SlimnasError(f"the search in {setup.run_dir} completed no trial")
-    screen_seconds = sum(line["seconds"] for line in read_screen(setup.run_dir))  # none for random search
+    screen_seconds = sum(line["seconds"] for line in read_screen(setup.run_dir)) + setup.library_seconds
     cost = {"search_kd_tokens": kd_spent(study), "screen_seconds": screen_seconds,
             "search_seconds": sum(r.seconds for r in records)}  # fmt: skip
     return shape_of(pick.architecture), PruningSettings(**pick.pruning), cost
+
+
+def block_picks(setup: SearchSetup, methods: list[str]) -> tuple[dict[str, Pick], list[str]]:
+    """mip and proportional, from a per-layer set-up's block seeds (search.block_seeds): the MIP's best predicted
+    pick is charged the block library like the screen (at the seconds its cuts took when measured, cached or not);
+    the proportional allocation reads only the importance scores. A method with no shape (the allocation cannot meet
+    the budget) is left out, with a note, like a rule-based cut with no candidate."""
+    blocks = setup.blocks
+    if blocks is None:  # hetero alone with search.blocks.enabled=false: no library, no seeds (main refuses mip then)
+        return {}, []
+    config = setup.context.teacher.model.config
+    shapes = {"mip": blocks.mip[0], "proportional": blocks.proportional}
+    costs = {"mip": NO_COST | {"screen_seconds": blocks.library_seconds}, "proportional": NO_COST}
+    picks, notes = {}, []
+    for method in [m for m in methods if m in BLOCK_PICKS]:
+        shape = shapes[method]
+        if shape is None:
+            notes.append(f"{method}: left out, no allocation within the budget (or search.blocks.proportional=false)")
+            continue
+        picks[method] = (shape, setup.policy, costs[method])
+        notes.append(f"{method}: {finalist_name(shape, setup.policy)} ({param_count(config, shape):,} parameters)")
+    notes.append(f"the block library counts as a screen: mip and hetero are charged its {blocks.library_seconds:.0f} s "
+                 "(its cuts when they were measured, cached or not); hetero also its own per-layer screen")  # fmt: skip
+    return picks, notes
+
+
+def listing(names: list[str]) -> str:
+    """'a, b and c'."""
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def finalist_name(arch: Shape, policy: PruningSettings) -> str:
+    """The finalist's directory: its label, or for a per-layer shape (a label as long as its layers) a digest of it."""
+    label = arch.label() if isinstance(arch, Architecture) else f"per_layer-{hash_json(arch.as_dict())[:12]}"
+    return f"{label}-{policy.depth_strategy}"
 
 
 METRICS = {  # what the tables report per finalist: name -> how to read it from a retrain record
@@ -123,11 +171,11 @@ def over(per_seed: dict[int, dict], key: str, seeds: list[int]) -> list:
     return [per_seed[s][key] for s in seeds]
 
 
-def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[list[dict], list[dict]]:
-    """Per method mean ± 95% CI over seeds and its pick's stability; each method minus the search, paired by seed
-    (and by document for KL)."""
+def summarise(results: dict[str, dict[int, dict]], seeds: list[int], reference: str) -> tuple[list[dict], list[dict]]:
+    """Per method mean ± 95% CI over seeds and its pick's stability; each method minus the reference method, paired
+    by seed (and by document for KL)."""
     rows, paired = [], []
-    search = results["search"]
+    against = results[reference]
     for method, per_seed in results.items():
         stability = pick_stability(over(per_seed, "finalist", seeds), over(per_seed, "kl", seeds))
         label = next(per_seed[s]["label"] for s in seeds if per_seed[s]["finalist"] == stability.finalist)
@@ -139,19 +187,20 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
                 row[metric], row[f"{metric}_ci95"] = mean_ci95(values)
         row["params_range"] = (min(per_seed[s]["params"] for s in seeds), max(per_seed[s]["params"] for s in seeds))
         rows.append(row)
-        if method == "search":
+        if method == reference:
             continue
         for metric in ("kl", "text_perplexity", "summary"):
-            if any(r[s].get(metric) is None for r in (per_seed, search) for s in seeds):
+            if any(r[s].get(metric) is None for r in (per_seed, against) for s in seeds):
                 continue
             by_doc = metric == "kl"
             difference = paired_over_seeds(
-                over(per_seed, metric, seeds), over(search, metric, seeds),
+                over(per_seed, metric, seeds), over(against, metric, seeds),
                 over(per_seed, "kl_per_doc", seeds) if by_doc else None,
-                over(search, "kl_per_doc", seeds) if by_doc else None, higher_is_better=metric == "summary",
+                over(against, "kl_per_doc", seeds) if by_doc else None, higher_is_better=metric == "summary",
             )  # fmt: skip
-            pair = {"method": method, "metric": metric, "minus_search": difference.difference,
-                    "ci95_seeds": difference.ci95_seeds, "wins_for_search": difference.reference_better}  # fmt: skip
+            pair = {"method": method, "metric": metric, f"minus_{reference}": difference.difference,
+                    "ci95_seeds": difference.ci95_seeds,
+                    f"wins_for_{reference}": difference.reference_better}  # fmt: skip
             if difference.ci95_documents is not None:
                 pair["ci95_documents"], pair["documents"] = difference.ci95_documents, difference.documents
             pair["significant"] = difference.significant
@@ -160,7 +209,7 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[li
     return rows, paired
 
 
-def display_tables(rows: list[dict], paired: list[dict]) -> tuple[list[dict], list[dict]]:
+def display_tables(rows: list[dict], paired: list[dict], reference: str) -> tuple[list[dict], list[dict]]:
     """The two tables as people read them (± 95% intervals, rounded): proof.md, proof.json and the report show these."""
     table = [
         {
@@ -178,18 +227,19 @@ def display_tables(rows: list[dict], paired: list[dict]) -> tuple[list[dict], li
         }
         for r in rows
     ]
+    minus = f"minus_{reference}"
     pairs = [
-        {"method": p["method"], "metric": p["metric"], "minus search (95% over seeds)": plus_minus(p["minus_search"],
-         p["ci95_seeds"]), "95% over documents": plus_minus(p["minus_search"], p["ci95_documents"])
-         if "ci95_documents" in p else "", "seeds where the search is better": p["wins_for_search"],
+        {"method": p["method"], "metric": p["metric"], f"minus {reference} (95% over seeds)": plus_minus(p[minus],
+         p["ci95_seeds"]), "95% over documents": plus_minus(p[minus], p["ci95_documents"])
+         if "ci95_documents" in p else "", f"seeds where the {reference} is better": p[f"wins_for_{reference}"],
          "significant": "yes" if p["significant"] else "no"}
         for p in paired
     ]  # fmt: skip
     return table, pairs
 
 
-def markdown(table: list[dict], pairs: list[dict], notes: list[str]) -> str:
-    parts = [pd.DataFrame(table).to_markdown(index=False), "", "Each method minus the search, paired:", ""]
+def markdown(table: list[dict], pairs: list[dict], notes: list[str], reference: str) -> str:
+    parts = [pd.DataFrame(table).to_markdown(index=False), "", f"Each method minus the {reference}, paired:", ""]
     parts += [pd.DataFrame(pairs).to_markdown(index=False) if pairs else "(no other method)", ""]
     return "\n".join(parts + [f"- {note}" for note in notes])
 
@@ -229,6 +279,11 @@ def main(cfg: DictConfig) -> None:
     if not search.budget.cap or search.budget.kd_tokens is None:
         raise SlimnasError("the proof compares at equal size and equal KD: set search.budget.cap=true and "
                            "search.budget.kd_tokens (preset=baselines-cpu does)")  # fmt: skip
+    if search.proposals == "per_layer":
+        raise SlimnasError("baselines: search.proposals=per_layer would make the uniform methods per-layer; the "
+                           "per-layer methods (hetero, mip, proportional) set it themselves")  # fmt: skip
+    if set(settings.methods) & set(BLOCK_PICKS) and not search.blocks.enabled:
+        raise SlimnasError("baselines.methods mip and proportional need search.blocks.enabled=true")
     suite = prepare_suite(list(quality.tasks), data.dir) if quality.tasks else None
     text_path = None
     if settings.heldout_text:
@@ -244,11 +299,15 @@ def main(cfg: DictConfig) -> None:
         f"{retrain_settings.budget_tokens:,} KD tokens"
     )
 
-    # 2. The screen and the rule-based cuts, from the first seed's set-up (the screen is cached for every method)
+    # 2. The screen and the rule-based cuts, from the first seed's set-up (the screen is cached for every method);
+    # the block library's picks from a per-layer set-up (the library is cached for every per-layer method)
     first = build_setup(method_config(cfg, "search", seeds[0], run_dir / f"seed_{seeds[0]}" / "search", 1))
+    layered = None
+    if set(settings.methods) & set(PER_LAYER):
+        layered = build_setup(method_config(cfg, "mip", seeds[0], run_dir / "blocks", 1))
     screened = run_screen(first)
     context = first.context
-    fixed: dict[str, tuple[Shape, PruningSettings, dict]] = {}
+    fixed: dict[str, Pick] = {}
     screen_seconds = sum(s.seconds for s in screened)
     if "zero_shot" in settings.methods:
         fixed["zero_shot"] = (screened[0].arch, first.policy, NO_COST | {"screen_seconds": screen_seconds})
@@ -260,6 +319,12 @@ def main(cfg: DictConfig) -> None:
         if reference is not None:
             policy = replace(first.policy, depth_strategy=reference.depth_strategy or first.policy.depth_strategy)
             fixed[method] = (reference.arch, policy, NO_COST)
+    if layered is not None:
+        picks, lines = block_picks(layered, settings.methods)
+        fixed |= picks
+        print("\n".join(lines))
+        per_layer = listing([m for m in settings.methods if m in PER_LAYER])
+        notes += [f"{per_layer} choose among {layered.layer_space.describe()}", *lines]
 
     # 3. Per seed: the methods that search, then every finalist retrained alike and scored on unseen text
     heldout_text = ()
@@ -282,7 +347,7 @@ def main(cfg: DictConfig) -> None:
         teacher = teacher or score_teacher(retraining, run_dir / "teacher")  # the scale every row is read against
         picks = {}
         for method, (arch, policy, cost) in chosen.items():
-            name = f"{arch.label()}-{policy.depth_strategy}"
+            name = finalist_name(arch, policy)
             out = run_dir / f"seed_{seed}" / "finalists" / name
             print(f"seed {seed}, {method}: {arch.label()}")
             record = retrain(retraining, Candidate(name, arch, policy), out, teacher)
@@ -290,8 +355,8 @@ def main(cfg: DictConfig) -> None:
             picks[method] = {"finalist": name, **cost}
         write_json(run_dir / f"seed_{seed}" / "methods.json", picks)  # methods that chose alike share a finalist
 
-    # 4. The tables, each method against the search paired by seed and by document; a plot
-    rows, paired = summarise(results, seeds)
+    # 4. The tables, each method against the reference paired by seed and by document; a plot
+    rows, paired = summarise(results, seeds, settings.reference)
     last_rung = first.tokens_at(first.last_rung)
     notes += [
         f"seeds {seeds}: the sampler's seed and the KD row order; every finalist retrained with "
@@ -299,7 +364,8 @@ def main(cfg: DictConfig) -> None:
         f"documents of {context.corpus.source}",
         f"every method chooses under one cap: {search.budget.describe(context.teacher.model.config)}; "
         f"the params column gives each finalist's size over the seeds",
-        f"search, modelopt and random may spend {search.budget.kd_tokens:,} KD tokens to choose; enumerating all "
+        f"{listing([m for m in SEARCHING if m in settings.methods])} may spend {search.budget.kd_tokens:,} KD "
+        f"tokens to choose; enumerating all "
         f"{len(first.feasible)} feasible candidates to the last rung ({last_rung:,} tokens each) would cost "
         f"{len(first.feasible) * last_rung:,}",
         f"the teacher: perplexity on unseen text {METRICS['text_perplexity'](teacher) or float('nan'):.2f}"
@@ -313,7 +379,7 @@ def main(cfg: DictConfig) -> None:
         "cached and read by the others), then its search's trials, then its finalist's retraining; random search and "
         "the rule-based cuts use no screen",
     ]
-    table, pairs = display_tables(rows, paired)
+    table, pairs = display_tables(rows, paired, settings.reference)
     proof_dir = run_dir / "proof"
     write_json(proof_dir / "proof.json", {"columns": list(table[0]), "rows": table,
                                          "paired_columns": list(pairs[0]) if pairs else [], "paired": pairs,
@@ -321,11 +387,11 @@ def main(cfg: DictConfig) -> None:
     save_records([{k: v for k, v in row.items() if k != "params_range"} for row in rows], proof_dir / "methods")
     save_records(paired, proof_dir / "paired")
     write_json(proof_dir / "per_seed.json", results)
-    atomic_write_text(proof_dir / "proof.md", markdown(table, pairs, notes))
+    atomic_write_text(proof_dir / "proof.md", markdown(table, pairs, notes, settings.reference))
     plot(rows, results, proof_dir / "proof")
     update_run(run_dir, kind="baselines", teacher=cfg.teacher, settings=OmegaConf.to_container(cfg, resolve=True))
     add_wall_seconds(run_dir, "baselines (runs that finished)", time.perf_counter() - started)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(markdown(table, pairs, notes))
+    print(markdown(table, pairs, notes, settings.reference))
     print(f"written to {proof_dir} (proof.md, proof.json, methods.csv, paired.csv, per_seed.json, proof.png); "
           f"wall time {time.perf_counter() - started:.0f} s")  # fmt: skip

@@ -4,9 +4,12 @@ from dataclasses import dataclass, field
 
 from slimnas.core.errors import SlimnasError
 
-SEARCHING = ("search", "modelopt", "random")  # methods that spend KD tokens to choose
+SEARCHING = ("search", "modelopt", "random", "hetero")  # methods that spend KD tokens to choose
 RULES = ("uniform", "depth_only", "width_only")
-METHODS = (*SEARCHING, "zero_shot", *RULES)
+BLOCK_PICKS = ("mip", "proportional")  # per-layer shapes from the block library's set-up: no search, no KD
+PER_LAYER = ("hetero", *BLOCK_PICKS)  # methods in the per-layer space (search.proposals=per_layer)
+METHODS = (*SEARCHING, "zero_shot", *BLOCK_PICKS, *RULES)
+UNIFORM_METHODS = tuple(m for m in METHODS if m not in PER_LAYER)  # the default: the uniform proof
 
 
 ARMS = ("one_shot", "one_shot_corrected", "chain", "chain_corrected")
@@ -15,7 +18,8 @@ ARMS = ("one_shot", "one_shot_corrected", "chain", "chain_corrected")
 @dataclass
 class BaselinesSettings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the sampler's seed and the KD row order
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(UNIFORM_METHODS))
+    reference: str = "search"  # the method every other one is paired against (by seed, and by document for KL)
     modelopt_top_k: int = 4  # ModelOpt's recipe: the screen's best k, each distilled with 1/k of the KD budget
     heldout_text: str | None = "wikitext2/wiki.valid.tokens"  # under data.dir: text no method saw (one row an article)
 
@@ -25,6 +29,8 @@ class BaselinesSettings:
         unknown = set(self.methods) - set(METHODS)
         if unknown or "search" not in self.methods:
             raise SlimnasError(f"baselines.methods must include search and come from {', '.join(METHODS)}")
+        if self.reference not in self.methods:
+            raise SlimnasError(f"baselines.reference {self.reference!r} must be one of baselines.methods")
         if self.modelopt_top_k < 1:
             raise SlimnasError("baselines.modelopt_top_k must be at least 1")
 
