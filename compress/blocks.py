@@ -36,7 +36,14 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
-from slimnas.compress.arch import Architecture, LayerShape, PerLayerArchitecture, flops_per_token, param_count
+from slimnas.compress.arch import (
+    Architecture,
+    LayerShape,
+    PerLayerArchitecture,
+    Shape,
+    flops_per_token,
+    param_count,
+)
 from slimnas.compress.heldout import HeldoutSet
 from slimnas.compress.importance import Importance
 from slimnas.compress.models import LoadedModel, cache_root
@@ -137,13 +144,26 @@ class BlockLibrary:
         layers = [_layer_shape(self.heads_per_group, g, width) for g, width in zip(kv_groups, ffn, strict=True)]
         return PerLayerArchitecture(self.teacher.hidden_size, tuple(layers))
 
-    def predicted_kl(self, kv_groups: Sequence[int], ffn: Sequence[int]) -> float:
-        """Puzzle's additive prediction: the sum of the chosen blocks' KL."""
+    def predict(self, shape: Shape) -> float | None:
+        """Puzzle's additive prediction of a candidate's KL: the sum of its blocks' KL. None for a candidate not
+        made of the library's blocks (a uniform one, another hidden size, a size the library has not measured)."""
+        if not isinstance(shape, PerLayerArchitecture) or shape.hidden_size != self.teacher.hidden_size:
+            return None
         costs = {(b.layer, b.kind, b.size): b.kl for b in self.blocks}
-        return sum(
-            costs[i, ATTENTION, g] + costs[i, FFN, width]
-            for i, (g, width) in enumerate(zip(kv_groups, ffn, strict=True))
-        )
+        chosen = [
+            key
+            for i, layer in enumerate(shape.layers)
+            for key in ((i, ATTENTION, layer.num_key_value_heads), (i, FFN, layer.intermediate_size))
+        ]
+        if (
+            len(shape.layers) != len(self.teacher.layers)
+            or any(
+                layer.num_attention_heads != layer.num_key_value_heads * self.heads_per_group for layer in shape.layers
+            )
+            or any(key not in costs for key in chosen)
+        ):
+            return None
+        return sum(costs[key] for key in chosen)
 
 
 def _layer_shape(heads_per_group: int, kv_groups: int, ffn: int) -> LayerShape:

@@ -7,9 +7,9 @@ its cache, which any study of the same teacher, variants and documents shares (a
 seeds). The MIP (search.mip) then picks the search.blocks.mip_solutions choices of least summed block KL within
 the budget's parameter window (search.layer_space's bounds: the target's window, the weight-memory cap), each
 differing from the others in search.blocks.differ_by sub-blocks or more, every one a point of the per-layer
-space. The proportional allocation (search.allocation) steps FFN widths by the space's widths' greatest common
-divisor. The picks are seeds, not the answer (additive block costs miss how layers interact): the screen scores
-them with its sample and the race decides.
+space. The proportional allocation (search.allocation) steps each layer's FFN width along the space's FFN widths,
+with the space's most KV groups: a point of the space too. The picks are seeds, not the answer (additive block
+costs miss how layers interact): the screen scores them with its sample and the race decides.
 """
 
 import math
@@ -122,11 +122,12 @@ def _proportional(
     config: PretrainedConfig, importance: Importance, space: LayerSpace, budget: Budget, context: int
 ) -> PerLayerArchitecture | None:
     """The proportional allocation, or None (with a line saying why) when it cannot meet the budget."""
-    widths = [v.intermediate_size for v in space.variants if v.intermediate_size]
+    widths = sorted({v.intermediate_size for v in space.variants})
+    groups = max(v.num_key_value_heads for v in space.variants)  # the attention whole, or as near as the space has
     scores = importance.layer_scores().tolist()
     try:
         shape = proportional_allocation(config, scores, replace(window_of(space), min_params=None), context,
-                                        multiple=math.gcd(*widths) if widths else 1)  # fmt: skip
+                                        widths=widths, kv_groups=groups)  # fmt: skip
     except SlimnasError as error:
         print(f"proportional allocation not screened: {error}")
         return None

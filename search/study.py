@@ -17,12 +17,13 @@ interrupted or stale trial is queued again, so none is lost.
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 
 import optuna
 from hydra.utils import instantiate
 from optuna.trial import FrozenTrial, TrialState
-from scipy.stats import kendalltau, spearmanr
 from tqdm import tqdm
 
 from slimnas.compress.arch import Shape, param_count, shape_of
@@ -30,6 +31,7 @@ from slimnas.core import interrupt
 from slimnas.core.errors import SlimnasError, one_line
 from slimnas.core.files import hash_json
 from slimnas.core.rundir import FAILED, TrialRecord, outcome_text, trial_dir, write_record
+from slimnas.core.stats import RankAgreement, rank_agreement
 from slimnas.search.leaders import extend_leaders, round_tokens
 from slimnas.search.proposals import (
     REJECTED,
@@ -328,24 +330,35 @@ def outcome(trial: FrozenTrial) -> str:
     return trial.state.name.lower()
 
 
-def rank_agreement(trials: list[FrozenTrial], last_rung: int) -> dict[int, tuple[float, float, int]]:
-    """Spearman and Kendall correlation of each earlier rung's KL with the last rung's, over the trials that reached
-    it: how far the cheap early ranking predicts the later one."""
-    final = [t for t in trials if reached_last_rung(t)]
+def _summed_kl(trial: FrozenTrial, rung: int) -> float | None:
+    """A trial's KL at a rung, summed over the documents (ranks like the mean); None when it did not reach it."""
+    values = trial.user_attrs.get(rung_key(rung))
+    return None if values is None else sum(values)
+
+
+def predicted_by_library(setup: SearchSetup) -> Callable[[FrozenTrial], float | None] | None:
+    """A trial's KL as the block library predicts it (search.blocks), None without a library."""
+    if setup.blocks is None:
+        return None
+    library = setup.blocks.library
+    return lambda trial: library.predict(shape_of(trial.user_attrs["architecture"]))
+
+
+def agreement_with_last_rung(
+    trials: list[FrozenTrial], last_rung: int, predicted: Callable[[FrozenTrial], float | None] | None = None
+) -> dict[str, RankAgreement]:
+    """How far each cheap ranking predicts the last rung's, over the trials that reached it: each earlier rung's KL
+    and, when given, a prediction made before any trial ran (the block library's summed block KL)."""
+    final = [t for t in trials if reached_last_rung(t) and rung_key(last_rung) in t.user_attrs]
+    rankings = {f"rung {rung}{' (the screen)' if rung == 0 else ''}": partial(_summed_kl, rung=rung)
+                for rung in range(last_rung)}  # fmt: skip
+    if predicted is not None:
+        rankings["the block library's predicted KL (summed block costs, no KD)"] = predicted
     agreement = {}
-    for rung in range(last_rung):
-        pairs = [
-            (sum(t.user_attrs[rung_key(rung)]), sum(t.user_attrs[rung_key(last_rung)]))
-            for t in final
-            if rung_key(rung) in t.user_attrs and rung_key(last_rung) in t.user_attrs
-        ]
-        if len(pairs) >= 3 and len(set(pairs)) > 1:
-            early, late = zip(*pairs, strict=True)
-            agreement[rung] = (
-                float(spearmanr(early, late).statistic),
-                float(kendalltau(early, late).statistic),
-                len(pairs),
-            )
+    for name, ranking in rankings.items():
+        pairs = [(early, _summed_kl(t, last_rung)) for t in final if (early := ranking(t)) is not None]
+        if (found := rank_agreement(pairs)) is not None:
+            agreement[name] = found
     return agreement
 
 
@@ -363,9 +376,9 @@ def summary_lines(study: optuna.Study, setup: SearchSetup) -> list[str]:
         lines.append(f"      retries of killed or interrupted trials: {', '.join(retried)}")
     budget = setup.settings.budget.kd_tokens
     lines.append(f"      KD tokens spent: {kd_spent(study):,}" + (f" of {budget:,}" if budget else ""))
-    for rung, (rho, tau, n) in rank_agreement(trials, setup.last_rung).items():
+    for name, found in agreement_with_last_rung(trials, setup.last_rung, predicted_by_library(setup)).items():
         lines.append(
-            f"      rank agreement of rung {rung}{' (the screen)' if rung == 0 else ''} with the last rung: "
-            f"Spearman {rho:.2f}, Kendall {tau:.2f} over {n} trials"
+            f"      rank agreement of {name} with the last rung: "
+            f"Spearman {found.spearman:.2f}, Kendall {found.kendall:.2f} over {found.n} trials"
         )
     return lines

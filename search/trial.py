@@ -36,6 +36,7 @@ def new_record(setup: SearchSetup, number: int, arch: Shape, policy: PruningSett
         params_fraction=param_count(config, arch) / param_count(config),
         weight_bytes_bf16=weight_bytes(config, arch=arch),
         pruning=asdict(policy),
+        predicted_kl=setup.blocks.library.predict(arch) if setup.blocks is not None else None,
         proposed_by=attrs.get("proposed_by", "sampler"),
         reference=attrs.get("reference"),
         reference_note=attrs.get("reference_note"),

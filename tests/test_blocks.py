@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 
 import slimnas.compress.blocks as blocks_module
-from slimnas.compress.arch import PerLayerArchitecture
+from slimnas.compress.arch import Architecture, LayerShape, PerLayerArchitecture
 from slimnas.compress.blocks import (
     ATTENTION,
     FFN,
@@ -164,8 +164,23 @@ def every_choice(library):
     choices = []
     for kv in itertools.product(*kv_options):
         for ffn in itertools.product(*ffn_options):
-            choices.append((library.predicted_kl(kv, ffn), kv, ffn))
+            choices.append((library.predict(library.architecture(kv, ffn)), kv, ffn))
     return sorted(choices)
+
+
+def test_the_prediction_sums_the_blocks_of_a_candidate_made_of_them_and_of_no_other(random_library):
+    _, library = random_library
+    kl = {(b.layer, b.kind, b.size): b.kl for b in library.blocks}
+    kv, ffn = (1, 0, 2, 1), (48, 96, 0, 0)  # layer 3 dropped whole
+    expected = sum(kl[i, ATTENTION, g] + kl[i, FFN, w] for i, (g, w) in enumerate(zip(kv, ffn, strict=True)))
+    assert library.predict(library.architecture(kv, ffn)) == pytest.approx(expected, rel=1e-12) and expected > 0
+    assert library.predict(library.teacher) == 0.0
+    shape = library.architecture(kv, ffn)
+    unmeasured = PerLayerArchitecture(64, (replace(shape.layers[0], intermediate_size=24), *shape.layers[1:]))
+    other_hidden = PerLayerArchitecture(48, shape.layers)
+    no_attention_in_layer_0 = library.architecture((0, 0, 2, 1), ffn)
+    for outside in (unmeasured, other_hidden, no_attention_in_layer_0, Architecture(64, 48, 2, 1, 4)):
+        assert library.predict(outside) is None
 
 
 BUDGETS = [
@@ -242,7 +257,7 @@ def test_the_proportional_allocation_gives_wider_ffns_to_more_important_layers_a
     scores = [0.9, 0.1, 0.3, 0.6]
     context = 20
     budget = BlockBudget(params=int(0.8 * Sizes.of(config, PerLayerArchitecture.of(config), context).params))
-    arch = proportional_allocation(config, scores, budget, context, multiple=8)
+    arch = proportional_allocation(config, scores, budget, context, widths=range(0, 97, 8))
     widths = [layer.intermediate_size for layer in arch.layers]
     assert widths[0] == 96 and widths[1] < widths[2] < widths[3]  # layer 0 capped at the teacher's width
     assert all(w % 8 == 0 for w in widths) and all(layer.num_attention_heads == 4 for layer in arch.layers)
@@ -254,5 +269,34 @@ def test_the_proportional_allocation_gives_wider_ffns_to_more_important_layers_a
         tuple(replace(s, intermediate_size=s.intermediate_size + 8 * (i == turn)) for i, s in enumerate(arch.layers)),
     )
     assert not budget.allows(Sizes.of(config, wider, context))
-    with pytest.raises(SlimnasError, match="budget unreachable: params <= 10 is not met even with every FFN removed"):
+    with pytest.raises(SlimnasError, match="budget unreachable: params <= 10 is not met even with every FFN at 0 neu"):
         proportional_allocation(config, scores, BlockBudget(params=10), context)
+
+
+@pytest.mark.parametrize("widths", [(0, 40, 96), (24, 40, 64, 80), (0, 40, 64)])
+def test_the_proportional_allocation_stays_on_the_grid_of_widths_and_fills_the_budget(widths):
+    """Widths off a per-layer space's grid (56 is no FFN variant of (0, 40, 96), nor a multiple of its step) never
+    come out: each layer takes the widest grid width its turn reaches, with the KV groups asked for, under the cap."""
+    config = tiny_model(num_hidden_layers=4).config
+    scores, context = [0.9, 0.1, 0.3, 0.6], 20
+    grid = list(widths)
+    narrowest, widest = (
+        Sizes.of(config, PerLayerArchitecture(64, (LayerShape(width, 2, 1),) * 4), context).params
+        for width in (grid[0], grid[-1])
+    )
+    for fraction in (0.3, 0.6, 0.9):  # of the way from every layer at the narrowest width to every one at the widest
+        budget = BlockBudget(params=int(narrowest + fraction * (widest - narrowest)))
+        arch = proportional_allocation(config, scores, budget, context, widths=widths, kv_groups=1)
+        assert all(layer.intermediate_size in grid for layer in arch.layers)
+        assert {(layer.num_attention_heads, layer.num_key_value_heads) for layer in arch.layers} == {(2, 1)}
+        assert budget.allows(Sizes.of(config, arch, context))
+        sizes = [layer.intermediate_size for layer in arch.layers]
+        below_top = [i for i, w in enumerate(sizes) if w < grid[-1]]
+        assert below_top  # the cap binds
+        # the rule's next step (the next grid width for the layer whose turn it is) breaks the cap
+        turn = min(below_top, key=lambda i: (grid[grid.index(sizes[i]) + 1] / scores[i], i))
+        grown = tuple(
+            replace(layer, intermediate_size=grid[grid.index(layer.intermediate_size) + 1]) if i == turn else layer
+            for i, layer in enumerate(arch.layers)
+        )
+        assert not budget.allows(Sizes.of(config, PerLayerArchitecture(arch.hidden_size, grown), context))

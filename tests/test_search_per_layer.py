@@ -20,11 +20,13 @@ from conftest import (
     search_args,
     slimnas_process,
     tiny_config,
+    tiny_model,
     tiny_tokenizer,
     wait_until,
 )
 from omegaconf import open_dict
 from optuna.trial import TrialState
+from scipy.stats import kendalltau, spearmanr
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import slimnas.compress.blocks as blocks_module
@@ -37,12 +39,16 @@ from slimnas.compress.arch import (
     validate_target,
 )
 from slimnas.compress.blocks import BlockVariants
+from slimnas.compress.importance import compute_importance
 from slimnas.compress.modeling import per_layer_config
+from slimnas.compress.settings import ImportanceSettings
 from slimnas.config import check, compose
 from slimnas.core.errors import SlimnasError
 from slimnas.core.rundir import read_records, read_retrained, read_screen, search_pick
 from slimnas.core.settings import settings_of
-from slimnas.search.block_seeds import check_blocks, space_variants
+from slimnas.reports.plots import layer_widths
+from slimnas.reports.runs import read_runs
+from slimnas.search.block_seeds import _proportional, check_blocks, space_variants
 from slimnas.search.constraints import Budget
 from slimnas.search.layer_space import LayerSpace
 from slimnas.search.proposals import PerLayer
@@ -50,6 +56,7 @@ from slimnas.search.race import rung_key
 from slimnas.search.screen import Screened
 from slimnas.search.setup import build_setup
 from slimnas.search.space import PerLayerSpaceSettings
+from slimnas.search.study import summary_lines
 
 PER_LAYER = ["search.proposals=per_layer", "search.screen.per_layer_samples=8", "search.measure_speed=false"]
 TINY = tiny_config(vocab_size=300)  # the search tests' teacher: 142,656 parameters, 4 layers
@@ -154,6 +161,24 @@ def test_the_space_and_the_budget_share_one_integer_rule_at_a_tight_budget(confi
     at_edge = Budget(params=space.params(shape) * 20 // 23, window=0.15)
     assert at_edge.param_bounds(config)[1] == space.params(shape) and at_edge.allows(config, shape)
     assert not replace(at_edge, params=at_edge.params - 1).allows(config, shape)
+
+
+@pytest.mark.parametrize("ffn, kv_groups", [([0, 40, 96], [1, 2]), ([24, 56, 80], [1])])
+def test_the_proportional_seed_is_a_point_of_the_space_within_the_budget(ffn, kv_groups):
+    """The importance-proportional allocation steps along the space's FFN widths (no width between them, none
+    narrower than its narrowest) with the space's most KV groups: a seed the space itself could propose."""
+    teacher = tiny_model(vocab_size=300)
+    calibration = torch.randint(3, 300, (16, 24), generator=torch.Generator().manual_seed(1))
+    importance = compute_importance(
+        teacher, calibration, ImportanceSettings(n_samples=16, batch_size=8, precision="fp32")
+    )
+    budget = Budget(params=0.6, window=0.15)
+    space = LayerSpace.of(PerLayerSpaceSettings(ffn=ffn, kv_groups=kv_groups), [64], TINY, budget)
+    shape = _proportional(TINY, importance, space, budget, context=24)
+    assert shape is not None and shape.hidden_size == 64 and budget.allows(TINY, shape)
+    assert all(layer in space.options(i) for i, layer in enumerate(shape.layers)), shape.label()
+    assert {layer.num_key_value_heads for layer in shape.layers} == {max(kv_groups)}
+    assert len({layer.intermediate_size for layer in shape.layers}) > 1  # in proportion to the layers' importance
 
 
 def test_bad_per_layer_spaces_are_one_line():
@@ -293,6 +318,28 @@ def test_the_block_library_seeds_the_screen_within_the_budget_and_a_second_searc
     assert {json.dumps(a.as_dict()): who for a, who in setup.seeds.items()} == seeds
     assert len(list((per_layer_search / "cache" / "blocks").glob("*.jsonl"))) == 1
 
+    # every trial's predicted KL: the sum of its blocks' KL in the cache (the teacher's own blocks: 0), or none
+    measured = {(b["layer"], b["kind"], b["size"]): b["kl"] for b in map(json.loads, library.read_text().splitlines())}
+    records = read_records(run_dir)
+    for record in records:
+        shape = shape_of(record.architecture)
+        if not isinstance(shape, PerLayerArchitecture) or shape.hidden_size != 64:
+            assert record.predicted_kl is None, record.label
+            continue
+        sizes = [(layer.num_key_value_heads, layer.intermediate_size) for layer in shape.layers]
+        blocks = [block for i, (kv, ffn) in enumerate(sizes) for block in ((i, "attention", kv), (i, "ffn", ffn))]
+        assert record.predicted_kl == pytest.approx(sum(measured.get(block, 0.0) for block in blocks), rel=1e-12)
+        assert all(block in measured or block[2] in (2, 96) for block in blocks)
+    final = [r for r in records if r.state == "complete" and r.predicted_kl is not None]
+    assert len(final) >= 3 and any(r.predicted_kl is None for r in records)  # the width-only reference: uniform
+    early, late = [r.predicted_kl for r in final], [r.final["heldout_kl"] for r in final]
+    line = (
+        "rank agreement of the block library's predicted KL (summed block costs, no KD) with the last rung: Spearman "
+        f"{spearmanr(early, late).statistic:.2f}, Kendall {kendalltau(early, late).statistic:.2f} over {len(final)} "
+        "trials"
+    )
+    assert line in [text.strip() for text in summary_lines(load_study(run_dir), setup)]
+
 
 def test_the_library_on_fewer_documents_and_positions_is_another_cache_and_bad_block_settings_are_one_line(
     search_teacher, tmp_path, capsys
@@ -367,6 +414,20 @@ def test_the_per_layer_pick_retrains_to_a_checkpoint_transformers_loads(per_laye
     assert main(["report", str(run_dir), f"out={out}"]) == 0
     board = pd.read_csv(out / "leaderboard.csv")
     assert "retrained" in set(board[board.label == pick.label].stage)
+
+    # the finalists' per-layer widths: a heat map beside the front, its cells the records' sizes
+    assert {p.name for p in (out / "plots" / "run").glob("layer_widths.*")} == {"layer_widths.png", "layer_widths.svg"}
+    page = (out / "index.html").read_text()
+    front, plots = page.index("<h2>Front and rank fidelity"), page.index("<h2>Plots")
+    assert front < page.index('alt="Per-layer widths of the finalists"') < plots
+    figure = layer_widths(read_runs([run_dir])[0])
+    ffn, kv = (ax.images[0].get_array() for ax in figure.axes if ax.images)
+    assert ffn.tolist() == [[width / 96 if width else None for width in pick.architecture["intermediate_size"]]]
+    assert kv.tolist() == [[groups or None for groups in pick.architecture["num_key_value_heads"]]]  # None: masked
+    crosses = sum(text.get_text() == "×" for ax in figure.axes for text in ax.texts)
+    assert crosses == sum(not width for width in pick.architecture["intermediate_size"]) + sum(
+        not groups for groups in pick.architecture["num_key_value_heads"]
+    )
 
 
 def test_seed_shapes_are_screened_with_the_sample_and_one_outside_the_budget_is_refused(search_teacher, tmp_path):
