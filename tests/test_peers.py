@@ -149,7 +149,10 @@ def test_all_arms_distil_to_the_same_kl_with_finite_speed_and_a_profile(setup):
     assert [run["arm"] for run in report.runs] == arms * 2  # A B C A B C
     for row in summary.values():
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 and row["repeats"] == 2
-        assert 0 < row["achieved_flops_per_s"] and 0 < row["mfu"] < 1
+        # the MFU is the achieved rate over the peak measured in the same run; no bound: a peak timed while the
+        # machine is busy (a parallel job) comes out low, and a tiny model's MFU then exceeds 1
+        assert 0 < row["achieved_flops_per_s"] and math.isfinite(row["mfu"]) and row["mfu"] > 0
+        assert row["achieved_flops_per_s"] == pytest.approx(row["mfu"] * report.peak["step_peak_flops_per_s"])
         assert row["peak_mib"] >= 0
         assert row["kl"] < 0.9 * initial  # every arm distils
     # One objective (forward KL over the whole vocabulary: the cache holds every logit here), rows, schedule and
