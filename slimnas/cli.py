@@ -69,6 +69,24 @@ def overrides_of(command: str, arguments: list[str]) -> list[str]:
     return [f"{key}={value}", *rest]
 
 
+def command_help(command: str) -> str:
+    """`slimnas COMMAND --help`: what the command does and every setting it reads, with its default (the composed
+    configuration, so the structured configs' defaults show too, not only the command's YAML file)."""
+    from omegaconf import OmegaConf
+
+    from slimnas.config import compose
+
+    config_name, help_text = COMMANDS[command]
+    paths = {"run_dirs": " RUN_DIR [RUN_DIR ...]", "run_dir": " RUN_DIR", "model": " MODEL"}  # POSITIONAL's settings
+    path = paths.get(POSITIONAL.get(command, ""), "")
+    flags = "".join(f" [{flag} VALUE]" for flag in FLAGS.get(command, ()))
+    settings = OmegaConf.to_yaml(compose(config_name, []))
+    return (
+        f"usage: slimnas {command}{path}{flags} [key=value ...]\n\n{help_text}\n\n"
+        f"settings (key=value; presets: preset=NAME; ??? must be given):\n{settings}"
+    )
+
+
 def quiet_transformers() -> None:
     """No per-tensor progress bars or advisory warnings from transformers (also when it was imported earlier)."""
     from transformers.utils import logging as transformers_logging
@@ -86,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"slimnas: error: unknown command '{command}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    if any(argument in ("-h", "--help") for argument in arguments):
+        print(command_help(command))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-tensor loading / saving bars
     from hydra.errors import HydraException

@@ -78,5 +78,10 @@ def test_console_script_exit_codes():
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr
     usage = subprocess.run([sys.executable, "-m", "slimnas.cli", "--help"], capture_output=True, text=True)
     assert usage.returncode == 0 and all(c in usage.stdout for c in ("prune", "retrain", "report", "pipeline"))
+    export = subprocess.run([sys.executable, "-m", "slimnas.cli", "export", "--help"], capture_output=True, text=True)
+    assert export.returncode == 0 and "usage: slimnas export MODEL [--format VALUE]" in export.stdout
+    assert "dtype: f32" in export.stdout  # every setting with its default
+    search = subprocess.run([sys.executable, "-m", "slimnas.cli", "search", "-h"], capture_output=True, text=True)
+    assert search.returncode == 0 and "kd_tokens:" in search.stdout  # from the structured configs, not only YAML
     stray = subprocess.run([sys.executable, "-m", "slimnas.cli", "prune", "somewhere"], capture_output=True, text=True)
     assert stray.returncode == 2 and "is not key=value" in stray.stderr
