@@ -2,6 +2,7 @@
 
 import functools
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -159,7 +160,7 @@ class SlimnasProcess:
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.pid, signal.SIGKILL)  # the launcher and what it started (torchrun's ranks)
             self.process.wait()
             raise AssertionError(f"slimnas ran past {timeout} s:\n{self.output()[-3000:]}") from None
         return self.process.returncode, self.output()

@@ -1,9 +1,11 @@
 """Data-parallel retraining under torchrun (gloo on CPU): one-process loss curve, rank-0 writes, any-count resume."""
 
+import faulthandler
 import json
 import os
 import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -83,7 +85,9 @@ def hidden_case() -> tuple[HiddenStateMatch, torch.Tensor, torch.Tensor]:
 
 
 def hidden_rank(rank: int, port: int, out: str) -> None:
-    """One of two ranks: its share of the global batch through DistributedDataParallel (gloo)."""
+    """One of two ranks: its share of the global batch through DistributedDataParallel (gloo). A rank still alive
+    after 120 s (a rendezvous or an exit that never ends) prints its stack and exits: the test fails and says where."""
+    faulthandler.dump_traceback_later(120, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     distributed.init(60)
@@ -106,7 +110,13 @@ def test_the_hidden_state_loss_over_two_ranks_is_the_one_process_loss_of_the_glo
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(hidden_rank, args=(port, str(tmp_path / "rank0.pt")), nprocs=2)
+    ranks = torch.multiprocessing.spawn(hidden_rank, args=(port, str(tmp_path / "rank0.pt")), nprocs=2, join=False)
+    deadline = time.monotonic() + 180  # a rank that never starts its function is not covered by its own watchdog
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks ran past 180 s (their stacks, if they got as far, are above)")
     two = torch.load(tmp_path / "rank0.pt")
     assert two["loss"].item() == pytest.approx(single.item(), rel=1e-6)
     assert torch.allclose(two["grad"], match.maps[0].weight.grad, rtol=1e-5, atol=1e-7)
