@@ -108,6 +108,7 @@ class Proposals:
     races = True  # the race may stop a candidate, and the two leaders' last rung is extended
     tells_screen = False  # the screen's candidates that did not run are told to the sampler
     spent = "every feasible candidate was evaluated"  # why the study ends when `unevaluated` finds none
+    space = "search space"  # what the uniform space (search.space) is to this strategy, in the start's first line
 
     def screen(self, setup: SearchSetup) -> list[Screened]:
         """The screened candidates, best first (one worker screens, the others read the cache)."""
@@ -200,6 +201,7 @@ class PerLayer(ScreenFirst):
 
     name = "per_layer"
     spent = "no unevaluated candidate in 100 random draws of the per-layer space (it is not enumerated)"
+    space = "uniform space (the reference cuts only)"
 
     def screen(self, setup: SearchSetup) -> list[Screened]:
         config, budget = setup.context.teacher.model.config, setup.settings.budget

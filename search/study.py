@@ -296,7 +296,7 @@ def describe(setup: SearchSetup) -> list[str]:
     tokens = ", ".join(f"{t:,}" for t in settings.race.rung_tokens)
     corpus = setup.context.corpus
     lines = [
-        f"search space: {setup.space.size()} points, {len(setup.feasible)} feasible under "
+        f"{proposals_of(setup).space}: {setup.space.size()} points, {len(setup.feasible)} feasible under "
         f"{settings.budget.describe(config)}",
         f"proposals: {proposals_of(setup).describe(setup)}; objectives: "
         + ", ".join(f"{o.name} ({o.direction})" for o in setup.objectives),

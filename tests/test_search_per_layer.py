@@ -56,7 +56,7 @@ from slimnas.search.race import rung_key
 from slimnas.search.screen import Screened
 from slimnas.search.setup import build_setup
 from slimnas.search.space import PerLayerSpaceSettings
-from slimnas.search.study import summary_lines
+from slimnas.search.study import describe, summary_lines
 
 PER_LAYER = ["search.proposals=per_layer", "search.screen.per_layer_samples=8", "search.measure_speed=false"]
 TINY = tiny_config(vocab_size=300)  # the search tests' teacher: 142,656 parameters, 4 layers
@@ -317,6 +317,7 @@ def test_the_block_library_seeds_the_screen_within_the_budget_and_a_second_searc
     assert "MIP: 4 picks, the best predicted KL" in line
     assert {json.dumps(a.as_dict()): who for a, who in setup.seeds.items()} == seeds
     assert len(list((per_layer_search / "cache" / "blocks").glob("*.jsonl"))) == 1
+    assert describe(setup)[0].startswith("uniform space (the reference cuts only): ")  # not the per-layer space
 
     # every trial's predicted KL: the sum of its blocks' KL in the cache (the teacher's own blocks: 0), or none
     measured = {(b["layer"], b["kind"], b["size"]): b["kl"] for b in map(json.loads, library.read_text().splitlines())}
