@@ -9,6 +9,7 @@ longer than the group's timeout ends the run, so the ranks share only the traini
 `leave()` and rank 0 goes on alone (scoring can take longer than any timeout a training step needs).
 """
 
+import gc
 import os
 from datetime import timedelta
 
@@ -45,6 +46,7 @@ def leave() -> bool:
     """Every rank leaves the process group; True on the one that goes on alone, as a single process (rank 0)."""
     main = is_main()
     if dist.is_initialized():
+        gc.collect()  # a DistributedDataParallel left in a reference cycle is torn down now, while its group lives
         dist.destroy_process_group()
     return main
 
