@@ -6,15 +6,18 @@ The per-layer proof scores its candidates on 64-token rows (the block library on
 reports perplexity on 128-token WikiText rows, where the order of the finalists reversed. This prints, for each
 model, the KL to the teacher and the perplexity in the first and second half of each row of WikiText-2 valid (one
 row per article, as the proof's unseen text), and for each pair of models how much more one's KL grows from the
-first half to the second than the other's, with a 95% interval over articles. A model that loses only in the second
+first half to the second than the other's, with an interval over articles at 95% family-wise over those pairs
+(Bonferroni). A model that loses only in the second
 half is one whose cost a short-row score cannot see (attention removed from layers is the suspect).
 """
 
 import argparse
+import itertools
 import math
 from pathlib import Path
 
 import torch
+from scipy.stats import norm
 
 import slimnas.models  # noqa: F401 (per-layer students load through it)
 from slimnas.compress.corpus import text_rows
@@ -28,8 +31,10 @@ def log_probs(model: torch.nn.Module, rows: torch.Tensor, batch: int = 8) -> tor
                           for i in range(0, len(rows), batch)])  # fmt: skip
 
 
-def mean_and_interval(values: torch.Tensor) -> str:
-    return f"{values.mean():.3f} ± {1.96 * values.std() / math.sqrt(len(values)):.3f}"
+def mean_and_interval(values: torch.Tensor, comparisons: int = 1) -> str:
+    """Mean ± a 95% interval over the rows (documents), Bonferroni-widened when it is one of several comparisons."""
+    z = norm.ppf(1 - 0.025 / comparisons)
+    return f"{values.mean():.3f} ± {z * values.std() / math.sqrt(len(values)):.3f}"
 
 
 def main() -> None:
@@ -59,14 +64,14 @@ def main() -> None:
         kl = (reference.exp() * (reference - student)).sum(-1)
         cells = [f"positions {name}: KL {mean_and_interval(kl[:, part].mean(1))}, perplexity "
                  f"{math.exp(nll[:, part].mean()):.1f}" for name, part in halves.items()]  # fmt: skip
-        print(f"{Path(directory).parent.name or directory}: " + "; ".join(cells))
+        name = Path(directory).parent.name or directory  # a run's finalist: its folder, not "model"
+        print(f"{name}: " + "; ".join(cells))
         first, second = (kl[:, part].mean(1) for part in halves.values())
-        growth[Path(directory).parent.name or directory] = second - first
-    names = list(growth)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            print(f"KL growth from the first half to the second, {a} minus {b}: "
-                  f"{mean_and_interval(growth[a] - growth[b])}")  # fmt: skip
+        growth[name] = second - first
+    pairs = list(itertools.combinations(growth, 2))
+    for a, b in pairs:
+        print(f"KL growth from the first half to the second, {a} minus {b}: "
+              f"{mean_and_interval(growth[a] - growth[b], len(pairs))} (95% over {len(pairs)} pairs)")  # fmt: skip
 
 
 if __name__ == "__main__":

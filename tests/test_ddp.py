@@ -97,8 +97,8 @@ def hidden_rank(rank: int, port: int, out: str) -> None:
     loss = model(student[rows], teacher[rows])
     loss.backward()
     mean_loss = distributed.mean(loss)
-    del model, loss  # DistributedDataParallel's reducer goes while its process group lives: torn down after the
-    # group is destroyed, it hung rank 1 at exit in about one full-suite run in three (2026-12-04, its stack above)
+    del model, loss  # DistributedDataParallel's reducer goes while its process group lives: rank 1 once hung in
+    # its teardown after the group was destroyed (a full suite on 2026-12-04; faulthandler showed only frame teardown)
     if distributed.leave():
         torch.save({"loss": mean_loss, "grad": match.maps[0].weight.grad}, out)
     os._exit(0)  # the result is written: no interpreter teardown, where the hang was, can fail the test
