@@ -153,3 +153,6 @@ class SearchSettings:
             raise SlimnasError("search.n_trials, workers, max_attempts and max_failures_in_a_row must be at least 1")
         if not isinstance(self.sampler, dict) or "_target_" not in self.sampler:
             raise SlimnasError("search.sampler needs a _target_ (an Optuna sampler class): use search/sampler=tpe")
+        if self.sampler["_target_"].endswith("LevelSwitchSampler") and self.proposals != "per_layer":
+            raise SlimnasError("search/sampler=evolution mutates per-layer variants: use it with "
+                               "search.proposals=per_layer")  # fmt: skip
