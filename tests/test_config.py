@@ -8,10 +8,16 @@ import pytest
 import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_search_per_layer import TINY
 
+from slimnas import conf
 from slimnas.cli import COMMANDS
 from slimnas.config import SECTIONS, compose
 from slimnas.core.settings import settings_of
+from slimnas.search.constraints import Budget
+from slimnas.search.evolution import LevelSwitchSampler
+from slimnas.search.layer_space import LayerSpace
+from slimnas.search.space import PerLayerSpaceSettings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 COMMAND_FILES = sorted(path for path in CONF.glob("*.yaml"))
@@ -71,14 +77,31 @@ def test_overrides_are_type_checked_when_composed():
         compose("search", ["data.no_such_setting=1"])
 
 
-@pytest.mark.parametrize(
-    "choice, sampler",
-    [("tpe", optuna.samplers.TPESampler), ("nsga2", optuna.samplers.NSGAIISampler),
-     ("gp", optuna.samplers.GPSampler), ("random", optuna.samplers.RandomSampler)],
-)  # fmt: skip
-def test_any_optuna_sampler_by_configuration_alone(choice, sampler):
-    cfg = compose("search", [f"search/sampler={choice}"])
-    assert isinstance(instantiate(OmegaConf.to_object(cfg.search.sampler), seed=3), sampler)
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+            "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
+            "cmaes": optuna.samplers.CmaEsSampler, "evolution": LevelSwitchSampler}  # fmt: skip
+
+
+def test_every_sampler_option_is_tested():
+    assert sorted(path.stem for path in (Path(conf.__file__).parent / "search" / "sampler").glob("*.yaml")) == sorted(
+        SAMPLERS
+    )
+
+
+@pytest.mark.parametrize("choice", SAMPLERS)
+def test_any_optuna_sampler_by_configuration_alone_proposes_per_layer_candidates(choice):
+    """Each option builds its sampler and proposes past its random start-up trials (where CMA-ES imports `cmaes`
+    and the GP fits), every proposal a candidate within the budget."""
+    cfg = compose("search", [f"search/sampler={choice}", "search.proposals=per_layer"])
+    sampler = instantiate(OmegaConf.to_object(cfg.search.sampler), seed=3)
+    assert isinstance(sampler, SAMPLERS[choice])
+    space = LayerSpace.of(PerLayerSpaceSettings(), [48, 64], TINY, Budget(params=0.7, window=0.3))
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(8):
+        trial = study.ask()
+        shape = space.suggest(trial)
+        assert space.low <= space.params(shape) <= space.high
+        study.tell(trial, float(space.params(shape) % 97))
 
 
 BAD_SETTINGS = [
