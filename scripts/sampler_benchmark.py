@@ -14,9 +14,11 @@ it proposes.
 
 Compared: the best candidate of each study by selection KL (the pick), scored on the evaluation documents that
 chose nothing, paired against the first sampler's pick (TPE, the default) over documents (the per-document
-difference averaged over seeds) and over seeds (Student t), 95% family-wise over the comparisons (Bonferroni).
-The screen's best with no proposal at all is a row too. Scores are cached in RUN_DIR/scores.jsonl (a killed run
-resumes; samplers proposing the same candidate share one scoring); the table goes to RUN_DIR/samplers.csv.
+difference averaged over seeds) and over seeds (Student t), 95% family-wise over the comparisons (Bonferroni). The
+screen's best with no proposal at all is a row too. Also, per sampler, the mean selection KL of its proposals, the
+candidates a search would spend KD on, paired over seeds against the reference's. Scores are cached in
+RUN_DIR/scores.jsonl (a killed run resumes; samplers proposing the same candidate share one scoring); the table
+goes to RUN_DIR/samplers.csv.
 """
 
 import argparse
@@ -179,6 +181,10 @@ def main() -> None:
             row[f"- {reference} over documents"] = plus_minus(*interval(over_docs, comparisons, "documents"))
             if len(args.seeds) > 1:
                 row[f"- {reference} over seeds"] = plus_minus(*interval(over_seeds, comparisons, "seeds"))
+        if name not in (reference, SCREEN_BEST) and len(args.seeds) > 1:  # where the race would spend its KD
+            mean_of = per_seed.set_index(["sampler", "seed"])["mean proposal (selection KL)"]
+            gaps = [mean_of[name, s] - mean_of[reference, s] for s in args.seeds]
+            row[f"proposals - {reference} over seeds"] = plus_minus(*interval(gaps, len(samplers) - 1, "seeds"))
         summary.append(row)
     pd.DataFrame(summary).to_csv(setup.run_dir / "samplers.csv", index=False)
     print(f"\nthe picks on {len(evaluation.rows)} evaluation documents, {len(args.seeds)} seeds; "
