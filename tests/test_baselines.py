@@ -218,6 +218,10 @@ def test_the_hetero_proof_preset_gives_the_per_layer_methods_their_space_and_the
         own = settings_of(method_cfg, "search")
         assert own.proposals == ("per_layer" if method in PER_LAYER else "screen")
         assert own.budget == search.budget  # one cap, one KD budget
+        sampler = own.sampler["_target_"].rsplit(".", 1)[-1]
+        assert sampler == ("LevelSwitchSampler" if method == "hetero" else "TPESampler")  # baselines.hetero_sampler
+    pipeline = settings_of(compose("pipeline", ["preset=hetero-cpu"]), "search")  # the per-layer demo: the same
+    assert pipeline.sampler == settings_of(method_config(cfg, "hetero", 1, tmp_path / "h", 4), "search").sampler
     assert settings_of(compose("baselines", ["preset=baselines-hetero-cpu", "search.budget.params=0.4"]),
                        "search").budget.params == 0.4  # fmt: skip
     uniform = settings_of(compose("baselines", ["preset=baselines-cpu"]), "baselines")  # today's proof, unchanged
@@ -232,6 +236,7 @@ def test_the_hetero_proof_preset_gives_the_per_layer_methods_their_space_and_the
         ("baselines.reference=hetero", "baselines.reference 'hetero' must be one of baselines.methods"),
         ("search.proposals=per_layer", "search.proposals=per_layer would make the uniform methods per-layer"),
         ("search.blocks.enabled=false", "baselines.methods mip and proportional need search.blocks.enabled=true"),
+        ("baselines.hetero_sampler=darwin", "baselines.hetero_sampler must be one of cmaes, evolution, gp"),
     ],
 )
 def test_bad_methods_are_refused_in_one_line(search_teacher, tmp_path, capsys, override, message):

@@ -10,10 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_search_per_layer import TINY
 
-from slimnas import conf
 from slimnas.cli import COMMANDS
 from slimnas.config import SECTIONS, compose
 from slimnas.core.settings import settings_of
+from slimnas.recipes.settings import sampler_file
 from slimnas.search.constraints import Budget
 from slimnas.search.evolution import LevelSwitchSampler
 from slimnas.search.layer_space import LayerSpace
@@ -83,9 +83,7 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISa
 
 
 def test_every_sampler_option_is_tested():
-    assert sorted(path.stem for path in (Path(conf.__file__).parent / "search" / "sampler").glob("*.yaml")) == sorted(
-        SAMPLERS
-    )
+    assert sorted(path.stem for path in sampler_file("tpe").parent.glob("*.yaml")) == sorted(SAMPLERS)
 
 
 @pytest.mark.parametrize("choice", SAMPLERS)

@@ -230,13 +230,19 @@ def test_a_per_layer_teacher_is_refused_in_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def per_layer_search(tmp_path_factory):
-    """8 trials to the last rung: the screen's best 4, one reference (width-only), then TPE's proposals."""
+    """8 trials to the last rung: the screen's best 4, one reference (width-only), then the level switches'
+    proposals (search/sampler=evolution, the per-layer presets' sampler)."""
     root = tmp_path_factory.mktemp("per-layer")
     teacher = save_tiny_checkpoint(root / "teacher", max_position_embeddings=512)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLIMNAS_CACHE", str(root / "cache"))
         args = search_args(
-            teacher, root / "run", "search.n_trials=8", "search.references.kinds=[width_only]", *PER_LAYER
+            teacher,
+            root / "run",
+            "search.n_trials=8",
+            "search.references.kinds=[width_only]",
+            *PER_LAYER,
+            "search/sampler=evolution",
         )
         assert main(args) == 0
     return root

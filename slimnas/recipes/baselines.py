@@ -13,7 +13,8 @@ most the target's parameters, and at least the target less `window`), each metho
   zero_shot   the screen's best, no KD (ModelOpt's NAS pick without distillation)
   uniform, depth_only, width_only: the rule-based cuts, no KD
 and in the per-layer space (search.space.per_layer; search.proposals=per_layer for these methods alone):
-  hetero      the per-layer search: the screen of a sample and the block library's seeds, TPE, the race
+  hetero      the per-layer search: the screen of a sample and the block library's seeds, the sampler
+              (baselines.hetero_sampler, else search.sampler), the race
   mip         the block library's best MIP pick, no KD (Puzzle's selection; search.block_seeds)
   proportional  the importance-proportional allocation, no search, no KD
 The methods that spend KD tokens to choose get the same budget; every finalist is then retrained
@@ -51,7 +52,7 @@ from slimnas.core.rundir import RetrainRecord, add_wall_seconds, read_records, r
 from slimnas.core.settings import settings_of
 from slimnas.core.stats import mean_ci95
 from slimnas.core.tables import plus_minus, save_records
-from slimnas.recipes.settings import BLOCK_PICKS, PER_LAYER, RULES, SEARCHING, BaselinesSettings
+from slimnas.recipes.settings import BLOCK_PICKS, PER_LAYER, RULES, SEARCHING, BaselinesSettings, sampler_file
 from slimnas.reports.verdicts import paired as paired_over_seeds
 from slimnas.reports.verdicts import pick_stability
 from slimnas.retrain.retraining import Candidate, prepare_retraining, retrain, score_teacher
@@ -84,6 +85,8 @@ def method_config(cfg: DictConfig, method: str, seed: int, run_dir: Path, top_k:
             run_cfg.search.proposals = "uniform"
         if method in PER_LAYER:
             run_cfg.search.proposals = "per_layer"
+        if method == "hetero" and cfg.baselines.hetero_sampler:
+            run_cfg.search.sampler = OmegaConf.load(sampler_file(cfg.baselines.hetero_sampler))
     return run_cfg
 
 

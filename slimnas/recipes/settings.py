@@ -1,7 +1,9 @@
 """The benchmark commands' own settings: `slimnas baselines` (the proof) and `slimnas chains`."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from slimnas import conf
 from slimnas.core.errors import SlimnasError
 
 SEARCHING = ("search", "modelopt", "random", "hetero")  # methods that spend KD tokens to choose
@@ -10,6 +12,11 @@ BLOCK_PICKS = ("mip", "proportional")  # per-layer shapes from the block library
 PER_LAYER = ("hetero", *BLOCK_PICKS)  # methods in the per-layer space (search.proposals=per_layer)
 METHODS = (*SEARCHING, "zero_shot", *BLOCK_PICKS, *RULES)
 UNIFORM_METHODS = tuple(m for m in METHODS if m not in PER_LAYER)  # the default: the uniform proof
+
+
+def sampler_file(name: str) -> Path:
+    """An option of the search/sampler group: its YAML file (conf/search/sampler/NAME.yaml)."""
+    return Path(conf.__file__).parent / "search" / "sampler" / f"{name}.yaml"
 
 
 ARMS = ("one_shot", "one_shot_corrected", "chain", "chain_corrected")
@@ -22,6 +29,8 @@ class BaselinesSettings:
     reference: str = "search"  # the method every other one is paired against (by seed, and by document for KL)
     modelopt_top_k: int = 4  # ModelOpt's recipe: the screen's best k, each distilled with 1/k of the KD budget
     heldout_text: str | None = "wikitext2/wiki.valid.tokens"  # under data.dir: text no method saw (one row an article)
+    hetero_sampler: str | None = None  # the per-layer search's sampler, an option of conf/search/sampler (evolution:
+    # DarwinLM's level switches, per-layer studies only); null: search.sampler, which the uniform methods use
 
     def __post_init__(self):
         if len(self.seeds) < 2 or len(set(self.seeds)) < len(self.seeds):
@@ -33,6 +42,10 @@ class BaselinesSettings:
             raise SlimnasError(f"baselines.reference {self.reference!r} must be one of baselines.methods")
         if self.modelopt_top_k < 1:
             raise SlimnasError("baselines.modelopt_top_k must be at least 1")
+        if self.hetero_sampler is not None and not sampler_file(self.hetero_sampler).is_file():
+            options = sorted(path.stem for path in sampler_file("x").parent.glob("*.yaml"))
+            raise SlimnasError(f"baselines.hetero_sampler must be one of {', '.join(options)}, not "
+                               f"{self.hetero_sampler!r}")  # fmt: skip
 
 
 @dataclass
