@@ -29,6 +29,9 @@ DUPLICATE_DRAWS = 20  # offspring drawn before one whose parameters no trial has
 
 
 class LevelSwitchSampler(BaseSampler):
+    """Offspring of the best trials by level switches (relative sampling); random proposals before enough trials
+    are complete, and where every offspring drawn is a trial the study holds already."""
+
     def __init__(
         self,
         seed: int | None = None,
@@ -101,7 +104,8 @@ def _kind(name: str) -> str | None:
 
 
 def _levels(trials: list[FrozenTrial], search_space: dict) -> dict[str, list]:
-    """Each kind's levels: the distinct values the complete trials hold for its parameters, in order."""
+    """Each kind's levels: the distinct values the complete trials hold for its parameters, in order (a random
+    proposal's raw values count too: the space's decode takes the nearest variant)."""
     seen: dict[str, set] = defaultdict(set)
     for t in trials:
         for name in search_space:
