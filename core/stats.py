@@ -44,12 +44,13 @@ def paired_test(a: list[float], b: list[float], alternative: str = "greater") ->
     return PairedTest(difference, stderr, float(ttest_rel(a, b, alternative=alternative).pvalue), alternative)
 
 
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (a handful of seeds)."""
+def mean_ci95(values: list[float], comparisons: int = 1) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (a handful of seeds); 95% family-wise (Bonferroni)
+    when it is one of `comparisons` intervals read together."""
     from scipy.stats import t as student_t
 
     mean, stderr = mean_and_stderr(values)
-    return mean, float(student_t.ppf(0.975, len(values) - 1)) * stderr
+    return mean, float(student_t.ppf(1 - 0.025 / comparisons, len(values) - 1)) * stderr
 
 
 @dataclass(frozen=True)

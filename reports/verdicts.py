@@ -39,18 +39,20 @@ def paired(
     mine_per_doc: list[list[float]] | None = None,
     reference_per_doc: list[list[float]] | None = None,
     higher_is_better: bool = False,
+    comparisons: int = 1,
 ) -> Difference:
     """`mine` minus `reference` seed by seed (lists in the same seed order); with per-document values (one list
-    per seed, the same documents in each), also document by document, each averaged over the seeds."""
+    per seed, the same documents in each), also document by document, each averaged over the seeds. Both
+    intervals are 95% family-wise over `comparisons` differences read together (Bonferroni)."""
     differences = [a - b for a, b in zip(mine, reference, strict=True)]
-    difference, ci95_seeds = mean_ci95(differences)
+    difference, ci95_seeds = mean_ci95(differences, comparisons)
     ci95_documents, documents = None, None
     if mine_per_doc is not None and reference_per_doc is not None:
         by_document = [
             statistics.fmean(a) - statistics.fmean(b)
             for a, b in zip(zip(*mine_per_doc, strict=True), zip(*reference_per_doc, strict=True), strict=True)
         ]
-        ci95_documents, documents = mean_ci95(by_document)[1], len(by_document)
+        ci95_documents, documents = mean_ci95(by_document, comparisons)[1], len(by_document)
     better = sum(d < 0 if higher_is_better else d > 0 for d in differences)
     return Difference(difference, ci95_seeds, ci95_documents, documents, better)
 

@@ -7,8 +7,9 @@ reports perplexity on 128-token WikiText rows, where the order of the finalists 
 model, the KL to the teacher and the perplexity in the first and second half of each row of WikiText-2 valid (one
 row per article, as the proof's unseen text), and for each pair of models how much more one's KL grows from the
 first half to the second than the other's, with an interval over articles at 95% family-wise over those pairs
-(Bonferroni). A model that loses only in the second
-half is one whose cost a short-row score cannot see (attention removed from layers is the suspect).
+(Bonferroni). A model that loses only in the second half has a cost a short-row score cannot see; for the per-layer
+proof's finalists this was a suspect, and the proof scored on 128-token rows ruled it out as the reason for the
+reversal (RESULTS.md, "The per-layer proof scored on 128-token rows").
 """
 
 import argparse

@@ -14,11 +14,11 @@ it proposes.
 
 Compared: the best candidate of each study by selection KL (the pick), scored on the evaluation documents that
 chose nothing, paired against the first sampler's pick (TPE, the default) over documents (the per-document
-difference averaged over seeds) and over seeds (Student t), 95% family-wise over the comparisons (Bonferroni). The
-screen's best with no proposal at all is a row too. Also, per sampler, the mean selection KL of its proposals, the
-candidates a search would spend KD on, paired over seeds against the reference's. Scores are cached in
-RUN_DIR/scores.jsonl (a killed run resumes; samplers proposing the same candidate share one scoring); the table
-goes to RUN_DIR/samplers.csv.
+difference averaged over seeds) and over seeds (Student t, reports.verdicts.paired), 95% family-wise over the
+comparisons (Bonferroni). The screen's best with no proposal at all is a row too. Also, per sampler, the mean
+selection KL of its proposals, the candidates a search would spend KD on, paired over seeds against the
+reference's. Scores are cached in RUN_DIR/scores.jsonl (a killed run resumes; samplers proposing the same candidate
+share one scoring); the table goes to RUN_DIR/samplers.csv.
 """
 
 import argparse
@@ -27,7 +27,6 @@ import math
 import statistics
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -36,8 +35,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState, create_trial
-from scipy.stats import norm
-from scipy.stats import t as student_t
 
 from slimnas.compress.arch import PerLayerArchitecture
 from slimnas.compress.heldout import HeldoutSet
@@ -45,6 +42,7 @@ from slimnas.compress.prune import plan_pruning, prune_model
 from slimnas.config import check, compose
 from slimnas.core.files import read_jsonl
 from slimnas.core.tables import format_table, plus_minus
+from slimnas.reports.verdicts import paired, pick_stability
 from slimnas.search.screen import run_screen
 from slimnas.search.setup import SearchSetup, build_setup
 
@@ -104,14 +102,6 @@ def run_study(name: str, sampler_cfg: dict, seed: int, setup: SearchSetup, scree
     return pick, proposed, rejected
 
 
-def interval(differences: list[float], comparisons: int, over: str) -> tuple[float, float]:
-    """Mean and 95% family-wise half-width: normal over documents, Student t over seeds."""
-    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
-    quantile = 1 - 0.025 / comparisons
-    factor = norm.ppf(quantile) if over == "documents" else student_t.ppf(quantile, len(differences) - 1)
-    return mean, float(factor) * sd / math.sqrt(len(differences))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="slimnas search settings: preset=hetero-cpu run_dir=DIR ...")
@@ -165,31 +155,33 @@ def main() -> None:
     reference, names = args.samplers[0], [*args.samplers[1:], SCREEN_BEST]
     comparisons = len(names)
     summary = []
+    mean_proposal = per_seed.set_index(["sampler", "seed"])["mean proposal (selection KL)"]
     for name in [reference, *names]:
         evaluation_kl = [scores.kl(picks[name, seed], "evaluation") for seed in args.seeds]
         proposals = per_seed.loc[per_seed.sampler == name, "mean proposal (selection KL)"]
-        row = {"sampler": name, "same pick in seeds": Counter(picks[name, s] for s in args.seeds).most_common(1)[0][1],
+        stability = pick_stability([picks[name, s].label() for s in args.seeds], evaluation_kl)
+        row = {"sampler": name, "same pick in seeds": stability.same,
                "proposals' KL (selection)": plus_minus(*_mean_sd(list(proposals))) if len(proposals) else "",
                "pick KL (selection)": plus_minus(*_mean_sd([scores.kl(picks[name, s]) for s in args.seeds])),
                "pick KL (evaluation)": plus_minus(*_mean_sd(evaluation_kl))}  # fmt: skip
         if name != reference:
-            diffs = [[a - b for a, b in zip(scores.per_doc(picks[name, s], "evaluation"),
-                                            scores.per_doc(picks[reference, s], "evaluation"), strict=True)]
-                     for s in args.seeds]  # fmt: skip
-            over_docs = [statistics.fmean(column) for column in zip(*diffs, strict=True)]
-            over_seeds = [statistics.fmean(d) for d in diffs]
-            row[f"- {reference} over documents"] = plus_minus(*interval(over_docs, comparisons, "documents"))
+            pick = paired(evaluation_kl, [scores.kl(picks[reference, s], "evaluation") for s in args.seeds],
+                          [scores.per_doc(picks[name, s], "evaluation") for s in args.seeds],
+                          [scores.per_doc(picks[reference, s], "evaluation") for s in args.seeds],
+                          comparisons=comparisons)  # fmt: skip
+            row[f"- {reference} over documents"] = plus_minus(pick.difference, pick.ci95_documents)
             if len(args.seeds) > 1:
-                row[f"- {reference} over seeds"] = plus_minus(*interval(over_seeds, comparisons, "seeds"))
+                row[f"- {reference} over seeds"] = plus_minus(pick.difference, pick.ci95_seeds)
         if name not in (reference, SCREEN_BEST) and len(args.seeds) > 1:  # where the race would spend its KD
-            mean_of = per_seed.set_index(["sampler", "seed"])["mean proposal (selection KL)"]
-            gaps = [mean_of[name, s] - mean_of[reference, s] for s in args.seeds]
-            row[f"proposals - {reference} over seeds"] = plus_minus(*interval(gaps, len(samplers) - 1, "seeds"))
+            gap = paired([mean_proposal[name, s] for s in args.seeds],
+                         [mean_proposal[reference, s] for s in args.seeds], comparisons=len(samplers) - 1)  # fmt: skip
+            row[f"proposals - {reference} over seeds"] = plus_minus(gap.difference, gap.ci95_seeds)
         summary.append(row)
     pd.DataFrame(summary).to_csv(setup.run_dir / "samplers.csv", index=False)
     print(f"\nthe picks on {len(evaluation.rows)} evaluation documents, {len(args.seeds)} seeds; "
           f"differences with 95% family-wise intervals over {comparisons} comparisons (negative: better than "
-          f"{reference}); {statistics.fmean(scores.seconds) if scores.seconds else 0:.1f} s a scoring")  # fmt: skip
+          f"{reference}); " + (f"{statistics.fmean(scores.seconds):.1f} s a scoring" if scores.seconds
+                                else "every score read from RUN_DIR/scores.jsonl"))  # fmt: skip
     print(format_table(summary, list(summary[1])))
 
 

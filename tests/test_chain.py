@@ -211,6 +211,10 @@ def test_the_verdict_needs_both_intervals_and_more_than_one_seed():
     assert one.ci95_documents < one.difference and math.isnan(one.ci95_seeds) and not one.significant
     stability = pick_stability(["a", "b", "b"], [2.0, 2.5, 2.25])
     assert (stability.finalist, stability.text(), stability.kl_spread) == ("b", "2 of 3", 0.5)
+    family = paired(mine, reference, mine_docs, reference_docs, comparisons=4)  # one of 4 read together: Bonferroni
+    assert family.ci95_seeds == pytest.approx(difference.ci95_seeds * student_t.ppf(1 - 0.025 / 4, 2)
+                                              / student_t.ppf(0.975, 2))  # fmt: skip
+    assert family.ci95_documents > difference.ci95_documents and family.difference == difference.difference
 
 
 def test_a_chains_run_from_before_the_seeds_is_still_reported(tmp_path):
